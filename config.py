@@ -1,0 +1,290 @@
+"""Typed configuration: dataclass sections, YAML presets in configs/, dotted CLI overrides.
+
+    cfg = load_config("configs/cifar10.yaml", ["train.lr=1e-4", "model.channels=64"])
+    cfg_dict = to_dict(cfg)            # plain dict, saved inside every checkpoint
+    cfg = from_dict(cfg_dict)          # exact round trip
+
+Unknown keys and wrong types are errors that name the key; `validate` checks values.
+The defaults are the DDPM paper's CIFAR-10 recipe (Ho et al. 2020, Appendix B).
+"""
+from __future__ import annotations
+
+import dataclasses
+import typing
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any, Optional
+
+import yaml
+
+DEFAULT_CONFIG = Path(__file__).resolve().parent / "configs" / "cifar10.yaml"
+
+DATASETS = ("cifar10", "mnist", "fashion_mnist", "folder", "digits", "toy2d")
+TOY_DISTRIBUTIONS = ("gaussian", "heart", "moons", "swissroll", "8gaussians")
+SCHEDULES = ("linear", "cosine")
+OBJECTIVES = ("eps", "x0", "v")
+LOSS_WEIGHTINGS = ("none", "min_snr")
+VAR_TYPES = ("fixed_small", "fixed_large")
+SPACINGS = ("leading", "trailing", "linspace")
+SAMPLERS = ("ddpm", "ddim", "dpmpp2m")
+AMP_MODES = ("off", "bf16", "fp16")
+LR_SCHEDULES = ("constant", "cosine")
+
+
+class ConfigError(ValueError):
+    """A bad configuration: the message names the key and how to fix it."""
+
+
+@dataclass
+class DataConfig:
+    dataset: str = "cifar10"
+    root: str = "data"                 # where torchvision datasets / image folders live
+    image_size: int = 32
+    random_flip: bool = True           # horizontal flips (CIFAR-10); never for digits
+    num_workers: int = 2
+    download: bool = True              # torchvision datasets: download when missing (needs network)
+    toy_distribution: str = "gaussian"  # toy2d only
+    toy_num_points: int = 8000          # toy2d only: size of the sampled training set
+
+
+@dataclass
+class ModelConfig:
+    kind: str = "unet"                 # unet | mlp
+    in_channels: int = 3
+    channels: int = 128                # base width; level i has channels * channel_mult[i]
+    channel_mult: list[int] = field(default_factory=lambda: [1, 2, 2, 2])
+    num_res_blocks: int = 2
+    attention_resolutions: list[int] = field(default_factory=lambda: [16])
+    num_heads: int = 1
+    num_head_channels: int = -1        # > 0 overrides num_heads: heads = channels // num_head_channels
+    dropout: float = 0.1
+    num_classes: int = 0               # 0 = unconditional; > 0 adds a class embedding + null label
+    norm_groups: int = 32
+    mlp_hidden: int = 128              # mlp only
+    mlp_layers: int = 3                # mlp only
+    mlp_emb_size: int = 128            # mlp only
+
+
+@dataclass
+class DiffusionConfig:
+    num_timesteps: int = 1000
+    schedule: str = "linear"
+    beta_start: float = 1e-4
+    beta_end: float = 0.02
+    objective: str = "eps"
+    loss_weighting: str = "none"       # none | min_snr (Hang et al. 2023)
+    min_snr_gamma: float = 5.0
+    var_type: str = "fixed_small"      # DDPM posterior variance: beta-tilde (small) or beta (large)
+    timestep_spacing: str = "leading"  # DDIM/DPM-Solver sub-sequence
+
+
+@dataclass
+class TrainConfig:
+    batch_size: int = 128
+    lr: float = 2e-4
+    weight_decay: float = 0.0
+    adam_beta1: float = 0.9
+    adam_beta2: float = 0.999
+    max_steps: int = 800_000
+    warmup_steps: int = 5000
+    lr_schedule: str = "constant"      # constant | cosine (after warmup)
+    min_lr_ratio: float = 0.0          # cosine floor, as a fraction of lr
+    grad_clip: float = 1.0             # <= 0 disables clipping
+    grad_accum: int = 1
+    ema_decay: float = 0.9999
+    ema_warmup: bool = True            # decay ramps up as min(decay, (1+n)/(10+n))
+    amp: str = "off"                   # off | bf16 | fp16 (fp16 needs CUDA)
+    channels_last: bool = True
+    compile: bool = False
+    cond_drop_prob: float = 0.1        # class-conditional models: label dropout for CFG
+    max_nonfinite: int = 10            # stop after this many non-finite losses in a row
+    log_every: int = 100
+    sample_every: int = 5000
+    ckpt_every: int = 5000
+    keep_last: int = 3
+    num_sample_images: int = 64        # grid size for the periodic samples
+    sample_steps: int = 50             # DDIM steps for the periodic samples
+
+
+@dataclass
+class SampleConfig:
+    sampler: str = "ddim"
+    steps: Optional[int] = 50          # None = all T steps (required for ddpm)
+    eta: float = 0.0
+    num_samples: int = 64
+    batch_size: int = 64
+    guidance_scale: float = 1.0
+    clip_x0: bool = True               # clamp predicted x0 to [-1, 1]; off for 2-D data
+
+
+@dataclass
+class Config:
+    run_name: str = "cifar10"
+    seed: int = 0
+    device: str = "auto"               # auto | cpu | cuda | cuda:N
+    data: DataConfig = field(default_factory=DataConfig)
+    model: ModelConfig = field(default_factory=ModelConfig)
+    diffusion: DiffusionConfig = field(default_factory=DiffusionConfig)
+    train: TrainConfig = field(default_factory=TrainConfig)
+    sample: SampleConfig = field(default_factory=SampleConfig)
+
+
+# ----------------------------------------------------------------------------- type checking
+def _check_type(key: str, value: Any, tp: Any) -> Any:
+    """Return `value` coerced to `tp` (int -> float only), or raise ConfigError naming `key`."""
+    origin, args = typing.get_origin(tp), typing.get_args(tp)
+    if origin is typing.Union:  # Optional[X]
+        if value is None:
+            return None
+        return _check_type(key, value, next(a for a in args if a is not type(None)))
+    if origin is list:
+        if isinstance(value, tuple):
+            value = list(value)
+        if not isinstance(value, list):
+            raise ConfigError(f"config key '{key}' must be a list, got {value!r}")
+        return [_check_type(f"{key}[{i}]", v, args[0]) for i, v in enumerate(value)]
+    if tp is float and isinstance(value, int) and not isinstance(value, bool):
+        return float(value)
+    # bool is a subclass of int: reject True where an int is expected and vice versa.
+    if not isinstance(value, tp) or (tp is int and isinstance(value, bool)):
+        raise ConfigError(
+            f"config key '{key}' must be of type {tp.__name__}, got {value!r} ({type(value).__name__})")
+    return value
+
+
+def from_dict(d: dict, cls: type = Config, prefix: str = "") -> Any:
+    """Build a dataclass from a (possibly partial) nested dict; unknown keys are errors."""
+    if not isinstance(d, dict):
+        raise ConfigError(f"config section '{prefix.rstrip('.') or '<root>'}' must be a mapping")
+    hints = typing.get_type_hints(cls)
+    names = {f.name for f in dataclasses.fields(cls)}
+    unknown = sorted(set(d) - names)
+    if unknown:
+        raise ConfigError(f"unknown config key '{prefix}{unknown[0]}' "
+                          f"(valid keys in this section: {', '.join(sorted(names))})")
+    kwargs = {}
+    for name, value in d.items():
+        tp = hints[name]
+        if dataclasses.is_dataclass(tp):
+            kwargs[name] = from_dict(value, tp, f"{prefix}{name}.")
+        else:
+            kwargs[name] = _check_type(prefix + name, value, tp)
+    return cls(**kwargs)
+
+
+def to_dict(cfg: Any) -> dict:
+    return dataclasses.asdict(cfg)
+
+
+def _set_dotted(d: dict, dotted: str, value: Any) -> None:
+    *parents, leaf = dotted.split(".")
+    for p in parents:
+        d = d.setdefault(p, {})
+        if not isinstance(d, dict):
+            raise ConfigError(f"config key '{dotted}': '{p}' is not a section")
+    d[leaf] = value
+
+
+def parse_overrides(overrides: list[str]) -> dict:
+    """['train.lr=1e-4', 'model.channel_mult=[1,2]'] -> nested dict (values parsed as YAML)."""
+    out: dict = {}
+    for item in overrides or []:
+        if "=" not in item:
+            raise ConfigError(f"override '{item}' must look like section.key=value (e.g. train.lr=1e-4)")
+        key, raw = item.split("=", 1)
+        value = yaml.safe_load(raw) if raw.strip() else ""
+        # YAML reads '1e-4' as a string (no dot): accept it as a float.
+        if isinstance(value, str):
+            try:
+                value = float(value) if any(c in value.lower() for c in ".e") else value
+            except ValueError:
+                pass
+        _set_dotted(out, key.strip(), value)
+    return out
+
+
+def _merge(base: dict, extra: dict) -> dict:
+    for k, v in extra.items():
+        if isinstance(v, dict) and isinstance(base.get(k), dict):
+            _merge(base[k], v)
+        else:
+            base[k] = v
+    return base
+
+
+def load_config(path: Optional[str | Path] = None, overrides: Optional[list[str]] = None) -> Config:
+    """Read a YAML preset (default configs/cifar10.yaml), apply dotted overrides, validate."""
+    path = Path(path) if path is not None else DEFAULT_CONFIG
+    if not path.is_file():
+        presets = sorted(p.stem for p in DEFAULT_CONFIG.parent.glob("*.yaml"))
+        raise ConfigError(f"config file '{path}' not found (presets in configs/: {', '.join(presets)})")
+    with open(path) as f:
+        raw = yaml.safe_load(f) or {}
+    merged = _merge(to_dict(from_dict(raw)), parse_overrides(overrides or []))
+    cfg = from_dict(merged)
+    validate(cfg)
+    return cfg
+
+
+def save_config(cfg: Config, path: str | Path) -> None:
+    with open(path, "w") as f:
+        yaml.safe_dump(to_dict(cfg), f, sort_keys=False)
+
+
+# ----------------------------------------------------------------------------- value checks
+def _choice(key: str, value: str, choices: tuple) -> None:
+    if value not in choices:
+        raise ConfigError(f"config key '{key}' = {value!r} is not one of: {', '.join(choices)}")
+
+
+def _positive(key: str, value: float, allow_zero: bool = False) -> None:
+    if value < 0 or (value == 0 and not allow_zero):
+        raise ConfigError(f"config key '{key}' must be {'>= 0' if allow_zero else '> 0'}, got {value}")
+
+
+def validate(cfg: Config) -> Config:
+    """Check values (types were checked on load). Raises ConfigError naming the key."""
+    d, m, df, tr, s = cfg.data, cfg.model, cfg.diffusion, cfg.train, cfg.sample
+    _choice("data.dataset", d.dataset, DATASETS)
+    _choice("data.toy_distribution", d.toy_distribution, TOY_DISTRIBUTIONS)
+    _choice("model.kind", m.kind, ("unet", "mlp"))
+    _choice("diffusion.schedule", df.schedule, SCHEDULES)
+    _choice("diffusion.objective", df.objective, OBJECTIVES)
+    _choice("diffusion.loss_weighting", df.loss_weighting, LOSS_WEIGHTINGS)
+    _choice("diffusion.var_type", df.var_type, VAR_TYPES)
+    _choice("diffusion.timestep_spacing", df.timestep_spacing, SPACINGS)
+    _choice("sample.sampler", s.sampler, SAMPLERS)
+    _choice("train.amp", tr.amp, AMP_MODES)
+    _choice("train.lr_schedule", tr.lr_schedule, LR_SCHEDULES)
+    for key, val in [("data.image_size", d.image_size), ("model.channels", m.channels),
+                     ("model.num_res_blocks", m.num_res_blocks), ("model.in_channels", m.in_channels),
+                     ("diffusion.num_timesteps", df.num_timesteps), ("train.batch_size", tr.batch_size),
+                     ("train.lr", tr.lr), ("train.max_steps", tr.max_steps),
+                     ("train.grad_accum", tr.grad_accum), ("train.log_every", tr.log_every),
+                     ("train.sample_every", tr.sample_every), ("train.ckpt_every", tr.ckpt_every),
+                     ("train.keep_last", tr.keep_last), ("sample.num_samples", s.num_samples),
+                     ("sample.batch_size", s.batch_size), ("diffusion.min_snr_gamma", df.min_snr_gamma)]:
+        _positive(key, val)
+    for key, val in [("train.warmup_steps", tr.warmup_steps), ("model.num_classes", m.num_classes),
+                     ("data.num_workers", d.num_workers), ("sample.eta", s.eta),
+                     ("train.weight_decay", tr.weight_decay), ("train.cond_drop_prob", tr.cond_drop_prob)]:
+        _positive(key, val, allow_zero=True)
+    if not 0 < df.beta_start < df.beta_end < 1:
+        raise ConfigError(f"need 0 < diffusion.beta_start < diffusion.beta_end < 1, "
+                          f"got {df.beta_start} and {df.beta_end}")
+    if not 0 <= tr.ema_decay < 1:
+        raise ConfigError(f"config key 'train.ema_decay' must be in [0, 1), got {tr.ema_decay}")
+    if not 0 <= m.dropout < 1:
+        raise ConfigError(f"config key 'model.dropout' must be in [0, 1), got {m.dropout}")
+    if s.steps is not None and not 1 <= s.steps <= df.num_timesteps:
+        raise ConfigError(f"config key 'sample.steps' = {s.steps} must be between 1 and "
+                          f"diffusion.num_timesteps = {df.num_timesteps}")
+    if not 1 <= tr.sample_steps <= df.num_timesteps:
+        raise ConfigError(f"config key 'train.sample_steps' = {tr.sample_steps} must be between 1 and "
+                          f"diffusion.num_timesteps = {df.num_timesteps}")
+    if not m.channel_mult:
+        raise ConfigError("config key 'model.channel_mult' must not be empty")
+    if (d.dataset == "toy2d") != (m.kind == "mlp"):
+        raise ConfigError("data.dataset=toy2d goes with model.kind=mlp (and images with model.kind=unet); "
+                          f"got data.dataset={d.dataset!r}, model.kind={m.kind!r}")
+    return cfg

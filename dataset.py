@@ -1,0 +1,433 @@
+"""Data sets for ddpm-lab: item i is (x, y), x a float32 tensor in [-1, 1] of shape (C, S, S)
+(toy2d: a raw 2-D point of shape (2,)) and y an int64 scalar label (0 where the data has no labels).
+
+    info = dataset_info(cfg.data)                  # channels, image_size, num_classes, class_names
+    train_set = build_dataset(cfg.data, train=True)
+    python dataset.py --dataset digits --preview results/plots/preview_digits.png
+
+Why CIFAR-10 and (Fashion-)MNIST files are parsed here and not by torchvision's Dataset classes:
+torchvision 0.29.1's CIFAR10 refuses every batch file whose md5 differs from the official one, and its
+MNIST insists on the *uncompressed* IDX files in <root>/MNIST/raw/. So neither reads small files a test
+writes, nor `.gz` files a user drops in by hand. Both formats are simple (CIFAR-10 python pickles, IDX),
+so torchvision only downloads (its own URLs, mirrors and md5 checks, under a short socket timeout so an
+offline machine fails in seconds), and the readers below parse real downloads, hand-placed files and test
+fixtures through one code path. `digits` (scikit-learn's bundled 8x8 digits) and `toy2d` need no files:
+they are the offline data sets.
+"""
+from __future__ import annotations
+
+import argparse
+import gzip
+import math
+import pickle
+import socket
+import sys
+import threading
+import urllib.parse
+from dataclasses import dataclass
+from pathlib import Path
+
+import numpy as np
+import torch
+import torch.nn.functional as F
+from PIL import Image
+from torch.utils.data import Dataset
+from torchvision import transforms
+
+from config import DATASETS, TOY_DISTRIBUTIONS, DataConfig
+
+CIFAR10_CLASSES = ["airplane", "automobile", "bird", "cat", "deer", "dog", "frog", "horse", "ship", "truck"]
+DIGIT_CLASSES = [str(d) for d in range(10)]
+FASHION_CLASSES = ["T-shirt/top", "Trouser", "Pullover", "Dress", "Coat",
+                   "Sandal", "Shirt", "Sneaker", "Bag", "Ankle boot"]
+CIFAR10_FOLDER = "cifar-10-batches-py"         # what torchvision's cifar-10-python.tar.gz unpacks to
+CIFAR10_ARCHIVE = "cifar-10-python.tar.gz"
+# (images, labels) file names per split, without the optional ".gz", as torchvision names them.
+IDX_FILES = {True: ("train-images-idx3-ubyte", "train-labels-idx1-ubyte"),
+             False: ("t10k-images-idx3-ubyte", "t10k-labels-idx1-ubyte")}
+# dataset -> (torchvision class name = folder under root, class names); files live in <root>/<name>/raw/.
+IDX_DATASETS = {"mnist": ("MNIST", DIGIT_CLASSES), "fashion_mnist": ("FashionMNIST", FASHION_CLASSES)}
+IDX_DTYPES = {0x08: np.uint8, 0x09: np.int8, 0x0B: ">i2", 0x0C: ">i4", 0x0D: ">f4", 0x0E: ">f8"}
+IMAGE_EXTENSIONS = {".png", ".jpg", ".jpeg", ".bmp", ".gif", ".webp", ".tif", ".tiff", ".ppm", ".pgm"}
+NETWORK_TIMEOUT_S = 10.0   # per connection attempt / socket read: offline fails in seconds, not minutes
+TOY_SEEDS = {True: 0, False: 1}  # toy2d train / test points: fixed draws, so the data set is deterministic
+OFFLINE_HINT = "To work offline, use --dataset digits (configs/digits.yaml), which needs no files."
+
+
+class DatasetMissingError(RuntimeError):
+    """The data is not on disk and cannot be downloaded; the message says exactly what to do."""
+
+
+@dataclass
+class DatasetInfo:
+    channels: int            # 1 or 3 for images, 2 for toy2d (the coordinate dimension)
+    image_size: int          # resolution the items come out at (0 for toy2d)
+    num_classes: int         # 0 when the data set has no labels
+    class_names: list[str]
+
+
+# ----------------------------------------------------------------------------- in-memory images
+def resize_square(x: torch.Tensor, size: int) -> torch.Tensor:
+    """(C, H, W) -> (C, size, size), bilinear; antialiased when shrinking, where plain bilinear aliases."""
+    if tuple(x.shape[-2:]) == (size, size):
+        return x
+    shrinking = size < max(x.shape[-2:])
+    return F.interpolate(x[None], size=(size, size), mode="bilinear", align_corners=False,
+                         antialias=shrinking)[0]
+
+
+class ImageTensorDataset(Dataset):
+    """Images kept as one integer tensor (N, C, H, W) in [0, max_value] (one byte per pixel, even for 60k
+    MNIST images); each item is scaled to [-1, 1], resized to image_size and optionally flipped on access."""
+
+    def __init__(self, images: torch.Tensor, labels: torch.Tensor, image_size: int,
+                 max_value: float = 255.0, flip: bool = False, class_names: list[str] | None = None):
+        self.images, self.labels = images, labels.long()          # (N, C, H, W) uint8, (N,) int64
+        self.image_size, self.max_value, self.flip = image_size, float(max_value), flip
+        self.class_names = list(class_names or [])
+        # RandomHorizontalFlip draws torch.rand(1) from the global RNG: runs that restore torch's RNG
+        # state (num_workers=0) see exactly the same flips.
+        self.random_flip = transforms.RandomHorizontalFlip(0.5)
+
+    def __len__(self) -> int:
+        return self.images.shape[0]
+
+    def __getitem__(self, index: int) -> tuple[torch.Tensor, torch.Tensor]:
+        x = self.images[index].float() / (self.max_value / 2) - 1.0  # (C, H, W); 0 -> -1, max -> +1 exactly
+        x = resize_square(x, self.image_size)
+        if self.flip:
+            x = self.random_flip(x)
+        return x, self.labels[index]
+
+
+# ----------------------------------------------------------------------------- CIFAR-10 pickles
+def _unpickle(path: Path) -> dict:
+    """A CIFAR-10 pickle as a dict with str keys. The official files were pickled by Python 2 and load with
+    bytes keys (b'data'); files pickled by Python 3 may use str keys: accept both."""
+    with open(path, "rb") as f:
+        raw = pickle.load(f, encoding="bytes")  # the standard format is a pickle: only open trusted files
+    return {k.decode() if isinstance(k, bytes) else k: v for k, v in raw.items()}
+
+
+def _cifar10_folder(root: Path) -> Path:
+    """<root>/cifar-10-batches-py as torchvision unpacks it, or root itself when it holds the batches."""
+    return root if (root / "test_batch").is_file() else root / CIFAR10_FOLDER
+
+
+def read_cifar10(root: Path, train: bool):
+    """(images uint8 (N, 3, 32, 32), labels int64 (N,), class names), or None when files are missing.
+    A cifar-10-python.tar.gz lying in root is unpacked first (no network needed)."""
+    folder = _cifar10_folder(root)
+    names = [f"data_batch_{i}" for i in range(1, 6)] if train else ["test_batch"]
+    if not all((folder / n).is_file() for n in names) and (root / CIFAR10_ARCHIVE).is_file():
+        from torchvision.datasets.utils import extract_archive
+        extract_archive(str(root / CIFAR10_ARCHIVE), str(root))
+    if not all((folder / n).is_file() for n in names):
+        return None
+    batches = [_unpickle(folder / n) for n in names]
+    # Each row of 'data' is 1024 R, then 1024 G, then 1024 B values, each plane row-major 32x32.
+    data = np.concatenate([np.asarray(b["data"], dtype=np.uint8) for b in batches])      # (N, 3072)
+    labels = np.concatenate([np.asarray(b["labels"], dtype=np.int64) for b in batches])  # (N,)
+    class_names = CIFAR10_CLASSES
+    if (folder / "batches.meta").is_file():
+        meta_names = _unpickle(folder / "batches.meta")["label_names"]
+        class_names = [n.decode() if isinstance(n, bytes) else str(n) for n in meta_names]
+    return torch.from_numpy(data.reshape(-1, 3, 32, 32).copy()), torch.from_numpy(labels), class_names
+
+
+# ----------------------------------------------------------------------------- MNIST IDX files
+def read_idx(path: Path) -> np.ndarray:
+    """An IDX file, plain or gzipped: bytes 0, 0, dtype code, ndim; ndim big-endian uint32 sizes; data.
+    (MNIST's magic numbers 2051 = images, 2049 = labels are dtype 0x08 with ndim 3 and 1.)"""
+    with open(path, "rb") as f:
+        raw = f.read()
+    if raw[:2] == b"\x1f\x8b":  # gzip magic, whatever the file is called
+        raw = gzip.decompress(raw)
+    if len(raw) < 4 or raw[0] != 0 or raw[1] != 0 or raw[2] not in IDX_DTYPES:
+        raise ValueError(f"'{path}' is not an IDX file (magic bytes {raw[:4].hex()})")
+    ndim = raw[3]
+    shape = tuple(int(s) for s in np.frombuffer(raw, dtype=">u4", count=ndim, offset=4))
+    data = np.frombuffer(raw, dtype=IDX_DTYPES[raw[2]], offset=4 + 4 * ndim)
+    if data.size != math.prod(shape):
+        raise ValueError(f"'{path}' holds {data.size} values but its header says {shape}")
+    return data.reshape(shape).astype(data.dtype.newbyteorder("="))  # native byte order, writable copy
+
+
+def _find_file(folders: list[Path], name: str) -> Path | None:
+    for folder in folders:
+        for candidate in (folder / name, folder / f"{name}.gz"):
+            if candidate.is_file():
+                return candidate
+    return None
+
+
+def read_idx_split(root: Path, dataset: str, train: bool):
+    """(images uint8 (N, 1, 28, 28), labels int64 (N,), class names), or None when files are missing.
+    Looks in <root>/<MNIST|FashionMNIST>/raw/ (torchvision's layout), then directly in root."""
+    folder_name, class_names = IDX_DATASETS[dataset]
+    folders = [root / folder_name / "raw", root]
+    image_path, label_path = (_find_file(folders, name) for name in IDX_FILES[train])
+    if image_path is None or label_path is None:
+        return None
+    images, labels = read_idx(image_path), read_idx(label_path)
+    if images.ndim != 3 or labels.ndim != 1 or len(images) != len(labels):
+        raise ValueError(f"'{image_path}' {images.shape} and '{label_path}' {labels.shape} do not match")
+    return torch.from_numpy(images[:, None]), torch.from_numpy(labels.astype(np.int64)), class_names
+
+
+# ----------------------------------------------------------------------------- download or explain
+def _missing_message(dataset: str, root: Path, reason: str) -> str:
+    from torchvision import datasets as tv
+    if dataset == "cifar10":
+        fix = (f"place {CIFAR10_ARCHIVE} (from {tv.CIFAR10.url}) in '{root}/' (it is unpacked on the next "
+               f"run), or its unpacked folder as '{root / CIFAR10_FOLDER}/'")
+    else:
+        folder_name = IDX_DATASETS[dataset][0]
+        files = ", ".join(f"{name}.gz" for pair in IDX_FILES.values() for name in pair)
+        mirror = getattr(tv, folder_name).mirrors[0]
+        fix = f"place the four files {files} (from {mirror}) in '{root / folder_name / 'raw'}/'"
+    return f"{dataset} data not found under '{root}' ({reason}). To fix it, {fix}. {OFFLINE_HINT}"
+
+
+def _host_reachable(url: str, timeout: float) -> bool:
+    """Whether a TCP connection to url's host opens. Runs in a daemon thread joined with a timeout, because
+    socket timeouts do not bound a hanging DNS lookup."""
+    parts = urllib.parse.urlsplit(url)
+    port = parts.port or (443 if parts.scheme == "https" else 80)
+    reached = []
+
+    def probe() -> None:
+        try:
+            socket.create_connection((parts.hostname, port), timeout=timeout).close()
+            reached.append(True)
+        except OSError:
+            pass
+
+    thread = threading.Thread(target=probe, daemon=True)
+    thread.start()
+    thread.join(timeout)
+    return bool(reached)
+
+
+def _torchvision_download(dataset: str, root: Path, train: bool) -> None:
+    """Let torchvision fetch, check (md5) and unpack the files into root; DatasetMissingError if it cannot."""
+    from torchvision import datasets as tv
+    tv_class = tv.CIFAR10 if dataset == "cifar10" else getattr(tv, IDX_DATASETS[dataset][0])
+    urls = [tv_class.url] if dataset == "cifar10" else [m + tv_class.resources[0][0] for m in tv_class.mirrors]
+    if not any(_host_reachable(url, NETWORK_TIMEOUT_S) for url in urls):
+        hosts = ", ".join(urllib.parse.urlsplit(url).hostname for url in urls)
+        raise DatasetMissingError(_missing_message(dataset, root, f"no network connection to {hosts}"))
+    previous_timeout = socket.getdefaulttimeout()
+    socket.setdefaulttimeout(NETWORK_TIMEOUT_S)  # torchvision's urlopen calls pass no timeout themselves
+    try:
+        tv_class(str(root), train=train, download=True)
+    except Exception as err:  # URLError, timeouts, md5 mismatch, bad archive: all mean "not available"
+        raise DatasetMissingError(_missing_message(dataset, root, f"download failed: {err}")) from err
+    finally:
+        socket.setdefaulttimeout(previous_timeout)
+
+
+def _torchvision_format_dataset(data_cfg, train: bool) -> ImageTensorDataset:
+    dataset, root = data_cfg.dataset, Path(data_cfg.root)
+    reader = read_cifar10 if dataset == "cifar10" else (lambda r, t: read_idx_split(r, dataset, t))
+    arrays = reader(root, train)
+    if arrays is None and not data_cfg.download:
+        raise DatasetMissingError(_missing_message(dataset, root, "downloads are disabled"))
+    if arrays is None:
+        _torchvision_download(dataset, root, train)
+        arrays = reader(root, train)
+    if arrays is None:
+        raise DatasetMissingError(_missing_message(dataset, root, "the download left no readable files"))
+    images, labels, class_names = arrays
+    # Flipped digits and letters are not digits: only CIFAR-10 gets flips.
+    flip = train and data_cfg.random_flip and dataset == "cifar10"
+    return ImageTensorDataset(images, labels, data_cfg.image_size, 255.0, flip, class_names)
+
+
+# ----------------------------------------------------------------------------- image folders
+def _is_image(path: Path) -> bool:
+    return path.is_file() and path.suffix.lower() in IMAGE_EXTENSIONS and not path.name.startswith(".")
+
+
+def scan_image_folder(root: Path) -> tuple[list[Path], list[int], list[str]]:
+    """(files, labels, class names). Sub-folders holding images are the classes (sorted names -> labels,
+    searched recursively; loose top-level files are then ignored); otherwise the top-level images, y = 0."""
+    how = (f"put images ({', '.join(sorted(IMAGE_EXTENSIONS))}) in it, flat or one sub-folder per class, "
+           f"or point data.root / --root at your image folder")
+    if not root.is_dir():
+        raise DatasetMissingError(f"image folder '{root}' does not exist: {how}")
+    class_dirs = sorted(d for d in root.iterdir()
+                        if d.is_dir() and not d.name.startswith(".") and any(map(_is_image, d.rglob("*"))))
+    if class_dirs:
+        files, labels = [], []
+        for label, class_dir in enumerate(class_dirs):
+            found = sorted(p for p in class_dir.rglob("*") if _is_image(p))
+            files += found
+            labels += [label] * len(found)
+        return files, labels, [d.name for d in class_dirs]
+    files = sorted(p for p in root.iterdir() if _is_image(p))
+    if not files:
+        raise DatasetMissingError(f"image folder '{root}' holds no images: {how}")
+    return files, [0] * len(files), []
+
+
+class ImageFolderDataset(Dataset):
+    """Any images as RGB: shorter side resized to image_size, center-cropped, scaled to [-1, 1]."""
+
+    def __init__(self, root: Path, image_size: int, flip: bool):
+        self.files, self.labels, self.class_names = scan_image_folder(root)
+        steps = [transforms.Resize(image_size), transforms.CenterCrop(image_size)]
+        if flip:
+            steps.append(transforms.RandomHorizontalFlip(0.5))  # draws from torch's global RNG
+        steps += [transforms.ToTensor(), transforms.Normalize([0.5] * 3, [0.5] * 3)]
+        self.transform = transforms.Compose(steps)
+
+    def __len__(self) -> int:
+        return len(self.files)
+
+    def __getitem__(self, index: int) -> tuple[torch.Tensor, torch.Tensor]:
+        with Image.open(self.files[index]) as image:
+            x = self.transform(image.convert("RGB"))  # (3, S, S) in [-1, 1]
+        return x, torch.tensor(self.labels[index], dtype=torch.int64)
+
+
+# ----------------------------------------------------------------------------- offline data sets
+def digits_dataset(image_size: int) -> ImageTensorDataset:
+    """scikit-learn's 1797 bundled 8x8 handwritten digits (ink 16 on paper 0: white on black, as MNIST)."""
+    from sklearn.datasets import load_digits
+    digits = load_digits()
+    images = torch.from_numpy(digits.images.astype(np.uint8))[:, None]  # (1797, 1, 8, 8), values 0..16
+    labels = torch.from_numpy(digits.target.astype(np.int64))
+    return ImageTensorDataset(images, labels, image_size, max_value=16.0, flip=False,
+                              class_names=DIGIT_CLASSES)
+
+
+def _ring(t: torch.Tensor) -> torch.Tensor:
+    return torch.stack([t.cos(), t.sin()], dim=1)  # (n,) angles -> (n, 2) unit vectors
+
+
+def _toy_points(name: str, n: int, g: torch.Generator | None) -> torch.Tensor:
+    if name == "gaussian":  # N([2, 2], 0.5^2 I), exactly as in the original tutorial
+        return 2.0 + 0.5 * torch.randn(n, 2, generator=g)
+    if name == "8gaussians":  # 8 modes evenly spaced on a circle of radius 2, std 0.1 each
+        angles = torch.randint(0, 8, (n,), generator=g) * (math.pi / 4)
+        return 2.0 * _ring(angles) + 0.1 * torch.randn(n, 2, generator=g)
+    if name == "moons":  # sklearn make_moons (noise 0.05), centered and scaled to about [-2, 2] x [-1, 1]
+        upper = _ring(math.pi * torch.rand(n, generator=g))
+        lower = torch.tensor([1.0, 0.5]) - upper
+        is_lower = torch.randint(0, 2, (n, 1), generator=g).bool()
+        points = torch.where(is_lower, lower, upper) + 0.05 * torch.randn(n, 2, generator=g)
+        return (points - torch.tensor([0.5, 0.25])) * (4 / 3)
+    if name == "swissroll":  # sklearn make_swiss_roll's (x, z) plane, t in [1.5 pi, 4.5 pi], radius <= 2
+        t = 1.5 * math.pi * (1 + 2 * torch.rand(n, generator=g))
+        return t[:, None] * _ring(t) / (2.25 * math.pi) + 0.05 * torch.randn(n, 2, generator=g)
+    if name == "heart":  # x = 16 sin^3 t, y = 13 cos t - 5 cos 2t - 2 cos 3t - cos 4t, centered, / 8
+        t = 2 * math.pi * torch.rand(n, generator=g)
+        x = 16 * t.sin() ** 3
+        y = 13 * t.cos() - 5 * (2 * t).cos() - 2 * (3 * t).cos() - (4 * t).cos() + 2.5
+        return torch.stack([x, y], dim=1) / 8 + 0.05 * torch.randn(n, 2, generator=g)
+    raise ValueError(f"unknown toy distribution {name!r} (choose from {', '.join(TOY_DISTRIBUTIONS)})")
+
+
+def sample_toy2d(name: str, n: int, generator: torch.Generator | None = None) -> torch.Tensor:
+    """n points (n, 2) float32 from a 2-D toy distribution, drawn from `generator` (torch's global RNG if None)."""
+    return _toy_points(name, n, generator).float()
+
+
+class Toy2dDataset(Dataset):
+    """toy_num_points fixed points (drawn once from a seeded generator), each with label 0."""
+
+    def __init__(self, name: str, num_points: int, seed: int):
+        self.points = sample_toy2d(name, num_points, torch.Generator().manual_seed(seed))  # (n, 2)
+        self.class_names: list[str] = []
+
+    def __len__(self) -> int:
+        return self.points.shape[0]
+
+    def __getitem__(self, index: int) -> tuple[torch.Tensor, torch.Tensor]:
+        return self.points[index], torch.tensor(0, dtype=torch.int64)
+
+
+# ----------------------------------------------------------------------------- public entry points
+def build_dataset(data_cfg, train: bool = True) -> Dataset:
+    """The train (or test) split of data_cfg.dataset; see the module docstring for the item format."""
+    name = data_cfg.dataset
+    if name == "toy2d":
+        return Toy2dDataset(data_cfg.toy_distribution, data_cfg.toy_num_points, TOY_SEEDS[train])
+    if name == "digits":  # tiny: the same 1797 images serve as train and test split
+        return digits_dataset(data_cfg.image_size)
+    if name == "folder":  # no split either: the folder is the data set
+        return ImageFolderDataset(Path(data_cfg.root), data_cfg.image_size, train and data_cfg.random_flip)
+    if name in ("cifar10", *IDX_DATASETS):
+        return _torchvision_format_dataset(data_cfg, train)
+    raise ValueError(f"unknown dataset {name!r} (choose from {', '.join(DATASETS)})")
+
+
+def dataset_info(data_cfg) -> DatasetInfo:
+    """Shape and classes of the data set's items; reads no files except to list a folder's classes."""
+    name, size = data_cfg.dataset, data_cfg.image_size
+    if name == "toy2d":
+        return DatasetInfo(channels=2, image_size=0, num_classes=0, class_names=[])
+    if name == "folder":
+        class_names = scan_image_folder(Path(data_cfg.root))[2]
+        return DatasetInfo(3, size, len(class_names), class_names)
+    class_names = {"cifar10": CIFAR10_CLASSES, "digits": DIGIT_CLASSES}.get(name) or IDX_DATASETS[name][1]
+    return DatasetInfo(3 if name == "cifar10" else 1, size, len(class_names), list(class_names))
+
+
+# ----------------------------------------------------------------------------- command line
+def _print_summary(data_cfg, train_set: Dataset, test_set: Dataset) -> None:
+    info = dataset_info(data_cfg)
+    probe = torch.stack([train_set[i][0] for i in range(min(256, len(train_set)))])  # (n, *item shape)
+    print(f"dataset      {data_cfg.dataset}" + (f" ({data_cfg.toy_distribution})" if info.channels == 2 else ""))
+    print(f"splits       train {len(train_set)}, test {len(test_set)}")
+    print(f"item shape   {tuple(probe.shape[1:])} {probe.dtype}")
+    print(f"value range  [{probe.min().item():.3f}, {probe.max().item():.3f}] (first {len(probe)} items)")
+    print(f"classes      {info.num_classes}" + (f": {', '.join(info.class_names)}" if info.class_names else ""))
+
+
+def _save_preview(train_set: Dataset, path: Path, toy: bool) -> None:
+    path.parent.mkdir(parents=True, exist_ok=True)
+    if toy:
+        import matplotlib
+        matplotlib.use("Agg")
+        import matplotlib.pyplot as plt
+        fig, ax = plt.subplots(figsize=(5, 5))
+        ax.scatter(*train_set.points.T.numpy(), s=2, alpha=0.5)
+        ax.set_aspect("equal")
+        fig.savefig(path, dpi=120, bbox_inches="tight")
+        plt.close(fig)
+        return
+    from torchvision.utils import save_image
+    batch = torch.stack([train_set[i][0] for i in range(min(64, len(train_set)))])  # (n, C, S, S)
+    save_image((batch + 1) / 2, path, nrow=8)  # [-1, 1] -> [0, 1]
+
+
+def main(argv: list[str] | None = None) -> int:
+    defaults = DataConfig()
+    parser = argparse.ArgumentParser(description="Download/verify a data set, print a summary, save a preview.")
+    parser.add_argument("--dataset", choices=DATASETS, default=defaults.dataset)
+    parser.add_argument("--root", default=defaults.root, help="data folder (for 'folder': the image folder)")
+    parser.add_argument("--image-size", type=int, default=defaults.image_size)
+    parser.add_argument("--toy-distribution", choices=TOY_DISTRIBUTIONS, default=defaults.toy_distribution)
+    parser.add_argument("--toy-num-points", type=int, default=defaults.toy_num_points)
+    parser.add_argument("--no-download", action="store_true", help="never touch the network")
+    parser.add_argument("--preview", type=Path, help="write a PNG of 64 training items (toy2d: a scatter)")
+    args = parser.parse_args(argv)
+    data_cfg = DataConfig(dataset=args.dataset, root=args.root, image_size=args.image_size,
+                          download=not args.no_download, toy_distribution=args.toy_distribution,
+                          toy_num_points=args.toy_num_points)
+    try:
+        train_set, test_set = build_dataset(data_cfg, train=True), build_dataset(data_cfg, train=False)
+    except DatasetMissingError as err:
+        print(f"error: {err}", file=sys.stderr)
+        return 1
+    _print_summary(data_cfg, train_set, test_set)
+    if args.preview:
+        _save_preview(train_set, args.preview, toy=args.dataset == "toy2d")
+        print(f"preview      {args.preview}")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
