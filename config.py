@@ -10,6 +10,7 @@ The defaults are the DDPM paper's CIFAR-10 recipe (Ho et al. 2020, Appendix B).
 from __future__ import annotations
 
 import dataclasses
+import re
 import typing
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -31,6 +32,25 @@ AMP_MODES = ("off", "bf16", "fp16")
 LR_SCHEDULES = ("constant", "cosine")
 
 
+class _Loader(yaml.SafeLoader):
+    """YAML 1.2 booleans: only true/false. YAML 1.1 would read `amp: off` as False."""
+
+
+_Loader.yaml_implicit_resolvers = {
+    key: [(tag, regexp) for tag, regexp in resolvers if tag != "tag:yaml.org,2002:bool"]
+    for key, resolvers in yaml.SafeLoader.yaml_implicit_resolvers.items()}
+_Loader.add_implicit_resolver("tag:yaml.org,2002:bool", re.compile(r"^(?:true|True|TRUE|false|False|FALSE)$"),
+                              list("tTfF"))
+
+# Scientific notation without a dot (1e-4) is a float, as users expect.
+_Loader.add_implicit_resolver("tag:yaml.org,2002:float", re.compile(r"^[-+]?[0-9]+[eE][-+]?[0-9]+$"),
+                              list("-+0123456789"))
+
+
+def _yaml_load(text: str):
+    return yaml.load(text, Loader=_Loader)
+
+
 class ConfigError(ValueError):
     """A bad configuration: the message names the key and how to fix it."""
 
@@ -39,6 +59,7 @@ class ConfigError(ValueError):
 class DataConfig:
     dataset: str = "cifar10"
     root: str = "data"                 # where torchvision datasets / image folders live
+    split: str = "train"               # which split to train on: train | test (e.g. MNIST's t10k files)
     image_size: int = 32
     random_flip: bool = True           # horizontal flips (CIFAR-10); never for digits
     num_workers: int = 2
@@ -192,13 +213,7 @@ def parse_overrides(overrides: list[str]) -> dict:
         if "=" not in item:
             raise ConfigError(f"override '{item}' must look like section.key=value (e.g. train.lr=1e-4)")
         key, raw = item.split("=", 1)
-        value = yaml.safe_load(raw) if raw.strip() else ""
-        # YAML reads '1e-4' as a string (no dot): accept it as a float.
-        if isinstance(value, str):
-            try:
-                value = float(value) if any(c in value.lower() for c in ".e") else value
-            except ValueError:
-                pass
+        value = _yaml_load(raw) if raw.strip() else ""
         _set_dotted(out, key.strip(), value)
     return out
 
@@ -219,7 +234,7 @@ def load_config(path: Optional[str | Path] = None, overrides: Optional[list[str]
         presets = sorted(p.stem for p in DEFAULT_CONFIG.parent.glob("*.yaml"))
         raise ConfigError(f"config file '{path}' not found (presets in configs/: {', '.join(presets)})")
     with open(path) as f:
-        raw = yaml.safe_load(f) or {}
+        raw = _yaml_load(f.read()) or {}
     merged = _merge(to_dict(from_dict(raw)), parse_overrides(overrides or []))
     cfg = from_dict(merged)
     validate(cfg)
@@ -246,6 +261,7 @@ def validate(cfg: Config) -> Config:
     """Check values (types were checked on load). Raises ConfigError naming the key."""
     d, m, df, tr, s = cfg.data, cfg.model, cfg.diffusion, cfg.train, cfg.sample
     _choice("data.dataset", d.dataset, DATASETS)
+    _choice("data.split", d.split, ("train", "test"))
     _choice("data.toy_distribution", d.toy_distribution, TOY_DISTRIBUTIONS)
     _choice("model.kind", m.kind, ("unet", "mlp"))
     _choice("diffusion.schedule", df.schedule, SCHEDULES)

@@ -5,18 +5,17 @@
     train_set = build_dataset(cfg.data, train=True)
     python dataset.py --dataset digits --preview results/plots/preview_digits.png
 
-Why CIFAR-10 and (Fashion-)MNIST files are parsed here and not by torchvision's Dataset classes:
-torchvision 0.29.1's CIFAR10 refuses every batch file whose md5 differs from the official one, and its
-MNIST insists on the *uncompressed* IDX files in <root>/MNIST/raw/. So neither reads small files a test
-writes, nor `.gz` files a user drops in by hand. Both formats are simple (CIFAR-10 python pickles, IDX),
-so torchvision only downloads (its own URLs, mirrors and md5 checks, under a short socket timeout so an
-offline machine fails in seconds), and the readers below parse real downloads, hand-placed files and test
-fixtures through one code path. `digits` (scikit-learn's bundled 8x8 digits) and `toy2d` need no files:
-they are the offline data sets.
+Why our own readers for CIFAR-10 and (Fashion-)MNIST: torchvision 0.29.1's CIFAR10 refuses any batch file
+whose md5 is not the official one, and its MNIST needs the uncompressed IDX files in <root>/MNIST/raw/, so
+neither reads test-made files or hand-placed `.gz` files. Both formats are simple (python pickles, IDX):
+torchvision only downloads (its URLs, mirrors and md5 checks; a short timeout makes offline fail in
+seconds) and one reader parses downloads, hand-placed files and test fixtures alike. `digits` (sklearn's
+bundled 8x8 digits) and `toy2d` need no files: they are the offline data sets.
 """
 from __future__ import annotations
 
 import argparse
+import functools
 import gzip
 import math
 import pickle
@@ -24,6 +23,7 @@ import socket
 import sys
 import threading
 import urllib.parse
+import urllib.request
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -31,7 +31,7 @@ import numpy as np
 import torch
 import torch.nn.functional as F
 from PIL import Image
-from torch.utils.data import Dataset
+from torch.utils.data import Dataset, TensorDataset
 from torchvision import transforms
 
 from config import DATASETS, TOY_DISTRIBUTIONS, DataConfig
@@ -109,21 +109,18 @@ def _unpickle(path: Path) -> dict:
     return {k.decode() if isinstance(k, bytes) else k: v for k, v in raw.items()}
 
 
-def _cifar10_folder(root: Path) -> Path:
-    """<root>/cifar-10-batches-py as torchvision unpacks it, or root itself when it holds the batches."""
-    return root if (root / "test_batch").is_file() else root / CIFAR10_FOLDER
-
-
 def read_cifar10(root: Path, train: bool):
-    """(images uint8 (N, 3, 32, 32), labels int64 (N,), class names), or None when files are missing.
-    A cifar-10-python.tar.gz lying in root is unpacked first (no network needed)."""
-    folder = _cifar10_folder(root)
+    """(images uint8 (N, 3, 32, 32), labels int64 (N,), class names); FileNotFoundError naming a missing
+    file. Reads <root>/cifar-10-batches-py (torchvision's layout) or root itself when it holds the batches;
+    a cifar-10-python.tar.gz lying in root is unpacked first (no network needed)."""
+    folder = root if (root / "test_batch").is_file() else root / CIFAR10_FOLDER
     names = [f"data_batch_{i}" for i in range(1, 6)] if train else ["test_batch"]
     if not all((folder / n).is_file() for n in names) and (root / CIFAR10_ARCHIVE).is_file():
         from torchvision.datasets.utils import extract_archive
         extract_archive(str(root / CIFAR10_ARCHIVE), str(root))
-    if not all((folder / n).is_file() for n in names):
-        return None
+    for n in names:
+        if not (folder / n).is_file():
+            raise FileNotFoundError(str(folder / n))
     batches = [_unpickle(folder / n) for n in names]
     # Each row of 'data' is 1024 R, then 1024 G, then 1024 B values, each plane row-major 32x32.
     data = np.concatenate([np.asarray(b["data"], dtype=np.uint8) for b in batches])      # (N, 3072)
@@ -153,22 +150,21 @@ def read_idx(path: Path) -> np.ndarray:
     return data.reshape(shape).astype(data.dtype.newbyteorder("="))  # native byte order, writable copy
 
 
-def _find_file(folders: list[Path], name: str) -> Path | None:
+def _find_file(folders: list[Path], name: str) -> Path:
+    """The first of folder/name, folder/name.gz over folders; FileNotFoundError naming the expected file."""
     for folder in folders:
         for candidate in (folder / name, folder / f"{name}.gz"):
             if candidate.is_file():
                 return candidate
-    return None
+    raise FileNotFoundError(str(folders[0] / f"{name}.gz"))
 
 
 def read_idx_split(root: Path, dataset: str, train: bool):
-    """(images uint8 (N, 1, 28, 28), labels int64 (N,), class names), or None when files are missing.
-    Looks in <root>/<MNIST|FashionMNIST>/raw/ (torchvision's layout), then directly in root."""
+    """(images uint8 (N, 1, 28, 28), labels int64 (N,), class names); FileNotFoundError naming a missing
+    file. Looks in <root>/<MNIST|FashionMNIST>/raw/ (torchvision's layout), then directly in root."""
     folder_name, class_names = IDX_DATASETS[dataset]
     folders = [root / folder_name / "raw", root]
     image_path, label_path = (_find_file(folders, name) for name in IDX_FILES[train])
-    if image_path is None or label_path is None:
-        return None
     images, labels = read_idx(image_path), read_idx(label_path)
     if images.ndim != 3 or labels.ndim != 1 or len(images) != len(labels):
         raise ValueError(f"'{image_path}' {images.shape} and '{label_path}' {labels.shape} do not match")
@@ -190,9 +186,12 @@ def _missing_message(dataset: str, root: Path, reason: str) -> str:
 
 
 def _host_reachable(url: str, timeout: float) -> bool:
-    """Whether a TCP connection to url's host opens. Runs in a daemon thread joined with a timeout, because
-    socket timeouts do not bound a hanging DNS lookup."""
+    """Whether a TCP connection to url's host (or the configured proxy) opens. Runs in a daemon thread joined
+    with a timeout, because socket timeouts do not bound a hanging DNS lookup."""
     parts = urllib.parse.urlsplit(url)
+    proxy = urllib.request.getproxies().get(parts.scheme)  # behind a proxy, the proxy is what must answer
+    if proxy:
+        parts = urllib.parse.urlsplit(proxy if "://" in proxy else f"http://{proxy}")
     port = parts.port or (443 if parts.scheme == "https" else 80)
     reached = []
 
@@ -229,15 +228,18 @@ def _torchvision_download(dataset: str, root: Path, train: bool) -> None:
 
 def _torchvision_format_dataset(data_cfg, train: bool) -> ImageTensorDataset:
     dataset, root = data_cfg.dataset, Path(data_cfg.root)
-    reader = read_cifar10 if dataset == "cifar10" else (lambda r, t: read_idx_split(r, dataset, t))
-    arrays = reader(root, train)
-    if arrays is None and not data_cfg.download:
-        raise DatasetMissingError(_missing_message(dataset, root, "downloads are disabled"))
-    if arrays is None:
-        _torchvision_download(dataset, root, train)
-        arrays = reader(root, train)
-    if arrays is None:
-        raise DatasetMissingError(_missing_message(dataset, root, "the download left no readable files"))
+    read = read_cifar10 if dataset == "cifar10" else functools.partial(read_idx_split, dataset=dataset)
+    # The training set is the split named by data.split (e.g. "test" to train on MNIST's t10k files);
+    # the held-out set (train=False) is always the test split.
+    train_files = train and getattr(data_cfg, "split", "train") == "train"
+    try:
+        arrays = read(root=root, train=train_files)
+    except FileNotFoundError as missing:
+        if not data_cfg.download:
+            reason = f"no file {missing}; downloads are disabled"
+            raise DatasetMissingError(_missing_message(dataset, root, reason)) from None
+        _torchvision_download(dataset, root, train_files)
+        arrays = read(root=root, train=train_files)
     images, labels, class_names = arrays
     # Flipped digits and letters are not digits: only CIFAR-10 gets flips.
     flip = train and data_cfg.random_flip and dataset == "cifar10"
@@ -330,22 +332,14 @@ def _toy_points(name: str, n: int, g: torch.Generator | None) -> torch.Tensor:
 
 
 def sample_toy2d(name: str, n: int, generator: torch.Generator | None = None) -> torch.Tensor:
-    """n points (n, 2) float32 from a 2-D toy distribution, drawn from `generator` (torch's global RNG if None)."""
+    """(n, 2) float32 points of a 2-D toy distribution, drawn from generator (None: torch's global RNG)."""
     return _toy_points(name, n, generator).float()
 
 
-class Toy2dDataset(Dataset):
-    """toy_num_points fixed points (drawn once from a seeded generator), each with label 0."""
-
-    def __init__(self, name: str, num_points: int, seed: int):
-        self.points = sample_toy2d(name, num_points, torch.Generator().manual_seed(seed))  # (n, 2)
-        self.class_names: list[str] = []
-
-    def __len__(self) -> int:
-        return self.points.shape[0]
-
-    def __getitem__(self, index: int) -> tuple[torch.Tensor, torch.Tensor]:
-        return self.points[index], torch.tensor(0, dtype=torch.int64)
+def toy2d_dataset(name: str, num_points: int, seed: int) -> TensorDataset:
+    """num_points fixed points (n, 2), drawn once from a seeded generator, each with label 0."""
+    points = sample_toy2d(name, num_points, torch.Generator().manual_seed(seed))
+    return TensorDataset(points, torch.zeros(num_points, dtype=torch.int64))
 
 
 # ----------------------------------------------------------------------------- public entry points
@@ -353,7 +347,7 @@ def build_dataset(data_cfg, train: bool = True) -> Dataset:
     """The train (or test) split of data_cfg.dataset; see the module docstring for the item format."""
     name = data_cfg.dataset
     if name == "toy2d":
-        return Toy2dDataset(data_cfg.toy_distribution, data_cfg.toy_num_points, TOY_SEEDS[train])
+        return toy2d_dataset(data_cfg.toy_distribution, data_cfg.toy_num_points, TOY_SEEDS[train])
     if name == "digits":  # tiny: the same 1797 images serve as train and test split
         return digits_dataset(data_cfg.image_size)
     if name == "folder":  # no split either: the folder is the data set
@@ -379,11 +373,13 @@ def dataset_info(data_cfg) -> DatasetInfo:
 def _print_summary(data_cfg, train_set: Dataset, test_set: Dataset) -> None:
     info = dataset_info(data_cfg)
     probe = torch.stack([train_set[i][0] for i in range(min(256, len(train_set)))])  # (n, *item shape)
-    print(f"dataset      {data_cfg.dataset}" + (f" ({data_cfg.toy_distribution})" if info.channels == 2 else ""))
+    toy = f" ({data_cfg.toy_distribution})" if data_cfg.dataset == "toy2d" else ""
+    print(f"dataset      {data_cfg.dataset}{toy}")
     print(f"splits       train {len(train_set)}, test {len(test_set)}")
     print(f"item shape   {tuple(probe.shape[1:])} {probe.dtype}")
     print(f"value range  [{probe.min().item():.3f}, {probe.max().item():.3f}] (first {len(probe)} items)")
-    print(f"classes      {info.num_classes}" + (f": {', '.join(info.class_names)}" if info.class_names else ""))
+    names = f": {', '.join(info.class_names)}" if info.class_names else ""
+    print(f"classes      {info.num_classes}{names}")
 
 
 def _save_preview(train_set: Dataset, path: Path, toy: bool) -> None:
@@ -393,7 +389,7 @@ def _save_preview(train_set: Dataset, path: Path, toy: bool) -> None:
         matplotlib.use("Agg")
         import matplotlib.pyplot as plt
         fig, ax = plt.subplots(figsize=(5, 5))
-        ax.scatter(*train_set.points.T.numpy(), s=2, alpha=0.5)
+        ax.scatter(*train_set.tensors[0].T.numpy(), s=2, alpha=0.5)  # all (n, 2) points
         ax.set_aspect("equal")
         fig.savefig(path, dpi=120, bbox_inches="tight")
         plt.close(fig)

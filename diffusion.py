@@ -162,7 +162,11 @@ class Diffusion(nn.Module):
     # ------------------------------------------------------------------ sampling
     def sampling_timesteps(self, sampler: str, steps: Optional[int] = None,
                            spacing: Optional[str] = None) -> list[int]:
-        """Explicit, decreasing list of timesteps the sampler visits."""
+        """Explicit, decreasing list of timesteps the sampler visits. Spacing defaults to the
+        diffusion's (DDIM: "leading"), except for dpmpp2m, which defaults to "trailing": a grid that
+        evaluates the model at t=0 gives the multistep solver one huge log-SNR step (t=k -> 0), where
+        its second-order extrapolation is unstable (measured on the Gaussian oracle: std 0.61 instead
+        of 0.50 at 20 steps); diffusers' DPM-Solver likewise ends at a positive t, then jumps to sigma=0."""
         _choice("sampler", sampler, SAMPLERS)
         T = self.num_timesteps
         if sampler == "ddpm":
@@ -173,7 +177,7 @@ class Diffusion(nn.Module):
         steps = T if steps is None else steps
         if not 1 <= steps <= T:
             raise ConfigError(f"steps must be between 1 and num_timesteps={T}, got {steps}")
-        spacing = spacing or self.timestep_spacing
+        spacing = spacing or ("trailing" if sampler == "dpmpp2m" else self.timestep_spacing)
         _choice("timestep spacing", spacing, SPACINGS)
         if spacing == "leading":      # [DDIM] Sec. D.2: 0, k, 2k, ... with k = T // steps
             ts = [i * (T // steps) for i in range(steps)]
