@@ -81,6 +81,7 @@ class ModelConfig:
     dropout: float = 0.1
     num_classes: int = 0               # 0 = unconditional; > 0 adds a class embedding + null label
     norm_groups: int = 32
+    norm_eps: float = 1e-6             # GroupNorm eps (DDPM/TF: 1e-6; PyTorch's default is 1e-5)
     mlp_hidden: int = 128              # mlp only
     mlp_layers: int = 3                # mlp only
     mlp_emb_size: int = 128            # mlp only
@@ -279,7 +280,8 @@ def validate(cfg: Config) -> Config:
                      ("train.grad_accum", tr.grad_accum), ("train.log_every", tr.log_every),
                      ("train.sample_every", tr.sample_every), ("train.ckpt_every", tr.ckpt_every),
                      ("train.keep_last", tr.keep_last), ("sample.num_samples", s.num_samples),
-                     ("sample.batch_size", s.batch_size), ("diffusion.min_snr_gamma", df.min_snr_gamma)]:
+                     ("sample.batch_size", s.batch_size), ("diffusion.min_snr_gamma", df.min_snr_gamma),
+                     ("model.norm_eps", m.norm_eps)]:
         _positive(key, val)
     for key, val in [("train.warmup_steps", tr.warmup_steps), ("model.num_classes", m.num_classes),
                      ("data.num_workers", d.num_workers), ("sample.eta", s.eta),

@@ -245,7 +245,7 @@ def build_model(cfg) -> nn.Module:
         raise ConfigError(f"config key 'model.kind' = {m.kind!r} is not one of: unet, mlp")
     return UNet(m.in_channels, m.channels, tuple(m.channel_mult), m.num_res_blocks,
                 tuple(m.attention_resolutions), cfg.data.image_size, m.num_heads, m.num_head_channels,
-                m.dropout, m.num_classes, m.norm_groups)
+                m.dropout, m.num_classes, m.norm_groups, m.norm_eps)
 
 
 def count_parameters(model: nn.Module) -> int:
