@@ -1,0 +1,456 @@
+"""Sample from a trained checkpoint: image grids, per-image PNGs (for FID), animations, 2-D plots.
+
+    python sample.py --sampler ddim                      # newest checkpoint under checkpoints/
+    python sample.py --config configs/digits.yaml --steps 25 --animation
+    python sample.py --checkpoint checkpoints/digits/last.pt --class-label 3 --guidance-scale 2
+    python sample.py --forward --config configs/digits.yaml   # the forward-process figure
+    python sample.py --pretrained google/ddpm-cifar10-32 --num-samples 16
+
+Model, diffusion and sampling defaults come from the config stored inside the checkpoint, so no model
+flags are needed. Outputs go to results/images/<run_name>/<sampler>_<steps>_<seed>/ (see --out).
+"""
+from __future__ import annotations
+
+import argparse
+import contextlib
+import math
+import re
+import sys
+from pathlib import Path
+from typing import Callable, Optional
+
+import numpy as np
+import torch
+from PIL import Image, ImageDraw, ImageFont
+from tqdm.auto import tqdm
+
+from config import AMP_MODES, SAMPLERS, SPACINGS, ConfigError, from_dict, load_config, validate
+from dataset import DatasetMissingError
+from diffusion import Diffusion, build_diffusion
+from model import build_model
+from utils import (CheckpointError, find_latest_checkpoint, get_device, list_checkpoints, load_checkpoint,
+                   save_image_grid, to_uint8_images)
+
+CHECKPOINT_ROOT = Path("checkpoints")
+TRAIN_HINT = "Train one first: `python train.py --config configs/digits.yaml`, or pass --checkpoint PATH."
+FORWARD_TIMESTEPS = (0, 100, 250, 500, 750, 999)  # for T = 1000; scaled to other T
+
+
+class SampleError(ValueError):
+    """A bad sample.py argument; the message says what to change."""
+
+
+def parse_args(argv: Optional[list[str]] = None) -> argparse.Namespace:
+    def positive(text: str) -> int:
+        if not text.isdigit() or int(text) < 1:
+            raise argparse.ArgumentTypeError(f"expected a positive integer, got {text!r}")
+        return int(text)
+
+    p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0],
+                                epilog="Unset sampling flags take the checkpoint's `sample` config section.")
+    p.add_argument("--checkpoint", help="checkpoint file (default: checkpoints/<run_name>/last.pt of --config, "
+                   "else the newest checkpoint under checkpoints/)")
+    p.add_argument("--config", help="YAML preset whose run_name picks the checkpoint folder")
+    p.add_argument("--pretrained", metavar="NAME_OR_PATH", help="a converted diffusers DDPM (export.py)")
+    p.add_argument("--no-ema", dest="ema", action="store_false", help="use the raw weights, not the EMA")
+    p.add_argument("--sampler", choices=SAMPLERS)
+    p.add_argument("--steps", type=positive, help="sampling steps (ddpm always uses all T)")
+    p.add_argument("--eta", type=float, help="DDIM noise: 0 deterministic, 1 ancestral-like")
+    p.add_argument("--timestep-spacing", choices=SPACINGS)
+    p.add_argument("--num-samples", type=positive)
+    p.add_argument("--batch-size", type=positive)
+    p.add_argument("--seed", type=int, help="default: the config's seed")
+    p.add_argument("--device", default="auto", help="auto | cpu | cuda | cuda:N")
+    p.add_argument("--class-label", help="class-conditional models: one label or a list ('3' or '1,4,7'); "
+                   "default: one row per class")
+    p.add_argument("--guidance-scale", type=float, help="classifier-free guidance (1 = plain conditional)")
+    p.add_argument("--amp", choices=AMP_MODES, default="off", help="autocast (bf16 works on CPU)")
+    p.add_argument("--out", help="output folder (default results/images/<run_name>/<sampler>_<steps>_<seed>)")
+    p.add_argument("--animation", action="store_true", help="also write animation.gif and trajectory.png")
+    p.add_argument("--forward", action="store_true",
+                   help="only draw the forward process (results/plots/<run_name>/forward_noise.png)")
+    return p.parse_args(argv)
+
+
+# ----------------------------------------------------------------------------- loading
+def resolve_checkpoint(checkpoint: Optional[str], config_path: Optional[str]) -> Path:
+    """--checkpoint, else checkpoints/<run_name>/last.pt (or its newest step file), else the newest run."""
+    if checkpoint:
+        return Path(checkpoint)
+    if config_path:
+        run_dir = CHECKPOINT_ROOT / load_config(config_path).run_name
+        found = run_dir / "last.pt" if (run_dir / "last.pt").is_file() else (list_checkpoints(run_dir) or [None])[-1]
+        if found is None:
+            raise CheckpointError(f"no checkpoint found: looked for {run_dir / 'last.pt'} (and step_*.pt there). "
+                                  f"{TRAIN_HINT.replace('configs/digits.yaml', config_path)}")
+        return found
+    found = find_latest_checkpoint(CHECKPOINT_ROOT)
+    if found is None:
+        raise CheckpointError(f"no checkpoint found: looked for {CHECKPOINT_ROOT}/*/last.pt and "
+                              f"{CHECKPOINT_ROOT}/*/step_*.pt under {Path.cwd()}. {TRAIN_HINT}")
+    return found
+
+
+def load_for_sampling(checkpoint: str | Path, device: str | torch.device = "cpu", use_ema: bool = True):
+    """(model in eval mode, diffusion, cfg, ckpt), all rebuilt from the config stored in the checkpoint."""
+    ckpt = load_checkpoint(checkpoint, map_location="cpu")
+    try:
+        cfg = validate(from_dict(ckpt["config"]))
+    except ConfigError as e:
+        raise CheckpointError(f"the config stored in '{checkpoint}' is not valid for this ddpm-lab: {e}") from None
+    weights = ckpt.get("ema") if use_ema else ckpt["model"]
+    if weights is None:
+        print(f"note: '{checkpoint}' has no EMA weights; using the raw model weights")
+        weights = ckpt["model"]
+    model = build_model(cfg)
+    try:
+        model.load_state_dict(weights)
+    except RuntimeError as e:
+        raise CheckpointError(f"the weights in '{checkpoint}' do not fit the model its config describes "
+                              f"({str(e).splitlines()[0][:200]})") from None
+    return model.to(device).eval(), build_diffusion(cfg).to(device), cfg, ckpt
+
+
+# ----------------------------------------------------------------------------- labels and sampling
+def parse_class_labels(text: Optional[str], num_classes: int, class_names=()) -> Optional[list[int]]:
+    """'3', '1,4,7', '1 4 7' or class names ('cat,dog') -> list of ints; None when no labels given."""
+    if text is None:
+        return None
+    if num_classes == 0:
+        raise SampleError("--class-label was given, but this model is unconditional (model.num_classes = 0): "
+                          "drop --class-label, or train with model.num_classes > 0")
+    labels = []
+    for item in re.split(r"[,\s]+", text.strip()):
+        if item in class_names:
+            labels.append(list(class_names).index(item))
+        elif re.fullmatch(r"-?\d+", item) and 0 <= int(item) < num_classes:
+            labels.append(int(item))
+        else:
+            names = f" or a name ({', '.join(class_names)})" if class_names else ""
+            raise SampleError(f"class label {item!r} is out of range: this model has {num_classes} classes, "
+                              f"use 0..{num_classes - 1}{names}")
+    return labels
+
+
+def plan_labels(num_classes: int, labels: Optional[list[int]], num_samples: int):
+    """(per-sample labels or None, images per grid row). Without --class-label a conditional model gets
+    one grid row per class; with a list, one row per listed label."""
+    if num_classes == 0:
+        return None, None
+    labels = labels if labels is not None else list(range(num_classes))
+    per_label = math.ceil(num_samples / len(labels))
+    return [c for c in labels for _ in range(per_label)], (per_label if len(labels) > 1 else None)
+
+
+def autocast(device: torch.device, amp: str):
+    if amp == "off":
+        return contextlib.nullcontext()
+    if amp == "fp16" and device.type != "cuda":
+        raise SampleError("--amp fp16 needs a CUDA device; on CPU use --amp bf16 (or off)")
+    return torch.autocast(device.type, dtype=torch.bfloat16 if amp == "bf16" else torch.float16)
+
+
+def generate(model: Callable, diffusion: Diffusion, cfg, num_samples: int, batch_size: int, seed: int,
+             sampler: str, steps: Optional[int], eta: float = 0.0, timestep_spacing: Optional[str] = None,
+             labels: Optional[list[int]] = None, guidance_scale: float = 1.0, clip_x0: bool = True,
+             amp: str = "off", callback: Optional[Callable] = None, progress: bool = True) -> torch.Tensor:
+    """num_samples samples (N, *sample_shape) on the CPU. The batches draw their noise in sequence from one
+    CPU generator seeded with `seed`, so a seed gives the same noise on any device. `callback(i, t, x_t,
+    x0_pred)` sees the first batch only (enough for an animation)."""
+    device, generator = diffusion.betas.device, torch.Generator().manual_seed(seed)
+    size = cfg.data.image_size
+    shape = (2,) if cfg.model.kind == "mlp" else (cfg.model.in_channels, size, size)  # one sample
+    y_all = torch.tensor(labels, dtype=torch.long) if labels is not None else None
+    out = []
+    starts = range(0, num_samples, batch_size)
+    for b, start in enumerate(tqdm(starts, desc="batches", disable=not progress or len(starts) == 1)):
+        n = min(batch_size, num_samples - start)
+        y = y_all[start:start + n].to(device) if y_all is not None else None
+        with autocast(device, amp):
+            x = diffusion.sample(model, (n, *shape), sampler=sampler, steps=steps, eta=eta,
+                                 generator=generator, y=y, guidance_scale=guidance_scale, clip_x0=clip_x0,
+                                 progress=progress, callback=callback if b == 0 else None,
+                                 timestep_spacing=timestep_spacing)
+        out.append(x.float().cpu())
+    return torch.cat(out)
+
+
+# ----------------------------------------------------------------------------- image outputs
+def save_samples(x: torch.Tensor, out_dir: Path, nrow: Optional[int] = None) -> list[Path]:
+    """grid.png plus one exact-size PNG per sample (000000.png ...): 'L' for 1 channel, RGB for 3."""
+    out_dir.mkdir(parents=True, exist_ok=True)
+    for stale in out_dir.glob("[0-9][0-9][0-9][0-9][0-9][0-9].png"):  # an FID folder must hold this run only
+        stale.unlink()
+    images = to_uint8_images(x).permute(0, 2, 3, 1).numpy()  # (N, H, W, C) uint8
+    files = []
+    for i, image in enumerate(images):
+        files.append(out_dir / f"{i:06d}.png")
+        Image.fromarray(image[..., 0] if image.shape[-1] == 1 else image).save(files[-1])
+    return [save_image_grid(x, out_dir / "grid.png", nrow=nrow)] + files
+
+
+class Recorder:
+    """Sampler callback keeping x_t and predicted x0 of `max_items` samples at up to `max_frames` of the
+    sampler's `timesteps`, spaced more densely near t = 0 where the image forms."""
+
+    def __init__(self, timesteps: list[int], batch_size: int, max_frames: int = 60, max_items: int = 16):
+        n = len(timesteps)
+        keep = np.round((n - 1) * np.linspace(0, 1, max_frames) ** 0.6) if n > max_frames else np.arange(n)
+        self.keep = set(keep.astype(int).tolist())
+        # The state after step i sits at the next timestep; after the last step it is the output x0.
+        self.labels = [f"t = {t}" for t in timesteps[1:]] + ["output"]
+        self.items = torch.linspace(0, batch_size - 1, min(max_items, batch_size)).round().long().unique()
+        self.frames: list[tuple[str, torch.Tensor, torch.Tensor]] = []  # (label, x_t, x0_pred)
+
+    def __call__(self, i: int, t: int, x_t: torch.Tensor, x0_pred: torch.Tensor) -> None:
+        if i in self.keep:
+            idx = self.items.to(x_t.device)
+            self.frames.append((self.labels[i], x_t[idx].float().cpu(), x0_pred[idx].float().cpu()))
+
+
+def _grid_image(x: torch.Tensor, min_cell: int = 64) -> Image.Image:
+    """(B, C, H, W) in [-1, 1] -> square-ish RGB grid, small images upscaled (nearest)."""
+    import torchvision.utils as vutils
+    scale = max(1, -(-min_cell // x.shape[-1]))
+    x = torch.nn.functional.interpolate(x.clamp(-1, 1), scale_factor=scale, mode="nearest")
+    grid = vutils.make_grid(to_uint8_images(x), nrow=max(1, round(len(x) ** 0.5)), padding=2, pad_value=255)
+    return Image.fromarray(grid.permute(1, 2, 0).numpy()).convert("RGB")
+
+
+def save_gif(frames: list[Image.Image], path: Path, ms: int = 80, hold_ms: int = 2000) -> Path:
+    """Looping GIF; the last frame stays up for hold_ms."""
+    durations = [ms] * (len(frames) - 1) + [hold_ms]
+    frames[0].save(path, save_all=True, append_images=frames[1:], duration=durations, loop=0)
+    return path
+
+
+def save_animation(rec: Recorder, path: Path) -> Path:
+    """Reverse process as a GIF: x_t (left) next to the predicted x0 (right), labeled with t."""
+    try:
+        font = ImageFont.load_default(size=14)
+    except TypeError:  # Pillow < 10.1 has one fixed-size default font
+        font = ImageFont.load_default()
+    frames = []
+    for label, x_t, x0 in rec.frames:
+        left, right = _grid_image(x_t), _grid_image(x0)
+        frame = Image.new("RGB", (left.width + right.width + 10, left.height + 22), "white")
+        frame.paste(left, (0, 22))
+        frame.paste(right, (left.width + 10, 22))
+        draw = ImageDraw.Draw(frame)
+        draw.text((4, 3), f"x_t   {label}", fill="black", font=font)
+        draw.text((left.width + 14, 3), "predicted x0", fill="black", font=font)
+        frames.append(frame)
+    return save_gif(frames, path)
+
+
+def _pyplot():
+    import matplotlib
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+    return plt
+
+
+def image_panels(rows: list[torch.Tensor], col_titles: list[str], path: Path) -> Path:
+    """rows: list of (K, C, H, W) tensors in [-1, 1], one subplot per image, titled columns."""
+    plt = _pyplot()
+    fig, axes = plt.subplots(len(rows), len(col_titles), figsize=(1.3 * len(col_titles), 1.3 * len(rows)),
+                             squeeze=False)
+    for r, row in enumerate(rows):
+        for c, image in enumerate(to_uint8_images(row).permute(0, 2, 3, 1).numpy()):
+            axes[r, c].imshow(image.squeeze(-1) if image.shape[-1] == 1 else image, cmap="gray", vmin=0, vmax=255)
+            axes[r, c].set(xticks=[], yticks=[], title=col_titles[c] if r == 0 else "")
+    path.parent.mkdir(parents=True, exist_ok=True)
+    fig.savefig(path, dpi=100, bbox_inches="tight")
+    plt.close(fig)
+    return path
+
+
+def save_trajectory(rec: Recorder, path: Path, num_rows: int = 4, num_cols: int = 8) -> Path:
+    """A few samples (rows) at ~8 recorded steps from noise to image (columns)."""
+    cols = sorted(set(np.linspace(0, len(rec.frames) - 1, num_cols).round().astype(int).tolist()))
+    rows = [torch.stack([rec.frames[c][1][r] for c in cols]) for r in range(min(num_rows, len(rec.items)))]
+    return image_panels(rows, [rec.frames[c][0] for c in cols], path)
+
+
+# ----------------------------------------------------------------------------- 2-D toy outputs
+def _limits(data: torch.Tensor) -> tuple[float, float]:
+    """Fixed square axis limits covering the data (robust to outliers) and the N(0, I) noise."""
+    lo = min(torch.quantile(data, 0.005).item(), -3.5)
+    hi = max(torch.quantile(data, 0.995).item(), 3.5)
+    pad = 0.1 * (hi - lo)
+    return lo - pad, hi + pad
+
+
+def _scatter_frames(point_sets: list[torch.Tensor], titles: list[str], lim, dpi: int = 80) -> list[Image.Image]:
+    """One fixed-limits scatter plot per (n, 2) point set, rendered to an RGB image."""
+    plt, frames = _pyplot(), []
+    for points, title in zip(point_sets, titles):
+        fig, ax = plt.subplots(figsize=(4, 4), dpi=dpi)
+        ax.scatter(*points.T.numpy(), s=2, alpha=0.5)
+        ax.set(xlim=lim, ylim=lim, aspect="equal", title=title)
+        fig.canvas.draw()
+        frames.append(Image.fromarray(np.asarray(fig.canvas.buffer_rgba())[..., :3]).convert("RGB"))
+        plt.close(fig)
+    return frames
+
+
+def _hstack(images: list[Image.Image]) -> Image.Image:
+    canvas = Image.new("RGB", (sum(im.width for im in images), images[0].height), "white")
+    for k, image in enumerate(images):
+        canvas.paste(image, (k * images[0].width, 0))
+    return canvas
+
+
+def save_toy_outputs(x: torch.Tensor, data: torch.Tensor, diffusion: Diffusion, out_dir: Path,
+                     rec: Optional[Recorder], seed: int) -> list[Path]:
+    """scatter.png (data | samples), forward.gif (data -> noise), animation.gif (noise -> data)."""
+    out_dir.mkdir(parents=True, exist_ok=True)
+    lim = _limits(data)
+    outside = int(((x < lim[0]) | (x > lim[1])).any(dim=1).sum())
+    titles = [f"data ({len(data)})", f"samples ({len(x)}, {outside} outside view)"]
+    _hstack(_scatter_frames([data, x], titles, lim, dpi=100)).save(out_dir / "scatter.png")
+    np.save(out_dir / "samples.npy", x.numpy())
+    T = diffusion.num_timesteps
+    ts = sorted(set(np.linspace(0, T - 1, min(40, T)).round().astype(int).tolist()))
+    noise = torch.randn(data.shape, generator=torch.Generator().manual_seed(seed))
+    noisy = [diffusion.q_sample(data, torch.full((len(data),), t), noise) for t in ts]
+    paths = [out_dir / "scatter.png", out_dir / "samples.npy",
+             save_gif(_scatter_frames(noisy, [f"forward  t = {t}" for t in ts], lim), out_dir / "forward.gif")]
+    if rec is not None:
+        frames = _scatter_frames([f[1] for f in rec.frames], [f"reverse  {f[0]}" for f in rec.frames], lim)
+        paths.append(save_gif(frames, out_dir / "animation.gif"))
+    return paths
+
+
+# ----------------------------------------------------------------------------- forward-process figure
+def forward_figure(cfg, diffusion: Diffusion, num_images: int = 4, seed: int = 0) -> Path:
+    """results/plots/<run_name>/forward_noise.png: real data noised to t = 0 ... T-1 (columns); images
+    (test split, no flips) one per row, 2-D toy data as the whole cloud in one row of scatter panels."""
+    from dataset import build_dataset
+    T, diffusion = diffusion.num_timesteps, diffusion.cpu()
+    ts = sorted({min(T - 1, round(t * T / 1000)) for t in FORWARD_TIMESTEPS})
+    dataset, g = build_dataset(cfg.data, train=False), torch.Generator().manual_seed(seed)
+    path = Path("results/plots") / cfg.run_name / "forward_noise.png"
+    path.parent.mkdir(parents=True, exist_ok=True)
+    if cfg.model.kind == "mlp":
+        x0 = torch.stack([dataset[i][0] for i in range(len(dataset))])  # (N, 2)
+    else:
+        x0 = torch.stack([dataset[i][0] for i in torch.randperm(len(dataset), generator=g)[:num_images]])
+    noise = torch.randn(x0.shape, generator=g)  # the same noise in every column
+    columns = [diffusion.q_sample(x0, torch.full((len(x0),), t), noise) for t in ts]
+    if cfg.model.kind != "mlp":
+        rows = [torch.stack([col[k] for col in columns]) for k in range(len(x0))]  # (len(ts), C, H, W) each
+        return image_panels(rows, [f"t = {t}" for t in ts], path)
+    _hstack(_scatter_frames(columns, [f"t = {t}" for t in ts], _limits(x0))).save(path)
+    return path
+
+
+# ----------------------------------------------------------------------------- command line
+def load_source(args, device: torch.device):
+    """(model, diffusion, cfg, run folder name) from --pretrained (export.py, optional) or a checkpoint."""
+    if args.pretrained:
+        try:
+            from export import load_pretrained
+            model, diffusion, cfg = load_pretrained(args.pretrained, device)
+        except ImportError as e:
+            raise SampleError(f"--pretrained needs export.py (load_pretrained), which failed to import: {e}") from None
+        except (OSError, ValueError, RuntimeError) as e:  # unknown name, offline hub, unconvertible folder
+            raise SampleError(f"could not load pretrained model '{args.pretrained}': {e}") from None
+        name = Path(args.pretrained).resolve().name if Path(args.pretrained).exists() else args.pretrained
+        return model.to(device).eval(), diffusion.to(device), cfg, "pretrained_" + re.sub(r"[^\w.-]+", "_", name)
+    path = resolve_checkpoint(args.checkpoint, args.config)
+    model, diffusion, cfg, ckpt = load_for_sampling(path, device, use_ema=args.ema)
+    print(f"checkpoint {path}: step {ckpt.get('step')}, {'EMA' if args.ema else 'raw'} weights")
+    return model, diffusion, cfg, cfg.run_name
+
+
+def settings(args, cfg, diffusion: Diffusion) -> dict:
+    """Sampling keyword arguments: flags over the checkpoint's `sample` section."""
+    s, T = cfg.sample, diffusion.num_timesteps
+    sampler = args.sampler or s.sampler
+    steps = args.steps if args.steps is not None else (None if sampler == "ddpm" else s.steps)
+    if steps is not None and steps > T:
+        raise SampleError(f"--steps {steps} is more than this model's T = {T} diffusion steps: use --steps <= {T}")
+    labels = parse_class_labels(args.class_label, cfg.model.num_classes, _class_names(cfg))
+    if cfg.model.num_classes == 0 and args.guidance_scale not in (None, 1.0):
+        raise SampleError("--guidance-scale needs a class-conditional model; this one has model.num_classes = 0")
+    return dict(sampler=sampler, steps=steps, eta=s.eta if args.eta is None else args.eta,
+                timestep_spacing=args.timestep_spacing, labels=labels, clip_x0=s.clip_x0, amp=args.amp,
+                guidance_scale=s.guidance_scale if args.guidance_scale is None else args.guidance_scale)
+
+
+def _class_names(cfg) -> list[str]:
+    try:
+        from dataset import dataset_info
+        return dataset_info(cfg.data).class_names
+    except Exception:  # names are a convenience; integer labels always work
+        return []
+
+
+def out_folder(args, run: str, kw: dict, num_steps: int, seed: int, conditional: bool) -> Path:
+    if args.out:
+        return Path(args.out)
+    name = f"{kw['sampler']}_{num_steps}_{seed}"
+    if kw["eta"] and kw["sampler"] == "ddim":
+        name += f"_eta{kw['eta']:g}"
+    if conditional and kw["guidance_scale"] != 1.0:
+        name += f"_g{kw['guidance_scale']:g}"
+    if kw["labels"] is not None:
+        name += "_y" + "-".join(map(str, dict.fromkeys(kw["labels"])))
+    return Path("results/images") / run / name
+
+
+def run_sampling(args) -> list[Path]:
+    try:
+        device = get_device(args.device)
+    except RuntimeError as e:  # unknown name, or CUDA asked for but absent
+        raise SampleError(f"--device {args.device}: {str(e).splitlines()[0]}") from None
+    model, diffusion, cfg, run = load_source(args, device)
+    kw, seed = settings(args, cfg, diffusion), cfg.seed if args.seed is None else args.seed
+    num_samples, batch_size = args.num_samples or cfg.sample.num_samples, args.batch_size or cfg.sample.batch_size
+    timesteps = diffusion.sampling_timesteps(kw["sampler"], kw["steps"], kw["timestep_spacing"])
+    out_dir = out_folder(args, run, kw, len(timesteps), seed, cfg.model.num_classes > 0)
+    kw["labels"], nrow = plan_labels(cfg.model.num_classes, kw["labels"], num_samples)
+    num_samples = len(kw["labels"]) if kw["labels"] is not None else num_samples
+    first_batch = min(batch_size, num_samples)  # the animation shows (part of) the first batch
+    max_items = first_batch if cfg.model.kind == "mlp" else 16
+    rec = Recorder(timesteps, first_batch, max_items=max_items) if args.animation else None
+    print(f"sampling {num_samples} with {kw['sampler']} ({len(timesteps)} steps), seed {seed}, on {device}")
+    x = generate(model, diffusion, cfg, num_samples, batch_size, seed, callback=rec, **kw)
+    if cfg.model.kind == "mlp":
+        from dataset import sample_toy2d
+        data = sample_toy2d(cfg.data.toy_distribution, len(x), torch.Generator().manual_seed(seed + 1))
+        return save_toy_outputs(x, data, diffusion.cpu(), out_dir, rec, seed)
+    paths = save_samples(x, out_dir, nrow)
+    if rec is not None:
+        paths += [save_animation(rec, out_dir / "animation.gif"), save_trajectory(rec, out_dir / "trajectory.png")]
+    return paths
+
+
+def run_forward(args) -> list[Path]:
+    """--forward needs only a config (and the data): from --config, else from the checkpoint/pretrained."""
+    if args.config and not (args.checkpoint or args.pretrained):
+        cfg = load_config(args.config)
+        diffusion = build_diffusion(cfg)
+    else:
+        _, diffusion, cfg, _ = load_source(args, torch.device("cpu"))
+    return [forward_figure(cfg, diffusion, seed=cfg.seed if args.seed is None else args.seed)]
+
+
+def main(argv: Optional[list[str]] = None) -> int:
+    args = parse_args(argv)
+    try:
+        paths = run_forward(args) if args.forward else run_sampling(args)
+    except (SampleError, ConfigError, CheckpointError, DatasetMissingError) as e:
+        print(f"error: {e}", file=sys.stderr)
+        sys.exit(1)
+    images = [p for p in paths if re.fullmatch(r"\d{6}\.png", p.name)]
+    for p in [p for p in paths if p not in images]:
+        print(f"wrote {p}")
+    if images:
+        print(f"wrote {len(images)} images {images[0]} ... {images[-1].name}")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
