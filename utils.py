@@ -79,8 +79,9 @@ def load_checkpoint(path: str | Path, map_location: str | torch.device = "cpu") 
         ckpt = torch.load(path, map_location=map_location, weights_only=True)
     except Exception as e:  # truncated zip, garbage bytes, disallowed pickle globals
         others = sorted(p.name for p in path.parent.glob("*.pt") if p != path)
-        hint = (f" Other checkpoints in {path.parent}: {', '.join(others)} - use one of them "
-                f"(e.g. --resume {path.parent / others[-1]})." if others else "")
+        hint = (f" Other checkpoints in {path.parent}: {', '.join(others)} - pass one of them instead "
+                f"(train.py --resume {path.parent / others[-1]}, or --checkpoint for sample.py)."
+                if others else "")
         raise CheckpointError(f"checkpoint '{path}' is corrupt or truncated "
                               f"({type(e).__name__}: {str(e).splitlines()[0][:200]}).{hint}") from None
     if not isinstance(ckpt, dict) or "config" not in ckpt or "model" not in ckpt:
@@ -123,4 +124,101 @@ def save_image_grid(x: torch.Tensor, path: str | Path, nrow: Optional[int] = Non
         x = torch.nn.functional.interpolate(x.float(), scale_factor=scale, mode="nearest")
     grid = vutils.make_grid(to_uint8_images(x.cpu()), nrow=nrow, padding=2, pad_value=255)
     Image.fromarray(grid.permute(1, 2, 0).numpy().squeeze()).save(path)
+    return path
+
+
+# ----------------------------------------------------------------------------- training helpers
+def derive_seed(*keys: int) -> int:
+    """A 63-bit seed from integer keys (numpy's SeedSequence hash): (seed, purpose, epoch, index) tuples
+    give unrelated streams, unlike seed + offset arithmetic where neighbouring runs overlap."""
+    state = np.random.SeedSequence([int(k) % 2**64 for k in keys]).generate_state(1, np.uint64)
+    return int(state[0] >> np.uint64(1))
+
+
+def get_rng_state() -> dict:
+    """Python, numpy, torch (CPU) and CUDA RNG states as tensors and plain types, so a checkpoint that
+    holds them still loads with torch.load(weights_only=True) (no numpy objects inside)."""
+    version, internal, gauss_next = random.getstate()
+    name, keys, pos, has_gauss, cached_gaussian = np.random.get_state()
+    cuda = torch.cuda.get_rng_state_all() if torch.cuda.is_available() and torch.cuda.is_initialized() else []
+    return {"python": [version, list(internal), gauss_next],
+            "numpy": {"name": str(name), "keys": torch.from_numpy(keys.astype(np.int64)), "pos": int(pos),
+                      "has_gauss": int(has_gauss), "cached_gaussian": float(cached_gaussian)},
+            "torch": torch.get_rng_state(), "cuda": list(cuda)}
+
+
+def set_rng_state(state: dict) -> None:
+    """Inverse of get_rng_state (CUDA states are restored for the devices this machine has)."""
+    version, internal, gauss_next = state["python"]
+    random.setstate((version, tuple(internal), gauss_next))
+    npy = state["numpy"]
+    np.random.set_state((npy["name"], npy["keys"].numpy().astype(np.uint32), npy["pos"], npy["has_gauss"],
+                         npy["cached_gaussian"]))
+    torch.set_rng_state(state["torch"])
+    if state.get("cuda") and torch.cuda.is_available():
+        for index, cuda_state in enumerate(state["cuda"][:torch.cuda.device_count()]):
+            torch.cuda.set_rng_state(cuda_state, index)
+
+
+def _smooth(values: np.ndarray, span: int) -> np.ndarray:
+    """Debiased exponential moving average that steps over NaNs (skipped steps)."""
+    alpha, acc, weight, out = 2.0 / (span + 1), 0.0, 0.0, np.full_like(values, np.nan)
+    for i, v in enumerate(values):
+        if np.isfinite(v):
+            acc, weight = (1 - alpha) * acc + alpha * v, (1 - alpha) * weight + alpha
+        out[i] = acc / weight if weight > 0 else np.nan
+    return out
+
+
+def save_loss_plot(losses, path: str | Path, first_step: int = 1, title: str = "training loss",
+                   max_points: int = 5000) -> Path:
+    """Per-step losses (NaN = skipped step) as a faint raw curve plus a smoothed one, log-scaled.
+    Long runs are binned to max_points means so the plot stays fast."""
+    from matplotlib.figure import Figure  # object API: no pyplot state, no GUI backend needed
+
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    y = np.asarray(losses, dtype=np.float64)
+    x = first_step + np.arange(len(y))
+    if len(y) > max_points:
+        bins = -(-len(y) // max_points)
+        cut = len(y) // bins * bins
+        with np.errstate(all="ignore"):  # all-NaN bins stay NaN
+            y = np.nanmean(y[:cut].reshape(-1, bins), axis=1)
+        x = x[:cut].reshape(-1, bins).mean(axis=1)
+    fig = Figure(figsize=(7, 4), dpi=110)
+    ax = fig.subplots()
+    ax.plot(x, y, color="tab:blue", alpha=0.3, linewidth=0.8, label="raw")
+    ax.plot(x, _smooth(y, max(5, len(y) // 50)), color="tab:blue", linewidth=1.8, label="smoothed")
+    finite = y[np.isfinite(y)]
+    if len(finite) and finite.min() > 0 and finite.max() > 10 * finite.min():  # diffusion losses fall fast
+        ax.set_yscale("log")
+    ax.set(xlabel="step", ylabel="loss", title=title)
+    ax.grid(alpha=0.3, which="both")
+    ax.legend()
+    fig.tight_layout()
+    fig.savefig(path)
+    return path
+
+
+def save_scatter_plot(data: torch.Tensor, samples: torch.Tensor, path: str | Path, title: str = "") -> Path:
+    """Two panels on the same axes: (N, 2) data points and (M, 2) generated points."""
+    from matplotlib.figure import Figure
+
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    data, samples = data.detach().float().cpu().numpy(), samples.detach().float().cpu().numpy()
+    both = np.concatenate([data, samples[np.isfinite(samples).all(axis=1)]])
+    low, high = np.percentile(both, 0.5, axis=0), np.percentile(both, 99.5, axis=0)
+    pad = 0.1 * (high - low).max()
+    fig = Figure(figsize=(9, 4.5), dpi=110)
+    for ax, points, name in zip(fig.subplots(1, 2), (data, samples), ("data", "samples")):
+        ax.scatter(points[:, 0], points[:, 1], s=3, alpha=0.5, color="tab:blue" if name == "data" else "tab:orange")
+        ax.set(xlim=(low[0] - pad, high[0] + pad), ylim=(low[1] - pad, high[1] + pad), aspect="equal",
+               title=f"{name} ({len(points)} points)")
+        ax.grid(alpha=0.3)
+    if title:
+        fig.suptitle(title)
+    fig.tight_layout()
+    fig.savefig(path)
     return path

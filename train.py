@@ -1,0 +1,930 @@
+"""Train a diffusion model from a YAML preset.
+
+    python train.py                                      # configs/cifar10.yaml: the DDPM paper recipe
+    python train.py --config configs/digits.yaml         # quickstart: 2 CPU cores, a few minutes
+    python train.py --config configs/mnist.yaml train.lr=1e-4 model.dropout=0.0
+    python train.py --config configs/digits.yaml --resume           # continue checkpoints/digits/last.pt
+    python train.py --resume checkpoints/digits/step_0002000.pt     # config comes from the checkpoint
+    torchrun --nproc_per_node 4 train.py                 # DDP: train.batch_size is PER PROCESS (per GPU)
+
+Outputs of run R: checkpoints/R/{last.pt, step_XXXXXXX.pt}, results/logs/R/ (tensorboard --logdir
+results/logs), results/images/R/step_XXXXXXX.png (EMA samples, fixed seed), results/plots/R/loss.png.
+
+Exit codes: 0 done; 1 user error (config, checkpoint, missing data, diverged training: the message says
+what to do); 130 / 143 (128 + signal number, the shell convention) after Ctrl-C / SIGTERM stopped the run
+and saved a checkpoint, so `python train.py && python sample.py` does not go on with an unfinished run.
+
+Resume is exact (bitwise on CPU): the data order of epoch e is a pure function of (seed, e) and the
+checkpoint stores how many batches of the epoch were consumed, so nothing is replayed or skipped;
+random flips are seeded per (seed, epoch, item) (see KeyedItems) so they do not depend on worker
+processes; every rank's python/numpy/torch/CUDA RNG state is saved and restored (dropout, t, noise).
+"""
+from __future__ import annotations
+
+import argparse
+import copy
+import math
+import os
+import shutil
+import signal
+import sys
+import time
+from contextlib import nullcontext
+from pathlib import Path
+from typing import Callable, Optional
+
+import torch
+import torch.distributed as dist
+from torch.utils.data import DataLoader, Dataset
+from tqdm.auto import tqdm
+
+from config import Config, ConfigError, from_dict, load_config, parse_overrides, to_dict, validate
+from dataset import DatasetMissingError, build_dataset, dataset_info
+from diffusion import build_diffusion
+from model import build_model, count_parameters
+from utils import (CheckpointError, derive_seed, get_device, get_rng_state, list_checkpoints, load_checkpoint,
+                   save_checkpoint, save_image_grid, save_loss_plot, save_scatter_plot, seed_everything,
+                   set_rng_state, unwrap)
+
+CHECKPOINT_ROOT, RESULTS_ROOT = Path("checkpoints"), Path("results")  # relative to the working directory
+DATA_ORDER, FLIPS, NOISE = 1, 2, 3          # purposes mixed into derive_seed, so their streams differ
+# Resuming may change these; any other change under seed/data/model/diffusion means another experiment.
+RESUME_FIXED = ("seed", "data.", "model.", "diffusion.")
+RESUME_MUTABLE = ("data.num_workers", "data.root", "data.download")
+STOP_AT, NONFINITE = 1, 1000                 # stop codes next to signal numbers (largest wins across ranks)
+PLOT_EVERY_S = 30.0                           # loss.png refresh interval (also at every sample/checkpoint)
+
+
+class NonFiniteLossError(RuntimeError):
+    """Training diverged: too many non-finite steps in a row; the message names the last good checkpoint."""
+
+
+# ----------------------------------------------------------------------------- distributed
+class DistInfo:
+    """Rank layout. `control` is a gloo group for host-side agreement (stop flags, RNG states), so
+    those never touch the GPU stream even when the gradients go over NCCL."""
+
+    def __init__(self, rank: int = 0, world_size: int = 1, local_rank: int = 0, control=None, owner=False):
+        self.rank, self.world_size, self.local_rank = rank, world_size, local_rank
+        self.control, self.owner = control, owner
+
+    @property
+    def enabled(self) -> bool:
+        return self.world_size > 1
+
+    @property
+    def is_main(self) -> bool:
+        return self.rank == 0
+
+
+def setup_distributed(device_name: str) -> tuple[DistInfo, torch.device]:
+    """One process unless a launcher (torchrun) set WORLD_SIZE > 1: then one GPU per process (LOCAL_RANK)
+    over NCCL, or CPU processes over gloo."""
+    world = int(os.environ.get("WORLD_SIZE", "1"))
+    try:
+        device = get_device(device_name)
+    except RuntimeError as err:
+        raise ConfigError(str(err)) from None
+    if world <= 1:
+        return DistInfo(), device
+    rank, local_rank = int(os.environ["RANK"]), int(os.environ.get("LOCAL_RANK", "0"))
+    if device.type == "cuda":
+        device = torch.device("cuda", local_rank)
+        torch.cuda.set_device(device)
+    owner = not dist.is_initialized()
+    if owner:
+        dist.init_process_group("nccl" if device.type == "cuda" else "gloo")
+    control = dist.new_group(backend="gloo") if device.type == "cuda" else dist.group.WORLD
+    return DistInfo(rank, world, local_rank, control, owner), device
+
+
+# ----------------------------------------------------------------------------- data order
+class EpochBatches:
+    """Batch sampler. Epoch e visits randperm(n) drawn from a generator seeded with (seed, e): a pure
+    function, so a resume needs only (epoch, batches taken) and starts there without replaying anything.
+    DDP: like DistributedSampler, the permutation is padded to a multiple of world_size and rank r takes
+    positions r, r + W, ...; every rank drops its last partial batch, so all take the same number.
+    Batches hold (epoch, index) keys for KeyedItems."""
+
+    def __init__(self, n: int, batch_size: int, seed: int, rank: int = 0, world_size: int = 1):
+        self.n, self.batch_size, self.seed, self.rank, self.world_size = n, batch_size, seed, rank, world_size
+        self.per_rank = math.ceil(n / world_size)
+        self.batches_per_epoch = self.per_rank // batch_size
+        if self.batches_per_epoch == 0:
+            raise ConfigError(f"the data set has {n} items, fewer than train.batch_size={batch_size} x "
+                              f"{world_size} process(es): lower train.batch_size")
+        self.epoch, self.start = 0, 0
+
+    def rank_indices(self, epoch: int) -> torch.Tensor:
+        g = torch.Generator().manual_seed(derive_seed(self.seed, DATA_ORDER, epoch))
+        perm = torch.randperm(self.n, generator=g)
+        perm = torch.cat([perm, perm[: self.per_rank * self.world_size - self.n]])  # pad as DistributedSampler
+        return perm[self.rank::self.world_size]
+
+    def __len__(self) -> int:
+        return max(0, self.batches_per_epoch - self.start)
+
+    def __iter__(self):
+        indices, bs = self.rank_indices(self.epoch).tolist(), self.batch_size
+        for b in range(self.start, self.batches_per_epoch):
+            yield [(self.epoch, i) for i in indices[b * bs:(b + 1) * bs]]
+
+
+class KeyedItems(Dataset):
+    """dataset[(epoch, i)] = base[i], with torch's CPU RNG seeded from (seed, epoch, i) around the call when
+    the data set augments (random flips draw from that RNG). A flip then depends only on which item of
+    which epoch is loaded - not on the worker process, data.num_workers or what was loaded before - so a
+    resumed run sees the same flips as an uninterrupted one for any num_workers. (Restoring the global
+    RNG from the checkpoint only covers num_workers=0: workers draw from their own per-iterator seeds.)
+    fork_rng leaves the caller's stream untouched when items load in the main process."""
+
+    def __init__(self, base: Dataset, seed: int, augmented: bool):
+        self.base, self.seed, self.augmented = base, seed, augmented
+
+    def __len__(self) -> int:
+        return len(self.base)
+
+    def __getitem__(self, key: tuple[int, int]):
+        epoch, index = key
+        if not self.augmented:
+            return self.base[index]
+        with torch.random.fork_rng(devices=[]):
+            torch.default_generator.manual_seed(derive_seed(self.seed, FLIPS, epoch, index))
+            return self.base[index]
+
+
+class DataStream:
+    """Endless batches over epochs. (epoch, position) counts batches CONSUMED, not prefetched."""
+
+    def __init__(self, dataset: Dataset, sampler: EpochBatches, num_workers: int, pin_memory: bool, seed: int):
+        # A private generator for the loader's base seed: iterators then never draw from the global RNG,
+        # which a resumed run (new iterator mid-epoch) would otherwise consume differently.
+        self.loader = DataLoader(dataset, batch_sampler=sampler, num_workers=num_workers, pin_memory=pin_memory,
+                                 persistent_workers=num_workers > 0,
+                                 generator=torch.Generator().manual_seed(derive_seed(seed, DATA_ORDER)))
+        self.sampler, self.epoch, self.position, self._it = sampler, 0, 0, None
+
+    def next(self):
+        while True:
+            if self._it is None:
+                self.sampler.epoch, self.sampler.start = self.epoch, self.position
+                self._it = iter(self.loader)
+            try:
+                batch = next(self._it)
+            except StopIteration:
+                self.epoch, self.position, self._it = self.epoch + 1, 0, None
+                continue
+            self.position += 1
+            return batch
+
+    def state_dict(self) -> dict:
+        s = self.sampler
+        return {"epoch": self.epoch, "position": self.position, "batch_size": s.batch_size,
+                "world_size": s.world_size, "num_items": s.n}
+
+    def load_state_dict(self, state: dict) -> None:
+        s = self.sampler
+        self.epoch, self.position = state["epoch"], state["position"]
+        if (state["batch_size"], state["world_size"]) != (s.batch_size, s.world_size):
+            # Same epoch, same fraction of it; the order inside differs, so this resume is not exact.
+            seen = state["position"] * state["batch_size"] * state["world_size"]
+            self.position = seen // (s.batch_size * s.world_size)
+            tqdm.write(f"note: batch size x processes changed from {state['batch_size']} x "
+                       f"{state['world_size']} to {s.batch_size} x {s.world_size}: the data order continues "
+                       f"at the same epoch position but is not identical to an uninterrupted run")
+        self._it = None
+
+    def close(self) -> None:
+        self._it = self.loader = None  # shuts persistent workers down
+
+
+# ----------------------------------------------------------------------------- model helpers
+class EMA:
+    """Exponential moving average of the weights, with decay warm-up min(decay, (1 + n) / (10 + n)) over the
+    n updates so far, so early averages are not dominated by the random init. Device-side: `skip`
+    (0-dim float, 1 = skip) turns an update into a no-op without a host sync."""
+
+    def __init__(self, model: torch.nn.Module, decay: float, warmup: bool = True):
+        self.model = copy.deepcopy(model).eval().requires_grad_(False)
+        self.decay, self.warmup = decay, warmup
+        device = next(self.model.parameters()).device
+        self.num_updates = torch.zeros((), dtype=torch.float64, device=device)
+
+    def current_decay(self) -> torch.Tensor:
+        if not self.warmup:
+            return torch.full_like(self.num_updates, self.decay)
+        n = self.num_updates
+        return ((1 + n) / (10 + n)).clamp(max=self.decay)
+
+    @torch.no_grad()
+    def update(self, model: torch.nn.Module, skip: Optional[torch.Tensor] = None) -> None:
+        weight = 1 - self.current_decay()                       # ema <- ema + weight * (param - ema)
+        if skip is not None:
+            weight = weight * (1 - skip)
+        ema_params = list(self.model.parameters())
+        # A list of 0-dim tensor weights keeps this on the device (a tensor "Scalar" would call .item()).
+        torch._foreach_lerp_(ema_params, list(model.parameters()), [weight.float()] * len(ema_params))
+        for ema_buffer, buffer in zip(self.model.buffers(), model.buffers()):
+            ema_buffer.copy_(buffer)
+        self.num_updates += 1 if skip is None else 1 - skip.double()
+
+
+def lr_factor(tcfg) -> Callable[[int], float]:
+    """LambdaLR factor at optimizer step s: linear warm-up over train.warmup_steps, then constant or cosine
+    annealing to train.min_lr_ratio at train.max_steps. A closure (not an object), so LambdaLR saves no
+    copy of it and a resumed run uses the current max_steps."""
+    warmup, total, cosine, floor = tcfg.warmup_steps, tcfg.max_steps, tcfg.lr_schedule == "cosine", tcfg.min_lr_ratio
+
+    def factor(step: int) -> float:
+        if step < warmup:
+            return (step + 1) / warmup
+        if not cosine:
+            return 1.0
+        progress = min(1.0, (step - warmup) / max(1, total - warmup))
+        return floor + (1 - floor) * 0.5 * (1 + math.cos(math.pi * progress))
+    return factor
+
+
+def build_optimizer(model: torch.nn.Module, tcfg) -> torch.optim.Optimizer:
+    """AdamW (identical to Adam at weight_decay 0). The fused kernel also takes a found_inf flag, which
+    skips a non-finite step on the device; foreach is the fallback where fused is unsupported."""
+    kwargs = dict(lr=tcfg.lr, betas=(tcfg.adam_beta1, tcfg.adam_beta2), weight_decay=tcfg.weight_decay)
+    try:
+        return torch.optim.AdamW(model.parameters(), fused=True, **kwargs)
+    except (RuntimeError, ValueError):
+        return torch.optim.AdamW(model.parameters(), foreach=True, **kwargs)
+
+
+# ----------------------------------------------------------------------------- resume checks
+def _flatten(d: dict, prefix: str = "") -> dict:
+    out = {}
+    for key, value in d.items():
+        if isinstance(value, dict):
+            out.update(_flatten(value, f"{prefix}{key}."))
+        else:
+            out[prefix + key] = value
+    return out
+
+
+def resume_differences(old: dict, new: Config) -> list[str]:
+    """'key: old -> new' for every changed key that defines the experiment (seed, data, model, diffusion)."""
+    flat_old, flat_new = _flatten(to_dict(from_dict(old))), _flatten(to_dict(new))
+    return [f"  {key}: {flat_old[key]!r} -> {flat_new[key]!r}" for key in sorted(flat_new)
+            if key.startswith(RESUME_FIXED) and key not in RESUME_MUTABLE and flat_old[key] != flat_new[key]]
+
+
+def loadable_checkpoints(folder: Path, exclude: Optional[Path] = None) -> list[tuple[Path, int]]:
+    """(path, step) of the step files in folder that load, newest first."""
+    good = []
+    for path in reversed(list_checkpoints(folder)):
+        if exclude is not None and path.resolve() == exclude.resolve():
+            continue
+        try:
+            good.append((path, int(load_checkpoint(path)["step"])))
+        except (CheckpointError, KeyError, TypeError, ValueError):
+            pass
+    return good
+
+
+def load_resume_checkpoint(path: str | Path) -> dict:
+    """The checkpoint to resume from; on failure a CheckpointError naming the older files that load."""
+    path = Path(path)
+    try:
+        return load_checkpoint(path)
+    except CheckpointError as err:
+        reason = str(err).split(" Other checkpoints in")[0].split(" Train one first")[0]
+        good = loadable_checkpoints(path.parent, exclude=path)
+        if good:
+            names = ", ".join(f"{p} (step {s})" for p, s in good)
+            hint = (f" These older checkpoints load: {names}. Resume from the newest with: "
+                    f"python train.py --resume {good[0][0]}")
+        else:
+            hint = " No other checkpoint in that folder loads: start the run again without --resume."
+        raise CheckpointError(f"cannot resume: {reason}{hint}") from None
+
+
+def config_for_resume(ckpt: dict, overrides: list[str]) -> Config:
+    """The checkpoint's own config with command-line overrides applied (for --resume PATH without --config)."""
+    def merge(base: dict, extra: dict) -> dict:
+        for key, value in extra.items():
+            base[key] = merge(base[key], value) if isinstance(value, dict) and isinstance(base.get(key), dict) else value
+        return base
+    return validate(from_dict(merge(to_dict(from_dict(ckpt["config"])), parse_overrides(overrides))))
+
+
+# ----------------------------------------------------------------------------- signals
+class StopSignals:
+    """First Ctrl-C / SIGTERM: finish the current step, save, exit. A second Ctrl-C aborts at once."""
+
+    def __init__(self):
+        self.signum: Optional[int] = None
+        self._previous: dict = {}
+
+    def install(self) -> "StopSignals":
+        try:
+            for sig in (signal.SIGINT, signal.SIGTERM):
+                self._previous[sig] = signal.signal(sig, self._handle)
+        except ValueError:  # not the main thread: leave signals to the caller
+            self._previous.clear()
+        return self
+
+    def _handle(self, signum, frame) -> None:
+        if self.signum is not None and signum == signal.SIGINT:
+            raise KeyboardInterrupt
+        self.signum = signum
+        tqdm.write(f"\n{signal.Signals(signum).name}: finishing the current step, then saving a checkpoint "
+                   "(Ctrl-C again aborts without saving)")
+
+    def restore(self) -> None:
+        for sig, handler in self._previous.items():
+            signal.signal(sig, handler)
+        self._previous.clear()
+
+
+# ----------------------------------------------------------------------------- logging (rank 0)
+class RunLogger:
+    """TensorBoard scalars/images, the tqdm bar and results/plots/<run>/loss.png."""
+
+    def __init__(self, cfg: Config, start_step: int, history: list[float]):
+        from torch.utils.tensorboard import SummaryWriter  # slow import: only on the logging rank
+        self.log_dir = RESULTS_ROOT / "logs" / cfg.run_name
+        self.plot_path = RESULTS_ROOT / "plots" / cfg.run_name / "loss.png"
+        # purge_step hides events a crashed run wrote after the checkpoint we resume from.
+        self.writer = SummaryWriter(str(self.log_dir), purge_step=start_step + 1 if start_step else None)
+        self.history, self.run_name, self._plotted_at = history, cfg.run_name, 0.0
+        self.bar = tqdm(total=cfg.train.max_steps, initial=start_step, desc=cfg.run_name, unit="step",
+                        dynamic_ncols=True)
+
+    def scalars(self, step: int, values: dict) -> None:
+        for tag, value in values.items():
+            self.writer.add_scalar(tag, value, step)
+
+    def image(self, tag: str, png: Path, step: int) -> None:
+        import numpy as np
+        from PIL import Image
+        with Image.open(png) as im:
+            self.writer.add_image(tag, np.asarray(im.convert("RGB")), step, dataformats="HWC")
+
+    def plot(self, force: bool = False) -> None:
+        if self.history and (force or time.monotonic() - self._plotted_at > PLOT_EVERY_S):
+            save_loss_plot(self.history, self.plot_path, title=f"{self.run_name}: training loss")
+            self._plotted_at = time.monotonic()
+
+    def close(self) -> None:
+        self.plot(force=True)
+        self.bar.close()
+        self.writer.close()
+
+
+# ----------------------------------------------------------------------------- the trainer
+class Trainer:
+    """Setup, one step, logging, sampling and checkpoints of one run; `run()` drives the loop."""
+
+    def __init__(self, cfg: Config, resume: Optional[Path], checkpoint: Optional[dict], overwrite: bool,
+                 stop_at: Optional[int]):
+        self.cfg, self.tcfg, self.stop_at = cfg, cfg.train, stop_at
+        self.data = self.logger = self.signals = self.dist = None
+        self._threads = torch.get_num_threads()
+        try:
+            self._setup(resume, checkpoint, overwrite)
+        except BaseException:
+            self.close()  # a failed setup must not leave threads, workers or a process group behind
+            raise
+
+    def _setup(self, resume: Optional[Path], checkpoint: Optional[dict], overwrite: bool) -> None:
+        cfg = self.cfg
+        self.dist, self.device = setup_distributed(cfg.device)
+        if self.device.type == "cpu" and cfg.model.kind == "mlp" and "OMP_NUM_THREADS" not in os.environ:
+            # The 2-D MLP's matmuls are too small to split: extra threads only add synchronisation, and
+            # on a shared machine their spin-waits made toy2d 7x slower. (Restored in close().)
+            torch.set_num_threads(1)
+        self.run_dir = CHECKPOINT_ROOT / cfg.run_name
+        self.images_dir = RESULTS_ROOT / "images" / cfg.run_name
+        self._check_amp()
+        if resume is not None and checkpoint is None:
+            checkpoint = load_resume_checkpoint(resume)
+        if checkpoint is not None:
+            self._check_resume_config(checkpoint, resume)
+        self._prepare_run_dir(resuming=checkpoint is not None, overwrite=overwrite)
+        self._setup_data()
+        self._setup_model()
+        self._setup_state(checkpoint)
+        self.model = self._wrap(self.net)
+        self.streak_reader = LaggedRead(self.device)
+        self.logger = RunLogger(cfg, self.step, self.history) if self.dist.is_main else None
+        self.signals = StopSignals().install()
+
+    # -- setup ---------------------------------------------------------------------------------------
+    def _check_amp(self) -> None:
+        if self.tcfg.amp == "fp16" and self.device.type != "cuda":
+            raise ConfigError(f"train.amp=fp16 needs a CUDA GPU (fp16 training needs torch.amp.GradScaler); "
+                              f"the device is {self.device}: use train.amp=bf16 (fast on recent CPUs) or off")
+
+    def _check_resume_config(self, ckpt: dict, resume: Optional[Path]) -> None:
+        diffs = resume_differences(ckpt["config"], self.cfg)
+        if diffs:
+            raise ConfigError(f"cannot resume from {resume or 'the checkpoint'}: these settings differ from the "
+                              "checkpoint's (old -> new):\n" + "\n".join(diffs) + "\nUse the checkpoint's values, "
+                              "or start a separate run with run_name=NEW_NAME (without --resume).")
+
+    def _prepare_run_dir(self, resuming: bool, overwrite: bool) -> None:
+        existing = list_checkpoints(self.run_dir) + [p for p in [self.run_dir / "last.pt"] if p.is_file()]
+        if self.dist.enabled:  # every rank has looked before rank 0 may delete anything
+            dist.barrier(group=self.dist.control)
+        if resuming or not existing:
+            return
+        if not overwrite:
+            raise ConfigError(f"{self.run_dir}/ already holds a run ({', '.join(p.name for p in existing[-2:])}). "
+                              f"Continue it with --resume, start a separate run with run_name=NEW_NAME, or "
+                              f"pass --overwrite to delete it and start over.")
+        if self.dist.is_main:
+            for path in existing:
+                path.unlink(missing_ok=True)
+            shutil.rmtree(RESULTS_ROOT / "logs" / self.cfg.run_name, ignore_errors=True)
+            for png in self.images_dir.glob("step_*.png"):
+                png.unlink()
+
+    def _setup_data(self) -> None:
+        cfg = self.cfg
+        base = build_dataset(cfg.data, train=True)
+        check_data(cfg, base)
+        self.base_dataset = base
+        sampler = EpochBatches(len(base), self.tcfg.batch_size, cfg.seed, self.dist.rank, self.dist.world_size)
+        items = KeyedItems(base, cfg.seed, augmented=cfg.data.random_flip)
+        self.data = DataStream(items, sampler, cfg.data.num_workers, self.device.type == "cuda", cfg.seed)
+
+    def _setup_model(self) -> None:
+        cfg, tcfg = self.cfg, self.tcfg
+        seed_everything(cfg.seed)  # the same initial weights on every rank
+        net = build_model(cfg).to(self.device)
+        self.channels_last = tcfg.channels_last and cfg.model.kind == "unet"
+        if self.channels_last:
+            net = net.to(memory_format=torch.channels_last)
+        self.net = net
+        self.diffusion = build_diffusion(cfg).to(self.device)
+        self.ema = EMA(net, tcfg.ema_decay, tcfg.ema_warmup)
+        self.optimizer = build_optimizer(net, tcfg)
+        self.fused = bool(self.optimizer.defaults.get("fused"))
+        self.lr_lambda = lr_factor(tcfg)
+        self.scheduler = torch.optim.lr_scheduler.LambdaLR(self.optimizer, self.lr_lambda)
+        self.scaler = torch.amp.GradScaler("cuda") if tcfg.amp == "fp16" else None
+        self.params = [p for p in net.parameters() if p.requires_grad]
+
+    def _setup_state(self, ckpt: Optional[dict]) -> None:
+        zero = lambda: torch.zeros((), device=self.device)  # noqa: E731
+        self.step, self.history, self.last_saved = 0, [], None
+        self.skipped_total, self.streak, self.worst_streak = zero(), zero(), zero()
+        self.stats = StepStats(self.tcfg.log_every, self.device)
+        if ckpt is None:
+            seed_everything(derive_seed(self.cfg.seed, NOISE, self.dist.rank))  # per-rank noise streams
+        else:
+            self._restore(ckpt)
+        self.start_step = self.step
+
+    def _restore(self, ckpt: dict) -> None:
+        self.net.load_state_dict(ckpt["model"])
+        self.ema.model.load_state_dict(ckpt["ema"])
+        self.ema.num_updates.fill_(float(ckpt["ema_num_updates"]))
+        # Hyper-parameters (lr, betas, weight decay, fused) come from the current config, state from the file.
+        fresh = [{k: v for k, v in g.items() if k != "params"} for g in self.optimizer.param_groups]
+        self.optimizer.load_state_dict(ckpt["optimizer"])
+        for group, values in zip(self.optimizer.param_groups, fresh):
+            group.update(values)
+        self.scheduler.load_state_dict(ckpt["lr_scheduler"])
+        self.scheduler.base_lrs = [self.tcfg.lr] * len(self.optimizer.param_groups)
+        for group in self.optimizer.param_groups:  # the same expression LambdaLR uses: bitwise equal
+            group["lr"] = self.tcfg.lr * self.lr_lambda(self.scheduler.last_epoch)
+        self.scheduler._last_lr = [g["lr"] for g in self.optimizer.param_groups]
+        if self.scaler is not None and ckpt.get("grad_scaler"):
+            self.scaler.load_state_dict(ckpt["grad_scaler"])
+        self.step, self.last_saved = int(ckpt["step"]), int(ckpt["step"])
+        self.data.load_state_dict(ckpt["data_state"])
+        log_state = ckpt.get("log_state") or {}
+        self.skipped_total.fill_(float(log_state.get("skipped_total", 0)))
+        self.history = [float(v) for v in log_state.get("loss_history", torch.zeros(0)).tolist()]
+        rng = ckpt["rng"]
+        if self.dist.rank < len(rng["ranks"]):
+            set_rng_state(rng["ranks"][self.dist.rank])
+        else:
+            seed_everything(derive_seed(self.cfg.seed, NOISE, self.dist.rank, self.step))
+            tqdm.write(f"note: rank {self.dist.rank} has no saved RNG state (the checkpoint was written by "
+                       f"{len(rng['ranks'])} process(es)): it starts a fresh noise stream")
+
+    def _wrap(self, net: torch.nn.Module) -> torch.nn.Module:
+        model = net
+        if self.dist.enabled:
+            ids = [self.device.index] if self.device.type == "cuda" else None
+            model = torch.nn.parallel.DistributedDataParallel(net, device_ids=ids)
+        if self.tcfg.compile:
+            model = torch.compile(model)
+        return model
+
+    def autocast(self):
+        if self.tcfg.amp == "off":
+            return nullcontext()
+        dtype = torch.bfloat16 if self.tcfg.amp == "bf16" else torch.float16
+        return torch.autocast(self.device.type, dtype=dtype)
+
+    # -- one step ------------------------------------------------------------------------------------
+    def _next_batch(self) -> tuple[torch.Tensor, Optional[torch.Tensor]]:
+        x0, y = self.data.next()
+        x0 = x0.to(self.device, non_blocking=True)                    # (B, C, H, W) or (B, 2)
+        if self.channels_last:
+            x0 = x0.contiguous(memory_format=torch.channels_last)
+        if self.cfg.model.num_classes == 0:
+            return x0, None
+        y = y.to(self.device, non_blocking=True)
+        if self.tcfg.cond_drop_prob > 0:  # label dropout: -1 is the null label of classifier-free guidance
+            y = torch.where(torch.rand(y.shape, device=self.device) < self.tcfg.cond_drop_prob, -1, y)
+        return x0, y
+
+    def train_step(self) -> None:
+        """grad_accum micro-batches, clip, optimizer/EMA update. No host sync: a non-finite step is
+        skipped on the device (fused AdamW's found_inf flag, a zero EMA weight)."""
+        self.model.train()
+        accum, T = self.tcfg.grad_accum, self.diffusion.num_timesteps
+        step_loss = torch.zeros((), device=self.device)
+        q_sum, q_count = torch.zeros(4, device=self.device), torch.zeros(4, device=self.device)
+        for micro in range(accum):
+            x0, y = self._next_batch()
+            last = micro == accum - 1
+            with (nullcontext() if last or not self.dist.enabled else self.model.no_sync()):
+                with self.autocast():
+                    losses, t = self.diffusion.training_losses(self.model, x0, y)  # (B,), (B,)
+                loss = losses.mean() / accum
+                (self.scaler.scale(loss) if self.scaler is not None else loss).backward()
+            step_loss += loss.detach()
+            quartile = t * 4 // T                                     # t in [0, T/4) -> 0, ...
+            q_sum.index_add_(0, quartile, losses.detach())
+            q_count.index_add_(0, quartile, torch.ones_like(losses))
+        grad_norm = self._unscale_and_clip()
+        flags = torch.stack([~torch.isfinite(step_loss), ~torch.isfinite(grad_norm)]).float()
+        if self.dist.enabled:  # a NaN on any rank skips the step on all ranks
+            dist.all_reduce(flags, op=dist.ReduceOp.MAX)
+        skip = flags.max()
+        self._optimizer_step(skip)
+        self.scheduler.step()
+        self.ema.update(self.net, skip)
+        self.optimizer.zero_grad(set_to_none=True)
+        # fp16: gradient overflows are the GradScaler's normal way to find its scale; only losses count.
+        bad = flags[0] if self.scaler is not None else skip
+        self.streak = (self.streak + 1) * bad
+        self.worst_streak = torch.maximum(self.worst_streak, self.streak)
+        self.skipped_total += skip
+        self.stats.record(step_loss, q_sum, q_count, grad_norm, skip)
+        self.step += 1
+
+    def _unscale_and_clip(self) -> torch.Tensor:
+        """Total gradient norm BEFORE clipping (what is logged)."""
+        if self.scaler is not None:
+            self.scaler.unscale_(self.optimizer)
+        if self.tcfg.grad_clip > 0:
+            return torch.nn.utils.clip_grad_norm_(self.params, self.tcfg.grad_clip, foreach=True)
+        grads = [p.grad for p in self.params if p.grad is not None]
+        return torch.nn.utils.get_total_norm(grads, foreach=True).to(self.device)
+
+    def _optimizer_step(self, skip: torch.Tensor) -> None:
+        if self.scaler is not None:
+            self.scaler.step(self.optimizer)  # skips steps whose gradients overflowed
+            self.scaler.update()
+        elif self.fused:
+            self.optimizer.found_inf = skip   # the fused kernel skips the update (and its step count)
+            self.optimizer.step()
+        elif not bool(skip):                  # foreach fallback: one host read per step
+            self.optimizer.step()
+
+    # -- logging, sampling, checkpoints ----------------------------------------------------------------
+    def log(self) -> None:
+        """Reduce the interval's device-side numbers (the one host sync per log_every steps) and write them."""
+        st, n = self.stats, self.stats.n
+        if n == 0:
+            return
+        packed = torch.cat([st.loss[:n], st.q_sum, st.q_count])
+        if self.dist.enabled:
+            dist.all_reduce(packed, op=dist.ReduceOp.SUM)
+            packed[:n] /= self.dist.world_size
+        values = packed.tolist()
+        extra = torch.stack([st.grad_norm_sum, st.grad_norm_max, st.skipped, self.skipped_total]).tolist()
+        elapsed = time.perf_counter() - self._interval_start - self._paused
+        st.reset()
+        self._interval_start, self._paused = time.perf_counter(), 0.0
+        if not self.dist.is_main:
+            return
+        losses, q_sum, q_count = values[:n], values[n:n + 4], values[n + 4:]
+        self.history.extend(losses)
+        finite = [v for v in losses if math.isfinite(v)]
+        ok = n - int(extra[2])
+        images = n * self.tcfg.batch_size * self.tcfg.grad_accum * self.dist.world_size
+        scalars = {"train/loss": sum(finite) / len(finite) if finite else float("nan"),
+                   "train/lr": self.scheduler.get_last_lr()[0],
+                   "train/grad_norm": extra[0] / ok if ok else float("nan"), "train/grad_norm_max": extra[1],
+                   "train/images_per_sec": images / max(elapsed, 1e-9), "train/skipped_steps": extra[3],
+                   "train/epoch": self.data.epoch + self.data.position / self.data.sampler.batches_per_epoch}
+        T = self.diffusion.num_timesteps
+        for i in range(4):
+            lo, hi = i * T // 4, (i + 1) * T // 4 - 1
+            if q_count[i]:
+                scalars[f"loss_by_t/t{lo:04d}-{hi:04d}"] = q_sum[i] / q_count[i]
+        if self.scaler is not None:
+            scalars["train/grad_scale"] = self.scaler.get_scale()
+        self.logger.scalars(self.step, scalars)
+        self.images_per_sec = scalars["train/images_per_sec"]
+        postfix = {"loss": f"{scalars['train/loss']:.4f}", "lr": f"{scalars['train/lr']:.2e}",
+                   "img/s": f"{self.images_per_sec:.0f}"}
+        if extra[3]:
+            postfix["skipped"] = int(extra[3])
+        self.logger.bar.set_postfix(postfix, refresh=False)
+        self.logger.plot()
+
+    @torch.no_grad()
+    def sample(self) -> Optional[Path]:
+        """EMA samples with DDIM (train.sample_steps) from a FIXED generator, so grids are comparable over
+        time; forked RNG, so sampling never changes the training streams (resume stays exact)."""
+        if not self.dist.is_main:
+            return None
+        start, cfg, n = time.perf_counter(), self.cfg, self.tcfg.num_sample_images
+        toy = cfg.model.kind == "mlp"
+        shape = (n, 2) if toy else (n, cfg.model.in_channels, cfg.data.image_size, cfg.data.image_size)
+        classes = cfg.model.num_classes
+        y = torch.arange(n, device=self.device) % classes if classes else None
+        cuda = [self.device.index or 0] if self.device.type == "cuda" else []
+        with torch.random.fork_rng(devices=cuda), self.autocast():
+            gen = torch.Generator().manual_seed(cfg.seed)
+            x = self.diffusion.sample(self.ema.model, shape, "ddim", steps=self.tcfg.sample_steps, generator=gen,
+                                      y=y, guidance_scale=cfg.sample.guidance_scale,
+                                      clip_x0=cfg.sample.clip_x0 and not toy, progress=False)
+        path = self.images_dir / f"step_{self.step:07d}.png"
+        if toy:
+            data = torch.stack([self.base_dataset[i][0] for i in range(min(len(self.base_dataset), n))])
+            save_scatter_plot(data, x, path, f"{cfg.run_name} step {self.step}: EMA, DDIM {self.tcfg.sample_steps}")
+        else:
+            save_image_grid(x.float(), path, nrow=classes if classes and n >= classes else None)
+        self.logger.image("samples/ema_ddim", path, self.step)
+        self.logger.plot(force=True)
+        self._paused += time.perf_counter() - start
+        self.last_sample_step = self.step
+        return path
+
+    def checkpoint_state(self, rng_states: list) -> dict:
+        return {"step": self.step, "config": to_dict(self.cfg), "model": self.net.state_dict(),
+                "ema": self.ema.model.state_dict(), "ema_num_updates": float(self.ema.num_updates),
+                "optimizer": self.optimizer.state_dict(), "lr_scheduler": self.scheduler.state_dict(),
+                "grad_scaler": self.scaler.state_dict() if self.scaler is not None else None,
+                "rng": {"world_size": self.dist.world_size, "ranks": rng_states},
+                "data_state": self.data.state_dict(),
+                "log_state": {"skipped_total": int(self.skipped_total),
+                              "loss_history": torch.tensor(self.history, dtype=torch.float32)}}
+
+    def save(self) -> Optional[Path]:
+        """step_XXXXXXX.pt and last.pt (atomic writes), then prune to train.keep_last step files.
+        Collective under DDP: every rank's RNG state goes into rank 0's file."""
+        if self.last_saved == self.step:
+            return None
+        start = time.perf_counter()
+        self.log()  # flush the interval, so the saved loss history is complete
+        rng_states = [get_rng_state()]
+        if self.dist.enabled:
+            rng_states = [None] * self.dist.world_size
+            dist.all_gather_object(rng_states, get_rng_state(), group=self.dist.control)
+        self.last_saved = self.step
+        if not self.dist.is_main:
+            return None
+        tensors = list(self.net.parameters()) + list(self.ema.model.parameters())
+        if not bool(torch.stack([torch.isfinite(p).all() for p in tensors]).all()):
+            raise NonFiniteLossError(f"the weights became non-finite at step {self.step}; nothing was saved. "
+                                     f"{self._last_good_hint()}")
+        state = self.checkpoint_state(rng_states)
+        save_checkpoint(state, self.run_dir / f"step_{self.step:07d}.pt")
+        save_checkpoint(state, self.run_dir / "last.pt")
+        ours = [p for p in list_checkpoints(self.run_dir) if int(p.stem.split("_")[1]) <= self.step]
+        for old in ours[:-self.tcfg.keep_last]:
+            old.unlink(missing_ok=True)
+        self._paused += time.perf_counter() - start
+        return self.run_dir / "last.pt"
+
+    def _last_good_hint(self) -> str:
+        last = self.run_dir / "last.pt"
+        if self.last_saved is not None and last.is_file():
+            return (f"The last good checkpoint is {last} (step {self.last_saved}); to continue from it, lower "
+                    f"train.lr or set train.grad_clip (and use train.amp=bf16 or off rather than fp16), then "
+                    f"run with --resume {last}.")
+        return "No checkpoint was written yet: lower train.lr or set train.grad_clip and start again."
+
+    # -- the loop ------------------------------------------------------------------------------------
+    def stop_code(self) -> int:
+        """0 = go on; else the reason, agreed on by all ranks (largest wins): a signal number, STOP_AT,
+        or NONFINITE. The non-finite streak is read without a GPU sync (LaggedRead)."""
+        code = self.signals.signum or 0
+        if self.stop_at is not None and self.step >= self.stop_at:
+            code = max(code, STOP_AT)
+        if self.streak_reader(self.worst_streak) >= self.tcfg.max_nonfinite:
+            code = NONFINITE
+        if self.dist.enabled:
+            flag = torch.tensor([code])
+            dist.all_reduce(flag, op=dist.ReduceOp.MAX, group=self.dist.control)
+            code = int(flag)
+        return code
+
+    def run(self) -> dict:
+        tcfg, start = self.tcfg, time.perf_counter()
+        self._interval_start, self._paused, self.images_per_sec, self.last_sample_step = start, 0.0, 0.0, None
+        self._announce()
+        code = self.stop_code() if self.step < tcfg.max_steps else 0
+        while self.step < tcfg.max_steps and not code:
+            self.train_step()
+            if self.logger:
+                self.logger.bar.update(1)
+            done = self.step == tcfg.max_steps
+            if self.step % tcfg.log_every == 0 or done:
+                self.log()
+            if self.step % tcfg.sample_every == 0 or done:
+                self.sample()
+            if self.step % tcfg.ckpt_every == 0 or done:
+                self.save()
+            code = self.stop_code()
+        return self._finish(code, time.perf_counter() - start)
+
+    def _announce(self) -> None:
+        if not self.dist.is_main:
+            return
+        cfg, tcfg = self.cfg, self.tcfg
+        where = f"resuming at step {self.step}" if self.step else "starting"
+        tqdm.write(f"training {cfg.run_name}: {where} of {tcfg.max_steps} | {count_parameters(self.net) / 1e6:.2f}M "
+                   f"parameters | {len(self.base_dataset)} items, batch {tcfg.batch_size} x {tcfg.grad_accum} accum "
+                   f"x {self.dist.world_size} process(es) | {self.device}, amp {tcfg.amp} | "
+                   f"checkpoints in {self.run_dir}/", file=sys.stdout)
+        sys.stdout.flush()
+
+    def _finish(self, code: int, wall: float) -> dict:
+        if code == NONFINITE:
+            self.log()
+            raise NonFiniteLossError(
+                f"stopping at step {self.step}: {self.tcfg.max_nonfinite} steps in a row had a non-finite "
+                f"loss or gradient (train.max_nonfinite={self.tcfg.max_nonfinite}); they were skipped and "
+                f"nothing was saved since. {self._last_good_hint()}")
+        if code and self.step > self.start_step:
+            self.save()
+        interrupted = None if not code else ("stop_at" if code == STOP_AT else signal.Signals(code).name)
+        if self.dist.is_main:
+            self._report(interrupted, wall)
+        return {"run_name": self.cfg.run_name, "step": self.step, "start_step": self.start_step,
+                "interrupted": interrupted, "exit_code": 128 + code if code > STOP_AT else 0,
+                "checkpoint": str(self.run_dir / "last.pt"), "wall_time_s": wall,
+                "images_per_sec": self.images_per_sec, "skipped_steps": int(self.skipped_total),
+                "final_loss": next((v for v in reversed(self.history) if math.isfinite(v)), float("nan")),
+                "model": self.net, "ema": self.ema.model}
+
+    def _report(self, interrupted: Optional[str], wall: float) -> None:
+        last = self.run_dir / "last.pt"
+        if self.logger:
+            self.logger.close()
+            self.logger = None
+        if interrupted and interrupted != "stop_at" and self.last_saved is None:
+            print(f"stopped by {interrupted} before the first step: nothing was saved", flush=True)
+        elif interrupted and interrupted != "stop_at":
+            launcher = (f"torchrun --nproc_per_node {self.dist.world_size} train.py" if self.dist.enabled
+                        else "python train.py")
+            print(f"stopped by {interrupted} at step {self.step}: saved {last}\n"
+                  f"resume with: {launcher} --resume {last}", flush=True)
+        elif not interrupted:
+            print(f"finished {self.cfg.run_name}: step {self.step} in {wall / 60:.1f} min | checkpoint {last} | "
+                  f"samples {self.images_dir}/ | loss plot {RESULTS_ROOT / 'plots' / self.cfg.run_name}/loss.png | "
+                  f"tensorboard --logdir {RESULTS_ROOT / 'logs'} | sample with: "
+                  f"python sample.py --checkpoint {last}", flush=True)
+
+    def close(self) -> None:
+        torch.set_num_threads(self._threads)
+        if self.signals:
+            self.signals.restore()
+        if self.data:
+            self.data.close()
+        if self.logger:
+            self.logger.close()
+            self.logger = None
+        if self.dist and self.dist.owner and dist.is_initialized():
+            dist.destroy_process_group()
+
+
+class LaggedRead:
+    """Host value of a device scalar without a sync: on CUDA the copy lands in pinned memory and is read
+    once its event has completed (a step or so late, fine for a stop check on a value that only grows);
+    on CPU the tensor is read directly."""
+
+    def __init__(self, device: torch.device):
+        self.cuda, self.value, self.pending = device.type == "cuda", 0.0, []
+
+    def __call__(self, tensor: torch.Tensor) -> float:
+        if not self.cuda:
+            return float(tensor)
+        while self.pending and self.pending[0][1].query():
+            self.value = float(self.pending.pop(0)[0])
+        if len(self.pending) < 4:  # the GPU is far behind: skip this copy, a later one will land
+            host = torch.empty((), dtype=tensor.dtype, pin_memory=True)
+            host.copy_(tensor, non_blocking=True)
+            event = torch.cuda.Event()
+            event.record()
+            self.pending.append((host, event))
+        return self.value
+
+
+class StepStats:
+    """Per-step numbers kept on the device between two log points (reading them is a host sync)."""
+
+    def __init__(self, capacity: int, device: torch.device):
+        self.loss = torch.full((capacity,), float("nan"), device=device)  # mean loss per step, NaN = skipped
+        self.q_sum, self.q_count = torch.zeros(4, device=device), torch.zeros(4, device=device)
+        self.grad_norm_sum, self.grad_norm_max = torch.zeros((), device=device), torch.zeros((), device=device)
+        self.skipped, self.n = torch.zeros((), device=device), 0
+
+    def record(self, loss, q_sum, q_count, grad_norm, skip) -> None:
+        ok = skip == 0
+        self.loss[self.n] = torch.where(ok, loss, float("nan"))
+        self.q_sum += torch.where(ok, q_sum, 0.0)
+        self.q_count += torch.where(ok, q_count, 0.0)
+        norm = torch.where(ok, grad_norm, 0.0)
+        self.grad_norm_sum += norm
+        torch.maximum(self.grad_norm_max, norm, out=self.grad_norm_max)
+        self.skipped += skip
+        self.n += 1
+
+    def reset(self) -> None:
+        for t in (self.q_sum, self.q_count, self.grad_norm_sum, self.grad_norm_max, self.skipped):
+            t.zero_()
+        self.loss.fill_(float("nan"))
+        self.n = 0
+
+
+def check_data(cfg: Config, dataset: Dataset) -> None:
+    """The data must fit the model: channels vs model.in_channels, size vs data.image_size, classes."""
+    info, (x, _) = dataset_info(cfg.data), dataset[0]
+    name = f"data.dataset={cfg.data.dataset}"
+    channels = x.shape[0] if x.ndim == 3 else x.shape[-1]
+    if info.channels != cfg.model.in_channels or channels != cfg.model.in_channels:
+        raise ConfigError(f"{name} has {channels} channels but model.in_channels={cfg.model.in_channels}: "
+                          f"set model.in_channels={channels}")
+    if x.ndim == 3 and tuple(x.shape[1:]) != (cfg.data.image_size, cfg.data.image_size):
+        raise ConfigError(f"{name} gives {x.shape[1]}x{x.shape[2]} images but data.image_size="
+                          f"{cfg.data.image_size}: set data.image_size to match the data set")
+    classes = cfg.model.num_classes
+    if classes and classes != info.num_classes:
+        raise ConfigError(f"model.num_classes={classes} but {name} has {info.num_classes} classes: set "
+                          f"model.num_classes={info.num_classes} (or 0 for an unconditional model)")
+
+
+# ----------------------------------------------------------------------------- entry points
+def train(cfg: Config, resume: Optional[bool | str | Path] = None, *, checkpoint: Optional[dict] = None,
+          overwrite: bool = False, stop_at: Optional[int] = None) -> dict:
+    """Train (or resume: True = checkpoints/<run_name>/last.pt, or a path) and return a summary dict:
+    step, interrupted (None | 'SIGINT' | 'SIGTERM' | 'stop_at'), exit_code, checkpoint, wall_time_s,
+    images_per_sec, skipped_steps, final_loss, and the bare `model` and `ema` modules.
+    `checkpoint`: an already loaded resume checkpoint; `stop_at`: stop (saving, like a signal) once this
+    step is reached. Under torchrun (WORLD_SIZE > 1) every process calls this."""
+    if resume is True:
+        resume = CHECKPOINT_ROOT / cfg.run_name / "last.pt"
+    trainer = Trainer(cfg, Path(resume) if resume else None, checkpoint, overwrite, stop_at)
+    try:
+        return trainer.run()
+    finally:
+        trainer.close()
+
+
+def parse_args(argv: Optional[list[str]] = None) -> argparse.Namespace:
+    p = argparse.ArgumentParser(description="Train a diffusion model.", epilog=__doc__.split("\n\n")[1],
+                                formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.add_argument("--config", help="YAML preset (default configs/cifar10.yaml; with --resume PATH the "
+                                    "checkpoint's own config)")
+    p.add_argument("--resume", nargs="?", const=True, metavar="PATH",
+                   help="continue checkpoints/<run_name>/last.pt of the config, or the checkpoint PATH")
+    p.add_argument("--overwrite", action="store_true",
+                   help="start over even if checkpoints/<run_name>/ holds a run (deletes its checkpoints and logs)")
+    p.add_argument("overrides", nargs="*", metavar="key=value", help="dotted overrides, e.g. train.lr=1e-4")
+    args = p.parse_args(argv)
+    # `--resume train.lr=1e-4` means a bare --resume followed by an override, not a file named so.
+    if isinstance(args.resume, str) and "=" in args.resume and not Path(args.resume).exists():
+        args.overrides.insert(0, args.resume)
+        args.resume = True
+    return args
+
+
+def main(argv: Optional[list[str]] = None) -> int:
+    args = parse_args(argv)
+    try:
+        checkpoint, resume = None, args.resume
+        if resume is None or resume is True:
+            cfg = load_config(args.config, args.overrides)
+        if resume is True:  # the run of the given config
+            resume = CHECKPOINT_ROOT / cfg.run_name / "last.pt"
+            checkpoint = load_resume_checkpoint(resume)
+        elif resume is not None:  # a file: its own config unless --config is given
+            checkpoint = load_resume_checkpoint(resume)
+            cfg = (load_config(args.config, args.overrides) if args.config
+                   else config_for_resume(checkpoint, args.overrides))
+        summary = train(cfg, resume, checkpoint=checkpoint, overwrite=args.overwrite)
+    except (ConfigError, CheckpointError, DatasetMissingError, NonFiniteLossError) as err:
+        print(f"error: {err}", file=sys.stderr)
+        return 1
+    return summary["exit_code"]
+
+
+if __name__ == "__main__":
+    sys.exit(main())
