@@ -285,7 +285,8 @@ def test_export_loads_in_ddpmpipeline_with_same_outputs(tmp_path, capsys, preset
     assert torch.allclose(ours.betas, pipe.scheduler.betas, rtol=1e-5, atol=1e-8)
     assert torch.allclose(ours.alphas_cumprod, pipe.scheduler.alphas_cumprod, rtol=1e-4, atol=1e-6)
     sched = pipe.scheduler.config
-    assert (sched.clip_sample, sched.prediction_type) == (True, "epsilon")
+    expected_type = {"eps": "epsilon", "x0": "sample", "v": "v_prediction"}[cfg.diffusion.objective]
+    assert (sched.clip_sample, sched.prediction_type) == (cfg.sample.clip_x0, expected_type)
     assert sched.variance_type == cfg.diffusion.var_type
     if not classes:  # DDPMPipeline passes no class labels, so it only samples unconditional models
         images = pipe(batch_size=1, num_inference_steps=2, output_type="np").images
