@@ -18,6 +18,13 @@ Resume is exact (bitwise on CPU): the data order of epoch e is a pure function o
 checkpoint stores how many batches of the epoch were consumed, so nothing is replayed or skipped;
 random flips are seeded per (seed, epoch, item) (see KeyedItems) so they do not depend on worker
 processes; every rank's python/numpy/torch/CUDA RNG state is saved and restored (dropout, t, noise).
+(Same hardware and CPU thread count assumed: see cpu_threads.) A resume may change train.* (max_steps,
+lr, intervals, ...), device, run_name and data.num_workers/root/download; a changed seed, model.*,
+diffusion.* or other data.* key is refused with the list of differences. A fresh run never overwrites an
+existing checkpoints/<run_name>/ unless --overwrite is given.
+
+A step whose loss or gradient is non-finite is skipped (no weight, optimizer or EMA change), counted and
+logged; train.max_nonfinite of them in a row stop the run (exit 1), leaving the last checkpoint intact.
 """
 from __future__ import annotations
 
@@ -44,7 +51,7 @@ from diffusion import build_diffusion
 from model import build_model, count_parameters
 from utils import (CheckpointError, derive_seed, get_device, get_rng_state, list_checkpoints, load_checkpoint,
                    save_checkpoint, save_image_grid, save_loss_plot, save_scatter_plot, seed_everything,
-                   set_rng_state, unwrap)
+                   set_rng_state)
 
 CHECKPOINT_ROOT, RESULTS_ROOT = Path("checkpoints"), Path("results")  # relative to the working directory
 DATA_ORDER, FLIPS, NOISE = 1, 2, 3          # purposes mixed into derive_seed, so their streams differ
@@ -96,6 +103,22 @@ def setup_distributed(device_name: str) -> tuple[DistInfo, torch.device]:
         dist.init_process_group("nccl" if device.type == "cuda" else "gloo")
     control = dist.new_group(backend="gloo") if device.type == "cuda" else dist.group.WORLD
     return DistInfo(rank, world, local_rank, control, owner), device
+
+
+def cpu_threads(model_kind: str) -> Optional[int]:
+    """Intra-op threads for CPU training; None = leave torch's setting (OMP_NUM_THREADS is set).
+    Every op waits for all of its threads, so one thread queueing for a core another process holds stalls
+    the whole step: on a 2-core machine kept busy by other processes, 2 threads ran the digits U-Net 3-10x
+    slower than 1 (toy2d 7x). So take the cores the 1-minute load average leaves free (at least 1, at most
+    torch's setting); the 2-D MLP always gets 1, its matmuls are too small to split.
+    Bitwise-exact resume assumes the same thread count: pin it with OMP_NUM_THREADS when that matters."""
+    if "OMP_NUM_THREADS" in os.environ:
+        return None
+    if model_kind == "mlp":
+        return 1
+    cores = len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else os.cpu_count() or 1
+    free = cores - os.getloadavg()[0]
+    return max(1, min(torch.get_num_threads(), int(free + 0.5)))
 
 
 # ----------------------------------------------------------------------------- data order
@@ -307,7 +330,8 @@ def config_for_resume(ckpt: dict, overrides: list[str]) -> Config:
     """The checkpoint's own config with command-line overrides applied (for --resume PATH without --config)."""
     def merge(base: dict, extra: dict) -> dict:
         for key, value in extra.items():
-            base[key] = merge(base[key], value) if isinstance(value, dict) and isinstance(base.get(key), dict) else value
+            nested = isinstance(value, dict) and isinstance(base.get(key), dict)
+            base[key] = merge(base[key], value) if nested else value
         return base
     return validate(from_dict(merge(to_dict(from_dict(ckpt["config"])), parse_overrides(overrides))))
 
@@ -394,10 +418,8 @@ class Trainer:
     def _setup(self, resume: Optional[Path], checkpoint: Optional[dict], overwrite: bool) -> None:
         cfg = self.cfg
         self.dist, self.device = setup_distributed(cfg.device)
-        if self.device.type == "cpu" and cfg.model.kind == "mlp" and "OMP_NUM_THREADS" not in os.environ:
-            # The 2-D MLP's matmuls are too small to split: extra threads only add synchronisation, and
-            # on a shared machine their spin-waits made toy2d 7x slower. (Restored in close().)
-            torch.set_num_threads(1)
+        if self.device.type == "cpu" and (threads := cpu_threads(cfg.model.kind)) is not None:
+            torch.set_num_threads(threads)  # restored in close()
         self.run_dir = CHECKPOINT_ROOT / cfg.run_name
         self.images_dir = RESULTS_ROOT / "images" / cfg.run_name
         self._check_amp()
@@ -742,6 +764,8 @@ class Trainer:
             if self.step % tcfg.ckpt_every == 0 or done:
                 self.save()
             code = self.stop_code()
+        if self.step >= tcfg.max_steps and code != NONFINITE:
+            code = 0  # a signal during the last step: the run is complete anyway
         return self._finish(code, time.perf_counter() - start)
 
     def _announce(self) -> None:
@@ -749,9 +773,10 @@ class Trainer:
             return
         cfg, tcfg = self.cfg, self.tcfg
         where = f"resuming at step {self.step}" if self.step else "starting"
+        threads = f" ({torch.get_num_threads()} threads)" if self.device.type == "cpu" else ""
         tqdm.write(f"training {cfg.run_name}: {where} of {tcfg.max_steps} | {count_parameters(self.net) / 1e6:.2f}M "
                    f"parameters | {len(self.base_dataset)} items, batch {tcfg.batch_size} x {tcfg.grad_accum} accum "
-                   f"x {self.dist.world_size} process(es) | {self.device}, amp {tcfg.amp} | "
+                   f"x {self.dist.world_size} process(es) | {self.device}{threads}, amp {tcfg.amp} | "
                    f"checkpoints in {self.run_dir}/", file=sys.stdout)
         sys.stdout.flush()
 
@@ -866,6 +891,8 @@ def check_data(cfg: Config, dataset: Dataset) -> None:
         raise ConfigError(f"{name} gives {x.shape[1]}x{x.shape[2]} images but data.image_size="
                           f"{cfg.data.image_size}: set data.image_size to match the data set")
     classes = cfg.model.num_classes
+    if classes and not info.num_classes:
+        raise ConfigError(f"model.num_classes={classes} but {name} has no class labels: set model.num_classes=0")
     if classes and classes != info.num_classes:
         raise ConfigError(f"model.num_classes={classes} but {name} has {info.num_classes} classes: set "
                           f"model.num_classes={info.num_classes} (or 0 for an unconditional model)")
@@ -923,6 +950,9 @@ def main(argv: Optional[list[str]] = None) -> int:
     except (ConfigError, CheckpointError, DatasetMissingError, NonFiniteLossError) as err:
         print(f"error: {err}", file=sys.stderr)
         return 1
+    except KeyboardInterrupt:  # the second Ctrl-C: no checkpoint for the unfinished step
+        print("aborted without saving (the last checkpoint on disk is intact)", file=sys.stderr)
+        return 128 + signal.SIGINT
     return summary["exit_code"]
 
 

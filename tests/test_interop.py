@@ -266,7 +266,7 @@ def write_checkpoint(tmp_path, preset: str, overrides=()):
     return cfg, raw, ema, path
 
 
-@pytest.mark.parametrize("preset,overrides", [("digits", []), ("mnist", ["model.channels=32"]),
+@pytest.mark.parametrize("preset,overrides", [("digits", ["model.num_classes=0"]), ("mnist", ["model.channels=32"]),
                                               ("digits", ["model.num_classes=10"])])
 def test_export_loads_in_ddpmpipeline_with_same_outputs(tmp_path, capsys, preset, overrides):
     cfg, raw, ema, ckpt = write_checkpoint(tmp_path, preset, overrides)
@@ -299,7 +299,7 @@ def test_export_loads_in_ddpmpipeline_with_same_outputs(tmp_path, capsys, preset
 
 
 def test_export_no_ema_and_cli_errors(tmp_path, capsys):
-    cfg, raw, _, ckpt = write_checkpoint(tmp_path, "digits")
+    cfg, raw, _, ckpt = write_checkpoint(tmp_path, "digits", ["model.num_classes=0"])
     out = tmp_path / "exported"
     assert export.main(["--checkpoint", str(ckpt), "--out", str(out), "--no-ema"]) == 0
     pipe = DDPMPipeline.from_pretrained(out)

@@ -20,7 +20,8 @@ from utils import load_checkpoint, save_checkpoint, to_uint8_images
 REPO = Path(__file__).resolve().parents[1]
 TINY_UNET = ["model.channels=8", "model.channel_mult=[1,2]", "model.norm_groups=4",
              "model.attention_resolutions=[4]", "data.image_size=8", "diffusion.num_timesteps=20",
-             "train.sample_steps=5", "sample.steps=5", "sample.num_samples=6", "sample.batch_size=4"]
+             "train.sample_steps=5", "sample.steps=5", "sample.num_samples=6", "sample.batch_size=4",
+             "model.num_classes=0", "sample.guidance_scale=1.0"]  # unconditional unless a test says so
 TINY_TOY = ["diffusion.num_timesteps=20", "train.sample_steps=10", "sample.num_samples=300",
             "sample.batch_size=300", "model.mlp_hidden=32", "model.mlp_emb_size=16"]
 

@@ -24,6 +24,7 @@ REPO = Path(__file__).resolve().parents[1]
 DIGITS = str(REPO / "configs" / "digits.yaml")
 TINY = ["device=cpu", "data.image_size=8", "model.channels=8", "model.norm_groups=4", "model.channel_mult=[1,2]",
         "model.num_res_blocks=1", "model.attention_resolutions=[]", "model.num_heads=1", "model.dropout=0.1",
+        "model.num_classes=0",
         "diffusion.num_timesteps=20", "train.batch_size=16", "train.warmup_steps=2", "train.amp=off",
         "train.log_every=4", "train.sample_every=1000", "train.ckpt_every=1000", "train.num_sample_images=4",
         "train.sample_steps=2", "sample.steps=2"]
@@ -324,6 +325,8 @@ def test_config_errors_are_clear():
         train(tiny("bad", "model.in_channels=3"))
     with pytest.raises(ConfigError, match=r"model.num_classes=5.*10 classes"):
         train(tiny("bad", "model.num_classes=5"))
+    with pytest.raises(ConfigError, match="has no class labels"):
+        train(tiny("bad", "data.dataset=toy2d", "model.kind=mlp", "model.in_channels=2", "model.num_classes=3"))
     with pytest.raises(ConfigError, match="train.amp=fp16 needs a CUDA GPU"):
         train(tiny("bad", "train.amp=fp16"))
     with pytest.raises(ConfigError, match="train.batch_size"):
