@@ -264,9 +264,7 @@ class Variant:
 
 @dataclass
 class Runner:
-    """One network prepared for one variant: a fresh copy of the weights, its optimizer and fixed inputs."""
-    net: torch.nn.Module
-    call: torch.nn.Module       # net, or torch.compile(net)
+    """One network prepared for one variant (a fresh copy of the weights, its optimizer, fixed inputs)."""
     train_step: Callable
     sample: Callable
 
@@ -305,7 +303,7 @@ def make_runner(model: torch.nn.Module, cfg, v: Variant, batch: int, timed_steps
         net.eval()
         with torch.no_grad(), v.autocast():
             diffusion.sample(call, x_T.shape, sampler="ddim", steps=timed_steps, x_T=x_T, y=y, progress=False)
-    return Runner(net, call, train_step, sample)
+    return Runner(train_step, sample)
 
 
 def make_optimizer(net: torch.nn.Module, device: torch.device) -> torch.optim.Optimizer:
