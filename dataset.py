@@ -185,7 +185,7 @@ def _missing_message(dataset: str, root: Path, reason: str) -> str:
     return f"{dataset} data not found under '{root}' ({reason}). To fix it, {fix}. {OFFLINE_HINT}"
 
 
-def _host_reachable(url: str, timeout: float) -> bool:
+def host_reachable(url: str, timeout: float) -> bool:
     """Whether a TCP connection to url's host (or the configured proxy) opens. Runs in a daemon thread joined
     with a timeout, because socket timeouts do not bound a hanging DNS lookup."""
     parts = urllib.parse.urlsplit(url)
@@ -213,7 +213,7 @@ def _torchvision_download(dataset: str, root: Path, train: bool) -> None:
     from torchvision import datasets as tv
     tv_class = tv.CIFAR10 if dataset == "cifar10" else getattr(tv, IDX_DATASETS[dataset][0])
     urls = [tv_class.url] if dataset == "cifar10" else [m + tv_class.resources[0][0] for m in tv_class.mirrors]
-    if not any(_host_reachable(url, NETWORK_TIMEOUT_S) for url in urls):
+    if not any(host_reachable(url, NETWORK_TIMEOUT_S) for url in urls):
         hosts = ", ".join(urllib.parse.urlsplit(url).hostname for url in urls)
         raise DatasetMissingError(_missing_message(dataset, root, f"no network connection to {hosts}"))
     previous_timeout = socket.getdefaulttimeout()

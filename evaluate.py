@@ -298,8 +298,8 @@ def _sha256(path: Path) -> str:
 
 def _online(url: str, timeout: float = 5.0) -> bool:
     """Whether url's host answers, bounded in time even when DNS hangs (dataset.py's probe)."""
-    from dataset import _host_reachable
-    return _host_reachable(url, timeout)
+    from dataset import host_reachable
+    return host_reachable(url, timeout)
 
 
 def find_inception_weights(path: Optional[str] = None, download: bool = True) -> Path:
