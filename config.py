@@ -28,7 +28,7 @@ LOSS_WEIGHTINGS = ("none", "min_snr")
 VAR_TYPES = ("fixed_small", "fixed_large")
 SPACINGS = ("leading", "trailing", "linspace")
 SAMPLERS = ("ddpm", "ddim", "dpmpp2m")
-AMP_MODES = ("off", "bf16", "fp16")
+AMP_MODES = ("auto", "off", "bf16", "fp16")
 LR_SCHEDULES = ("constant", "cosine")
 
 
@@ -115,8 +115,8 @@ class TrainConfig:
     grad_accum: int = 1
     ema_decay: float = 0.9999
     ema_warmup: bool = True            # decay ramps up as min(decay, (1+n)/(10+n))
-    amp: str = "off"                   # off | bf16 | fp16 (fp16 needs CUDA)
-    channels_last: bool = True
+    amp: str = "auto"                  # auto | off | bf16 | fp16 (fp16 needs CUDA); auto: bf16 where it is fast
+    channels_last: Optional[bool] = None  # None (null) = auto: on for CUDA, off on CPU
     compile: bool = False
     cond_drop_prob: float = 0.1        # class-conditional models: label dropout for CFG
     max_nonfinite: int = 10            # stop after this many non-finite losses in a row

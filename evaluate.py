@@ -40,7 +40,7 @@ import torch.nn.functional as F
 from tqdm.auto import tqdm
 
 from config import SAMPLERS, SPACINGS, ConfigError, DataConfig
-from utils import CheckpointError, get_device, load_checkpoint, save_checkpoint, to_uint8_images
+from utils import CheckpointError, get_device, load_checkpoint, resolve_amp, save_checkpoint, to_uint8_images
 
 REF_DIR = Path("data/fid_refs")            # caches, relative to the working directory like train.py's outputs
 CLASSIFIER_DIR = Path("data/classifiers")
@@ -533,7 +533,8 @@ def _eval_parser() -> argparse.ArgumentParser:
     p.add_argument("--steps", type=int, default=None, help="sampling steps (default: config; ddpm uses all T)")
     p.add_argument("--eta", type=float, default=0.0, help="DDIM noise (0 = deterministic)")
     p.add_argument("--timestep-spacing", choices=SPACINGS, help="default: the checkpoint's diffusion config")
-    p.add_argument("--amp", choices=("off", "bf16", "fp16"), default="off", help="sampling autocast")
+    p.add_argument("--amp", choices=("auto", "off", "bf16", "fp16"), default="auto",
+                   help="sampling autocast; auto = bf16 on GPUs and on CPUs with native bf16, else off")
     p.add_argument("--guidance-scale", type=float, default=None, help="class-conditional models (default: config)")
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--no-ema", action="store_true", help="use the raw weights instead of the EMA ones")
@@ -595,7 +596,7 @@ def evaluate_main(argv: list[str]) -> int:
         images, steps, guidance, seconds = draw_samples(model, diffusion, cfg, args)
         sampling = {"sampler": args.sampler, "steps": steps, "eta": args.eta, "seed": args.seed,
                     "guidance_scale": guidance, "timestep_spacing": args.timestep_spacing or
-                    cfg.diffusion.timestep_spacing, "amp": args.amp, "sampling_wall_s": seconds}
+                    cfg.diffusion.timestep_spacing, "amp": resolve_amp(args.amp, device), "sampling_wall_s": seconds}
     start = time.perf_counter()
     metrics = score_images(images, ref, extractor, args.k, args.batch_size, args.seed, tuple(args.also_at))
     record = protocol_record(args, run_name, ckpt, sampling, len(images), extractor, ref, metrics,

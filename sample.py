@@ -28,8 +28,8 @@ from config import AMP_MODES, SAMPLERS, SPACINGS, ConfigError, from_dict, load_c
 from dataset import DatasetMissingError
 from diffusion import Diffusion, build_diffusion
 from model import build_model
-from utils import (CheckpointError, find_latest_checkpoint, get_device, list_checkpoints, load_checkpoint,
-                   save_image_grid, to_uint8_images)
+from utils import (CheckpointError, find_latest_checkpoint, get_device, list_checkpoints, load_checkpoint, resolve_amp,
+                   save_image_grid, save_scatter_plot, to_uint8_images)
 
 CHECKPOINT_ROOT = Path("checkpoints")
 TRAIN_HINT = "Train one first: `python train.py --config configs/digits.yaml`, or pass --checkpoint PATH."
@@ -64,7 +64,8 @@ def parse_args(argv: Optional[list[str]] = None) -> argparse.Namespace:
     p.add_argument("--class-label", help="class-conditional models: one label or a list ('3' or '1,4,7'); "
                    "default: one row per class")
     p.add_argument("--guidance-scale", type=float, help="classifier-free guidance (1 = plain conditional)")
-    p.add_argument("--amp", choices=AMP_MODES, default="off", help="autocast (bf16 works on CPU)")
+    p.add_argument("--amp", choices=AMP_MODES, default="auto",
+                   help="autocast; auto = bf16 on GPUs and on CPUs with native bf16, else off (fp32)")
     p.add_argument("--out", help="output folder (default results/images/<run_name>/<sampler>_<steps>_<seed>)")
     p.add_argument("--animation", action="store_true", help="also write animation.gif and trajectory.png")
     p.add_argument("--forward", action="store_true",
@@ -143,6 +144,7 @@ def plan_labels(num_classes: int, labels: Optional[list[int]], num_samples: int)
 
 
 def autocast(device: torch.device, amp: str):
+    amp = resolve_amp(amp, device)
     if amp == "off":
         return contextlib.nullcontext()
     if amp == "fp16" and device.type != "cuda":
@@ -153,7 +155,7 @@ def autocast(device: torch.device, amp: str):
 def generate(model: Callable, diffusion: Diffusion, cfg, num_samples: int, batch_size: int, seed: int,
              sampler: str, steps: Optional[int], eta: float = 0.0, timestep_spacing: Optional[str] = None,
              labels: Optional[list[int]] = None, guidance_scale: float = 1.0, clip_x0: bool = True,
-             amp: str = "off", callback: Optional[Callable] = None, progress: bool = True) -> torch.Tensor:
+             amp: str = "auto", callback: Optional[Callable] = None, progress: bool = True) -> torch.Tensor:
     """num_samples samples (N, *sample_shape) on the CPU. The batches draw their noise in sequence from one
     CPU generator seeded with `seed`, so a seed gives the same noise on any device. `callback(i, t, x_t,
     x0_pred)` sees the first batch only (enough for an animation)."""
@@ -305,10 +307,8 @@ def save_toy_outputs(x: torch.Tensor, data: torch.Tensor, diffusion: Diffusion, 
                      rec: Optional[Recorder], seed: int) -> list[Path]:
     """scatter.png (data | samples), forward.gif (data -> noise), animation.gif (noise -> data)."""
     out_dir.mkdir(parents=True, exist_ok=True)
-    lim = _limits(data)
-    outside = int(((x < lim[0]) | (x > lim[1])).any(dim=1).sum())
-    titles = [f"data ({len(data)})", f"samples ({len(x)}, {outside} outside view)"]
-    _hstack(_scatter_frames([data, x], titles, lim, dpi=100)).save(out_dir / "scatter.png")
+    save_scatter_plot(data, x, out_dir / "scatter.png")  # axes fitted to the points (train.py's plot too)
+    lim = _limits(data)  # the GIFs keep fixed limits that also cover N(0, I), so every frame has the same axes
     np.save(out_dir / "samples.npy", x.numpy())
     T = diffusion.num_timesteps
     ts = sorted(set(np.linspace(0, T - 1, min(40, T)).round().astype(int).tolist()))

@@ -50,8 +50,8 @@ from dataset import DatasetMissingError, build_dataset, dataset_info
 from diffusion import build_diffusion
 from model import build_model, count_parameters
 from utils import (CheckpointError, derive_seed, get_device, get_rng_state, list_checkpoints, load_checkpoint,
-                   save_checkpoint, save_image_grid, save_loss_plot, save_scatter_plot, seed_everything,
-                   set_rng_state)
+                   resolve_amp, resolve_channels_last, save_checkpoint, save_image_grid, save_loss_plot,
+                   save_scatter_plot, seed_everything, set_rng_state)
 
 CHECKPOINT_ROOT, RESULTS_ROOT = Path("checkpoints"), Path("results")  # relative to the working directory
 DATA_ORDER, FLIPS, NOISE = 1, 2, 3          # purposes mixed into derive_seed, so their streams differ
@@ -438,7 +438,8 @@ class Trainer:
 
     # -- setup ---------------------------------------------------------------------------------------
     def _check_amp(self) -> None:
-        if self.tcfg.amp == "fp16" and self.device.type != "cuda":
+        self.amp = resolve_amp(self.tcfg.amp, self.device)  # the mode in use ('auto' resolved)
+        if self.amp == "fp16" and self.device.type != "cuda":
             raise ConfigError(f"train.amp=fp16 needs a CUDA GPU (fp16 training needs torch.amp.GradScaler); "
                               f"the device is {self.device}: use train.amp=bf16 (fast on recent CPUs) or off")
 
@@ -479,7 +480,7 @@ class Trainer:
         cfg, tcfg = self.cfg, self.tcfg
         seed_everything(cfg.seed)  # the same initial weights on every rank
         net = build_model(cfg).to(self.device)
-        self.channels_last = tcfg.channels_last and cfg.model.kind == "unet"
+        self.channels_last = resolve_channels_last(tcfg.channels_last, self.device) and cfg.model.kind == "unet"
         if self.channels_last:
             net = net.to(memory_format=torch.channels_last)
         self.net = net
@@ -489,7 +490,7 @@ class Trainer:
         self.fused = bool(self.optimizer.defaults.get("fused"))
         self.lr_lambda = lr_factor(tcfg)
         self.scheduler = torch.optim.lr_scheduler.LambdaLR(self.optimizer, self.lr_lambda)
-        self.scaler = torch.amp.GradScaler("cuda") if tcfg.amp == "fp16" else None
+        self.scaler = torch.amp.GradScaler("cuda") if self.amp == "fp16" else None
         self.params = [p for p in net.parameters() if p.requires_grad]
 
     def _setup_state(self, ckpt: Optional[dict]) -> None:
@@ -542,9 +543,9 @@ class Trainer:
         return model
 
     def autocast(self):
-        if self.tcfg.amp == "off":
+        if self.amp == "off":
             return nullcontext()
-        dtype = torch.bfloat16 if self.tcfg.amp == "bf16" else torch.float16
+        dtype = torch.bfloat16 if self.amp == "bf16" else torch.float16
         return torch.autocast(self.device.type, dtype=dtype)
 
     # -- one step ------------------------------------------------------------------------------------
@@ -776,7 +777,8 @@ class Trainer:
         threads = f" ({torch.get_num_threads()} threads)" if self.device.type == "cpu" else ""
         tqdm.write(f"training {cfg.run_name}: {where} of {tcfg.max_steps} | {count_parameters(self.net) / 1e6:.2f}M "
                    f"parameters | {len(self.base_dataset)} items, batch {tcfg.batch_size} x {tcfg.grad_accum} accum "
-                   f"x {self.dist.world_size} process(es) | {self.device}{threads}, amp {tcfg.amp} | "
+                   f"x {self.dist.world_size} process(es) | {self.device}{threads}, amp {self.amp}, "
+                   f"{'channels_last' if self.channels_last else 'NCHW'} | "
                    f"checkpoints in {self.run_dir}/", file=sys.stdout)
         sys.stdout.flush()
 

@@ -1,9 +1,10 @@
 """U-Net / MLP shapes, the DDPM parameter count, and clear errors for impossible configs."""
 import pytest
 import torch
+import torch.nn.functional as F
 
 from config import ConfigError, load_config
-from model import MLPDenoiser, UNet, build_model, count_parameters, timestep_embedding
+from model import MLPDenoiser, UNet, Upsample, build_model, count_parameters, timestep_embedding
 
 
 def test_ddpm_cifar10_network_has_35_7M_parameters():
@@ -73,3 +74,37 @@ def test_unet_backward_reaches_every_parameter():
     net = UNet(1, 32, (1, 2), 1, (4,), 8, num_classes=2)
     net(torch.randn(2, 1, 8, 8), torch.tensor([1, 2]), torch.tensor([0, -1])).sum().backward()
     assert all(p.grad is not None for p in net.parameters())
+
+
+def _plain_upsample(up: Upsample, x: torch.Tensor) -> torch.Tensor:
+    return up.conv(F.interpolate(x, scale_factor=2.0, mode="nearest"))  # the definition (DDPM, diffusers)
+
+
+@pytest.mark.parametrize("size", [8, 12, 5])  # 5 < 8: the interpolate fallback; 12: non-power-of-two
+@pytest.mark.parametrize("channels_last", [False, True])
+def test_upsample_phase_path_equals_interpolate_then_conv(size, channels_last):
+    torch.manual_seed(0)
+    up = Upsample(6)
+    x = torch.randn(3, 6, size, size + 2)  # non-square: rows and columns are not swapped
+    if channels_last:
+        x = x.contiguous(memory_format=torch.channels_last)
+    x_ref = x.detach().clone().requires_grad_(True)
+    x = x.requires_grad_(True)
+    y, y_ref = up(x), _plain_upsample(up, x_ref)
+    assert y.shape == (3, 6, 2 * size, 2 * size + 4)
+    torch.testing.assert_close(y, y_ref, atol=1e-5, rtol=1e-5)
+    assert y.is_contiguous(memory_format=torch.channels_last) == channels_last  # the caller's memory format
+    grad_out = torch.randn_like(y)
+    grads = torch.autograd.grad(y, [x, up.conv.weight, up.conv.bias], grad_out)
+    grads_ref = torch.autograd.grad(y_ref, [x_ref, up.conv.weight, up.conv.bias], grad_out)
+    for g, g_ref in zip(grads, grads_ref):
+        torch.testing.assert_close(g, g_ref, atol=1e-4, rtol=1e-4)
+
+
+def test_upsample_phase_path_in_bf16_stays_close_to_fp32():
+    torch.manual_seed(1)
+    up, x = Upsample(8), torch.randn(2, 8, 16, 16)
+    with torch.autocast("cpu", dtype=torch.bfloat16):
+        y = up(x).float()
+    ref = _plain_upsample(up, x)
+    assert (y - ref).abs().max() < 0.05 * ref.abs().max()
