@@ -34,7 +34,9 @@ sys.path.insert(0, str(REPO))
 import torch  # noqa: E402
 
 import evaluate as ev  # noqa: E402
+import features as feat  # noqa: E402
 from config import DataConfig, load_config  # noqa: E402
+from utils import save_checkpoint  # noqa: E402
 
 MNIST = REPO.parent / "shared" / "data" / "mnist"
 RESULTS = REPO / "bench" / "RESULTS.md"
@@ -83,11 +85,11 @@ def train_overrides(args) -> list[str]:
 
 
 def ensure_classifier(args, data_cfg: DataConfig, folder: Path) -> dict:
-    path = ev.classifier_path("mnist", args.image_size, folder)
+    path = feat.classifier_path("mnist", args.image_size, folder)
     if not path.is_file():
-        ckpt = ev.train_classifier(data_cfg, "test", steps=args.classifier_steps, seed=args.seed, device="cpu")
-        ev.save_checkpoint(ckpt, path)
-    return ev.load_classifier(path)[1]
+        ckpt = feat.train_classifier(data_cfg, "test", steps=args.classifier_steps, seed=args.seed, device="cpu")
+        save_checkpoint(ckpt, path)
+    return feat.load_classifier(path)[1]
 
 
 def run_evaluate(ckpt: Path, sampler: str, steps: int, args, common: list[str]) -> dict:
@@ -109,10 +111,10 @@ def run_evaluate(ckpt: Path, sampler: str, steps: int, args, common: list[str]) 
 
 def real_floors(args, data_cfg: DataConfig, dirs: dict) -> dict:
     """Metrics of N real images of the reference split, for each N used: what a perfect model would score."""
-    extractor = ev.ClassifierFeatures(ev.classifier_path("mnist", args.image_size, dirs["classifier"]),
-                                      torch.device("cpu"))
+    extractor = feat.ClassifierFeatures(feat.classifier_path("mnist", args.image_size, dirs["classifier"]),
+                                        torch.device("cpu"))
     ref = ev.reference_stats(data_cfg, "test", extractor, None, dirs["ref"])
-    images, _ = ev.load_split_uint8(data_cfg, "test", limit=args.num_samples, seed=args.seed + 123)
+    images, _ = feat.load_split_uint8(data_cfg, "test", limit=args.num_samples, seed=args.seed + 123)
     images = images[torch.randperm(len(images), generator=torch.Generator().manual_seed(args.seed))]
     sizes = {args.num_samples, min(args.ddpm_samples, args.num_samples)}
     return {n: ev.score_images(images[:n], ref, extractor, seed=args.seed) for n in sizes}

@@ -1,6 +1,6 @@
-"""evaluate.py: Frechet distance and k-NN precision/recall against closed forms, the digit classifier,
-the cached reference statistics, the Inception loading logic (with a locally made weights file: no network,
-no real weights) and the JSON protocol line of a full CLI run on a tiny checkpoint."""
+"""evaluate.py, metrics.py and features.py: Frechet distance and k-NN precision/recall against closed forms,
+the digit classifier, the cached reference statistics, the Inception loading logic (with a locally made weights
+file: no network, no real weights) and the JSON protocol line of a full CLI run on a tiny checkpoint."""
 import json
 import math
 from pathlib import Path
@@ -11,6 +11,8 @@ import torch
 from PIL import Image
 
 import evaluate as ev
+import features as feat
+import metrics as mt
 from config import DataConfig, load_config, to_dict
 from model import build_model
 from utils import save_checkpoint
@@ -32,14 +34,14 @@ def digits_cfg(size: int = 8) -> DataConfig:
 # ----------------------------------------------------------------------------- Frechet distance
 def test_fid_of_a_set_with_itself_is_zero():
     feats = np.random.default_rng(0).normal(size=(400, 16))
-    assert ev.fid_from_features(feats, feats) == pytest.approx(0.0, abs=1e-8)
+    assert mt.fid_from_features(feats, feats) == pytest.approx(0.0, abs=1e-8)
 
 
 def test_fid_grows_monotonically_with_noise():
     rng = np.random.default_rng(1)
     feats = rng.normal(size=(2000, 8))
     noise = rng.normal(size=feats.shape)
-    fids = [ev.fid_from_features(feats, feats + s * noise) for s in (0.0, 0.1, 0.3, 1.0, 3.0)]
+    fids = [mt.fid_from_features(feats, feats + s * noise) for s in (0.0, 0.1, 0.3, 1.0, 3.0)]
     assert fids[0] == pytest.approx(0.0, abs=1e-8)
     assert all(a < b for a, b in zip(fids, fids[1:])), fids
 
@@ -49,7 +51,7 @@ def test_frechet_distance_matches_closed_form_for_diagonal_gaussians():
     mu1, mu2 = rng.normal(size=6), rng.normal(size=6)
     a, b = rng.uniform(0.1, 4, size=6), rng.uniform(0.1, 4, size=6)
     expected = ((mu1 - mu2) ** 2).sum() + ((np.sqrt(a) - np.sqrt(b)) ** 2).sum()
-    assert ev.frechet_distance(mu1, np.diag(a), mu2, np.diag(b)) == pytest.approx(expected, rel=1e-10)
+    assert mt.frechet_distance(mu1, np.diag(a), mu2, np.diag(b)) == pytest.approx(expected, rel=1e-10)
 
 
 def test_frechet_distance_matches_scipy_sqrtm_for_full_covariances():
@@ -60,7 +62,7 @@ def test_frechet_distance_matches_scipy_sqrtm_for_full_covariances():
     mu1, mu2 = rng.normal(size=20), rng.normal(size=20)
     covmean = scipy_linalg.sqrtm(s1 @ s2).real
     expected = ((mu1 - mu2) ** 2).sum() + np.trace(s1 + s2 - 2 * covmean)
-    assert ev.frechet_distance(mu1, s1, mu2, s2) == pytest.approx(expected, rel=1e-8)
+    assert mt.frechet_distance(mu1, s1, mu2, s2) == pytest.approx(expected, rel=1e-8)
 
 
 def test_fid_of_samples_approaches_the_gaussian_distance():
@@ -69,44 +71,44 @@ def test_fid_of_samples_approaches_the_gaussian_distance():
     x = rng.normal(size=(200_000, 3)) * np.sqrt(a)
     y = rng.normal(size=(200_000, 3)) * np.sqrt(b) + 0.5
     expected = 3 * 0.25 + ((np.sqrt(a) - np.sqrt(b)) ** 2).sum()
-    assert ev.fid_from_features(x, y) == pytest.approx(expected, abs=0.02)
+    assert mt.fid_from_features(x, y) == pytest.approx(expected, abs=0.02)
 
 
 def test_frechet_distance_is_finite_and_real_for_singular_covariances():
     feats = np.random.default_rng(5).normal(size=(10, 50))  # N < D: rank-deficient covariance
-    value = ev.fid_from_features(feats, feats[::-1] + 1.0)
+    value = mt.fid_from_features(feats, feats[::-1] + 1.0)
     assert np.isfinite(value) and value == pytest.approx(50.0, rel=1e-6)  # same covariance, shifted mean
 
 
 # ----------------------------------------------------------------------------- precision / recall
 def test_knn_radii_on_a_line():
     points = torch.tensor([[0.0], [1.0], [3.0], [7.0]])
-    torch.testing.assert_close(ev.knn_radii(points, k=1), torch.tensor([1.0, 1.0, 2.0, 4.0]))
-    torch.testing.assert_close(ev.knn_radii(points, k=2, chunk=3), torch.tensor([3.0, 2.0, 3.0, 6.0]))
+    torch.testing.assert_close(mt.knn_radii(points, k=1), torch.tensor([1.0, 1.0, 2.0, 4.0]))
+    torch.testing.assert_close(mt.knn_radii(points, k=2, chunk=3), torch.tensor([3.0, 2.0, 3.0, 6.0]))
 
 
 def test_precision_recall_identical_disjoint_and_half_covered():
     rng = np.random.default_rng(6)
     real = rng.normal(size=(300, 4))
-    assert ev.precision_recall(real, real.copy()) == (1.0, 1.0)
-    assert ev.precision_recall(real, real + 100.0) == (0.0, 0.0)
+    assert mt.precision_recall(real, real.copy()) == (1.0, 1.0)
+    assert mt.precision_recall(real, real + 100.0) == (0.0, 0.0)
     # Two far-apart modes in the real data; the fakes cover only one: all fakes are good, half the reals missed.
     two_modes = np.concatenate([real[:150], real[150:] + 50.0])
     one_mode = rng.normal(size=(300, 4))
-    precision, recall = ev.precision_recall(two_modes, one_mode)
+    precision, recall = mt.precision_recall(two_modes, one_mode)
     assert precision > 0.85 and 0.4 < recall <= 0.5
     both_modes = np.concatenate([one_mode[:150], one_mode[150:] + 50.0])
-    precision, recall = ev.precision_recall(two_modes, both_modes)
+    precision, recall = mt.precision_recall(two_modes, both_modes)
     assert precision > 0.85 and recall > 0.85
 
 
 def test_classifier_scores_extremes():
     K = 10
     confident_balanced = 50.0 * np.eye(K)[np.arange(200) % K]   # each class predicted with certainty, equally
-    scores = ev.classifier_scores(confident_balanced)
+    scores = mt.classifier_scores(confident_balanced)
     assert scores["is"] == pytest.approx(K, rel=1e-6) and scores["label_entropy"] == pytest.approx(1.0, rel=1e-6)
     collapsed = 50.0 * np.eye(K)[np.zeros(200, dtype=int)]      # mode collapse onto one class
-    scores = ev.classifier_scores(collapsed)
+    scores = mt.classifier_scores(collapsed)
     assert scores["is"] == pytest.approx(1.0, abs=1e-6) and scores["label_entropy"] == pytest.approx(0, abs=1e-6)
 
 
@@ -114,57 +116,57 @@ def test_classifier_scores_extremes():
 @pytest.fixture(scope="module")
 def classifier_file(tmp_path_factory) -> Path:
     """A classifier trained briefly on scikit-learn's 8x8 digits, saved where evaluate.py looks."""
-    ckpt = ev.train_classifier(digits_cfg(8), "train", steps=120, batch_size=64, lr=3e-3, progress=False)
-    path = ev.classifier_path("digits", 8, tmp_path_factory.mktemp("classifiers"))
+    ckpt = feat.train_classifier(digits_cfg(8), "train", steps=120, batch_size=64, lr=3e-3, progress=False)
+    path = feat.classifier_path("digits", 8, tmp_path_factory.mktemp("classifiers"))
     save_checkpoint(ckpt, path)
     return path
 
 
 def test_classifier_trains_to_a_sane_accuracy_and_reloads(classifier_file):
-    model, meta = ev.load_classifier(classifier_file)
+    model, meta = feat.load_classifier(classifier_file)
     assert meta["accuracy"] > 0.85, meta  # on a held-out 10% of the 1797 digits
     assert meta["accuracy_on"].startswith("held-out") and meta["num_test"] + meta["num_train"] == 1797
-    images, labels = ev.load_split_uint8(digits_cfg(8), "train")
+    images, labels = feat.load_split_uint8(digits_cfg(8), "train")
     assert images.dtype == torch.uint8 and images.shape == (1797, 1, 8, 8)
-    assert ev.classifier_accuracy(model, images, labels) > 0.85
+    assert feat.classifier_accuracy(model, images, labels) > 0.85
 
 
 def test_missing_classifier_names_the_command(tmp_path):
     with pytest.raises(ev.EvalError, match="python evaluate.py train-classifier --dataset mnist --image-size 28"):
-        ev.load_classifier(ev.classifier_path("mnist", 28, tmp_path))
+        feat.load_classifier(feat.classifier_path("mnist", 28, tmp_path))
 
 
 def test_extractors_take_only_uint8_images(classifier_file):
-    extractor = ev.ClassifierFeatures(classifier_file, torch.device("cpu"))
+    extractor = feat.ClassifierFeatures(classifier_file, torch.device("cpu"))
     with pytest.raises(TypeError, match="uint8"):
-        ev.extract(extractor, torch.zeros(4, 1, 8, 8))
-    feats, logits = ev.extract(extractor, torch.zeros(4, 1, 8, 8, dtype=torch.uint8))
+        feat.extract(extractor, torch.zeros(4, 1, 8, 8))
+    feats, logits = feat.extract(extractor, torch.zeros(4, 1, 8, 8, dtype=torch.uint8))
     assert feats.shape == (4, 128) and logits.shape == (4, 10)
 
 
 def test_classifier_fid_separates_real_digits_from_noise(classifier_file):
-    extractor = ev.ClassifierFeatures(classifier_file, torch.device("cpu"))
-    images, _ = ev.load_split_uint8(digits_cfg(8), "train")
+    extractor = feat.ClassifierFeatures(classifier_file, torch.device("cpu"))
+    images, _ = feat.load_split_uint8(digits_cfg(8), "train")
     order = torch.randperm(len(images), generator=torch.Generator().manual_seed(0))
     half_a, half_b = images[order[:800]], images[order[800:1600]]
-    feats_a, _ = ev.extract(extractor, half_a)
-    feats_b, _ = ev.extract(extractor, half_b)
+    feats_a, _ = feat.extract(extractor, half_a)
+    feats_b, _ = feat.extract(extractor, half_b)
     noise = torch.randint(0, 256, half_b.shape, generator=torch.Generator().manual_seed(1), dtype=torch.uint8)
     jitter = torch.randn(half_b.shape, generator=torch.Generator().manual_seed(2))
-    fids = [ev.fid_from_features(feats_a, feats_b)]  # real vs real, then increasingly noisy digits
+    fids = [mt.fid_from_features(feats_a, feats_b)]  # real vs real, then increasingly noisy digits
     for std in (10, 40):
         noisy = (half_b.float() + std * jitter).clamp(0, 255).round().to(torch.uint8)
-        fids.append(ev.fid_from_features(feats_a, ev.extract(extractor, noisy)[0]))
-    fids.append(ev.fid_from_features(feats_a, ev.extract(extractor, noise)[0]))
+        fids.append(mt.fid_from_features(feats_a, feat.extract(extractor, noisy)[0]))
+    fids.append(mt.fid_from_features(feats_a, feat.extract(extractor, noise)[0]))
     assert all(a < b for a, b in zip(fids, fids[1:])), fids
-    precision, recall = ev.precision_recall(feats_a, feats_b)
+    precision, recall = mt.precision_recall(feats_a, feats_b)
     assert precision > 0.6 and recall > 0.6
-    noise_precision, noise_recall = ev.precision_recall(feats_a, ev.extract(extractor, noise)[0])
+    noise_precision, noise_recall = mt.precision_recall(feats_a, feat.extract(extractor, noise)[0])
     assert noise_precision < precision - 0.3 and noise_recall < 0.1
 
 
 def test_metrics_of_a_prefix_equal_the_metrics_of_a_smaller_run(classifier_file, tmp_path):
-    extractor = ev.ClassifierFeatures(classifier_file, torch.device("cpu"))
+    extractor = feat.ClassifierFeatures(classifier_file, torch.device("cpu"))
     ref = ev.reference_stats(digits_cfg(8), "train", extractor, cache_dir=tmp_path)
     images = torch.randint(0, 256, (60, 1, 8, 8), generator=torch.Generator().manual_seed(0), dtype=torch.uint8)
     both = ev.score_images(images, ref, extractor, also_at=(30,))
@@ -201,7 +203,7 @@ def test_reference_stats_are_computed_once_and_cached(tmp_path):
     ref = ev.reference_stats(digits_cfg(8), "train", extractor, num_ref=300, cache_dir=tmp_path, batch_size=100)
     assert extractor.calls == 3 and ref["features"].shape == (300, 64) and ref["num_images"] == 300
     assert Path(ref["path"]).name == "digits-train-8px-pixels-n300.npz"
-    mu, sigma = ev.gaussian_stats(ref["features"])
+    mu, sigma = mt.gaussian_stats(ref["features"])
     np.testing.assert_allclose(ref["mu"], mu)
     np.testing.assert_allclose(ref["sigma"], sigma)
     again = ev.reference_stats(digits_cfg(8), "train", extractor, num_ref=300, cache_dir=tmp_path)
@@ -214,52 +216,52 @@ def test_reference_stats_are_computed_once_and_cached(tmp_path):
 def test_reference_keeps_a_capped_feature_subset_but_full_statistics(tmp_path, monkeypatch):
     monkeypatch.setattr(ev, "PR_MAX_REF", 100)
     ref = ev.reference_stats(digits_cfg(8), "train", CountingExtractor(), num_ref=300, cache_dir=tmp_path)
-    images, _ = ev.load_split_uint8(digits_cfg(8), "train", limit=300)
-    mu, sigma = ev.gaussian_stats(images.flatten(1).float().numpy())
+    images, _ = feat.load_split_uint8(digits_cfg(8), "train", limit=300)
+    mu, sigma = mt.gaussian_stats(images.flatten(1).float().numpy())
     assert ref["features"].shape == (100, 64) and ref["num_images"] == 300
     np.testing.assert_allclose(ref["mu"], mu, rtol=1e-5)
     np.testing.assert_allclose(ref["sigma"], sigma, rtol=1e-4, atol=1e-6)
 
 
 def test_classifier_extractor_name_tracks_the_weights(classifier_file, tmp_path):
-    name = ev.ClassifierFeatures(classifier_file, torch.device("cpu")).name
+    name = feat.ClassifierFeatures(classifier_file, torch.device("cpu")).name
     ckpt = torch.load(classifier_file, weights_only=True)
     ckpt["model"]["head.1.bias"] += 1.0
     other = tmp_path / "digits_8.pt"
     save_checkpoint({k: v for k, v in ckpt.items() if k != "format_version"}, other)
     assert name.startswith("classifier-digits8-")
-    assert ev.ClassifierFeatures(other, torch.device("cpu")).name != name
+    assert feat.ClassifierFeatures(other, torch.device("cpu")).name != name
 
 
 # ----------------------------------------------------------------------------- Inception loading
 @pytest.fixture
 def no_inception_anywhere(tmp_path, monkeypatch):
-    monkeypatch.setattr(ev, "INCEPTION_DIR", tmp_path / "inception")
+    monkeypatch.setattr(feat, "INCEPTION_DIR", tmp_path / "inception")
     monkeypatch.setattr(torch.hub, "get_dir", lambda: str(tmp_path / "hub"))
-    monkeypatch.setattr(ev, "_online", lambda url, timeout=5.0: False)
+    monkeypatch.setattr(feat, "_online", lambda url, timeout=5.0: False)
     return tmp_path
 
 
 def test_offline_without_inception_weights_says_which_file_to_put_where(no_inception_anywhere):
     with pytest.raises(ev.EvalError) as info:
-        ev.find_inception_weights()
+        feat.find_inception_weights()
     message = str(info.value)
-    assert ev.INCEPTION_URL in message and ev.INCEPTION_FILE in message
-    assert str(no_inception_anywhere / "inception" / ev.INCEPTION_FILE) in message
+    assert feat.INCEPTION_URL in message and feat.INCEPTION_FILE in message
+    assert str(no_inception_anywhere / "inception" / feat.INCEPTION_FILE) in message
     assert "--inception-weights" in message
     with pytest.raises(ev.EvalError, match="no Inception weights at 'nowhere.pth'"):
-        ev.find_inception_weights("nowhere.pth")
+        feat.find_inception_weights("nowhere.pth")
 
 
 def test_inception_weights_are_found_in_the_data_folder_and_torch_hub(no_inception_anywhere):
     hub_file = no_inception_anywhere / "hub" / "checkpoints" / "pt_inception-2015-12-05-6726825d.pth"
     hub_file.parent.mkdir(parents=True)
     hub_file.write_bytes(b"x")
-    assert ev.find_inception_weights() == hub_file  # pytorch-fid's copy of the same file
-    local = no_inception_anywhere / "inception" / ev.INCEPTION_FILE
+    assert feat.find_inception_weights() == hub_file  # pytorch-fid's copy of the same file
+    local = no_inception_anywhere / "inception" / feat.INCEPTION_FILE
     local.parent.mkdir(parents=True)
     local.write_bytes(b"x")
-    assert ev.find_inception_weights() == local
+    assert feat.find_inception_weights() == local
 
 
 @pytest.fixture(scope="module")
@@ -270,21 +272,21 @@ def fake_inception_weights(tmp_path_factory) -> Path:
         mp.setattr(inception, "load_state_dict_from_url", lambda *a, **k: {})
         mp.setattr(inception.FeatureExtractorInceptionV3, "load_state_dict", lambda self, *a, **k: None)
         net = inception.FeatureExtractorInceptionV3("x", ["2048"])
-    path = tmp_path_factory.mktemp("inception") / ev.INCEPTION_FILE
+    path = tmp_path_factory.mktemp("inception") / feat.INCEPTION_FILE
     torch.save(net.state_dict(), path)
     return path
 
 
 def test_inception_features_from_a_local_weights_file(fake_inception_weights, monkeypatch, capsys):
-    extractor = ev.build_extractor("inception", "cifar10", 32, torch.device("cpu"),
+    extractor = feat.build_extractor("inception", "cifar10", 32, torch.device("cpu"),
                                    inception_weights=str(fake_inception_weights))
     assert not extractor.official and extractor.name.startswith("inception-v3-custom-")
     assert "not the standard FID Inception file" in capsys.readouterr().err
     grey = torch.randint(0, 256, (2, 1, 28, 28), dtype=torch.uint8)  # grey is repeated to RGB
-    feats, logits = ev.extract(extractor, grey)
+    feats, logits = feat.extract(extractor, grey)
     assert feats.shape == (2, 2048) and logits.shape == (2, 1008) and np.isfinite(feats).all()
-    monkeypatch.setattr(ev, "INCEPTION_SHA256_PREFIX", ev._sha256(fake_inception_weights)[:8])
-    assert ev.InceptionFeatures(fake_inception_weights, torch.device("cpu")).name == "inception-v3-2015-12-05"
+    monkeypatch.setattr(feat, "INCEPTION_SHA256_PREFIX", feat._sha256(fake_inception_weights)[:8])
+    assert feat.InceptionFeatures(fake_inception_weights, torch.device("cpu")).name == "inception-v3-2015-12-05"
 
 
 class NotAWeight:
@@ -292,10 +294,10 @@ class NotAWeight:
 
 
 def test_inception_file_with_pickled_code_is_refused(tmp_path):
-    path = tmp_path / ev.INCEPTION_FILE
+    path = tmp_path / feat.INCEPTION_FILE
     torch.save({"fc.weight": NotAWeight()}, path)
     with pytest.raises(ev.EvalError, match="not a valid Inception weights file"):
-        ev.InceptionFeatures(path, torch.device("cpu"))
+        feat.InceptionFeatures(path, torch.device("cpu"))
 
 
 # ----------------------------------------------------------------------------- the CLI and its JSON line
@@ -342,7 +344,7 @@ def test_cli_writes_one_json_line_with_the_protocol(tiny_checkpoint, classifier_
 
 
 def test_cli_scores_a_png_folder_and_real_digits_beat_noise(classifier_file, tmp_path):
-    images, _ = ev.load_split_uint8(digits_cfg(8), "train", limit=100, seed=5)
+    images, _ = feat.load_split_uint8(digits_cfg(8), "train", limit=100, seed=5)
     rng = np.random.default_rng(0)
     for name, batch in [("real", images[:, 0].numpy()), ("noise", rng.integers(0, 256, (100, 8, 8), np.uint8))]:
         (tmp_path / name).mkdir()
@@ -371,7 +373,7 @@ def test_train_classifier_cli(tmp_path, capsys):
     assert ev.main(["train-classifier", "--dataset", "digits", "--image-size", "8", "--steps", "30",
                     "--batch-size", "32", "--device", "cpu", "--classifier-dir", str(tmp_path)]) == 0
     assert "classifier accuracy" in capsys.readouterr().out
-    model, meta = ev.load_classifier(tmp_path / "digits_8.pt")
+    model, meta = feat.load_classifier(tmp_path / "digits_8.pt")
     assert meta["dataset"] == "digits" and meta["image_size"] == 8 and meta["steps"] == 30
     assert math.isfinite(meta["accuracy"])
 
