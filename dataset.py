@@ -3,6 +3,7 @@
 
     info = dataset_info(cfg.data)                  # channels, image_size, num_classes, class_names
     train_set = build_dataset(cfg.data, train=True)
+    check_data(cfg, train_set)                     # ConfigError unless the items fit cfg.model
     python dataset.py --dataset digits --preview results/plots/preview_digits.png
 
 Why our own readers for CIFAR-10 and (Fashion-)MNIST: torchvision 0.29.1's CIFAR10 refuses any batch file
@@ -34,7 +35,7 @@ from PIL import Image
 from torch.utils.data import Dataset, TensorDataset
 from torchvision import transforms
 
-from config import DATASETS, TOY_DISTRIBUTIONS, DataConfig
+from config import DATASETS, TOY_DISTRIBUTIONS, Config, ConfigError, DataConfig
 
 CIFAR10_CLASSES = ["airplane", "automobile", "bird", "cat", "deer", "dog", "frog", "horse", "ship", "truck"]
 DIGIT_CLASSES = [str(d) for d in range(10)]
@@ -367,6 +368,25 @@ def dataset_info(data_cfg) -> DatasetInfo:
         return DatasetInfo(3, size, len(class_names), class_names)
     class_names = {"cifar10": CIFAR10_CLASSES, "digits": DIGIT_CLASSES}.get(name) or IDX_DATASETS[name][1]
     return DatasetInfo(3 if name == "cifar10" else 1, size, len(class_names), list(class_names))
+
+
+def check_data(cfg: Config, dataset: Dataset) -> None:
+    """The data must fit the model: channels vs model.in_channels, size vs data.image_size, classes."""
+    info, (x, _) = dataset_info(cfg.data), dataset[0]
+    name = f"data.dataset={cfg.data.dataset}"
+    channels = x.shape[0] if x.ndim == 3 else x.shape[-1]
+    if info.channels != cfg.model.in_channels or channels != cfg.model.in_channels:
+        raise ConfigError(f"{name} has {channels} channels but model.in_channels={cfg.model.in_channels}: "
+                          f"set model.in_channels={channels}")
+    if x.ndim == 3 and tuple(x.shape[1:]) != (cfg.data.image_size, cfg.data.image_size):
+        raise ConfigError(f"{name} gives {x.shape[1]}x{x.shape[2]} images but data.image_size="
+                          f"{cfg.data.image_size}: set data.image_size to match the data set")
+    classes = cfg.model.num_classes
+    if classes and not info.num_classes:
+        raise ConfigError(f"model.num_classes={classes} but {name} has no class labels: set model.num_classes=0")
+    if classes and classes != info.num_classes:
+        raise ConfigError(f"model.num_classes={classes} but {name} has {info.num_classes} classes: set "
+                          f"model.num_classes={info.num_classes} (or 0 for an unconditional model)")
 
 
 # ----------------------------------------------------------------------------- command line

@@ -14,14 +14,12 @@ Exit codes: 0 done; 1 user error (config, checkpoint, missing data, diverged tra
 what to do); 130 / 143 (128 + signal number, the shell convention) after Ctrl-C / SIGTERM stopped the run
 and saved a checkpoint, so `python train.py && python sample.py` does not go on with an unfinished run.
 
-Resume is exact (bitwise on CPU): the data order of epoch e is a pure function of (seed, e) and the
-checkpoint stores how many batches of the epoch were consumed, so nothing is replayed or skipped;
-random flips are seeded per (seed, epoch, item) (see KeyedItems) so they do not depend on worker
-processes; every rank's python/numpy/torch/CUDA RNG state is saved and restored (dropout, t, noise).
-(Same hardware and CPU thread count assumed: see cpu_threads.) A resume may change train.* (max_steps,
-lr, intervals, ...), device, run_name and data.num_workers/root/download; a changed seed, model.*,
-diffusion.* or other data.* key is refused with the list of differences. A fresh run never overwrites an
-existing checkpoints/<run_name>/ unless --overwrite is given.
+Resume is exact (bitwise on CPU): the data order and random flips continue exactly where the run
+stopped (see data_order.py); every rank's python/numpy/torch/CUDA RNG state is saved and restored
+(dropout, t, noise). (Same hardware and CPU thread count assumed: see train_utils.cpu_threads.) A resume
+may change train.* (max_steps, lr, intervals, ...), device, run_name and data.num_workers/root/download;
+a changed seed, model.*, diffusion.* or other data.* key is refused with the list of differences. A fresh
+run never overwrites an existing checkpoints/<run_name>/ unless --overwrite is given.
 
 A step whose loss or gradient is non-finite is skipped (no weight, optimizer or EMA change), counted and
 logged; train.max_nonfinite of them in a row stop the run (exit 1), leaving the last checkpoint intact.
@@ -29,375 +27,35 @@ logged; train.max_nonfinite of them in a row stop the run (exit 1), leaving the 
 from __future__ import annotations
 
 import argparse
-import copy
 import math
-import os
 import shutil
 import signal
 import sys
 import time
 from contextlib import nullcontext
 from pathlib import Path
-from typing import Callable, Optional
+from typing import Optional
 
 import torch
 import torch.distributed as dist
-from torch.utils.data import DataLoader, Dataset
 from tqdm.auto import tqdm
 
-from config import Config, ConfigError, from_dict, load_config, parse_overrides, to_dict, validate
-from dataset import DatasetMissingError, build_dataset, dataset_info
+from config import Config, ConfigError, load_config, to_dict
+from data_order import NOISE, DataStream, EpochBatches, KeyedItems
+from dataset import DatasetMissingError, build_dataset, check_data
 from diffusion import build_diffusion
 from model import build_model, count_parameters
-from utils import (CheckpointError, derive_seed, get_device, get_rng_state, list_checkpoints, load_checkpoint,
-                   resolve_amp, resolve_channels_last, save_checkpoint, save_image_grid, save_loss_plot,
-                   save_scatter_plot, seed_everything, set_rng_state)
+from train_utils import (EMA, LaggedRead, RunLogger, StepStats, StopSignals, build_optimizer, config_for_resume,
+                         cpu_threads, load_resume_checkpoint, lr_factor, resume_differences, setup_distributed)
+from utils import (CheckpointError, derive_seed, get_rng_state, list_checkpoints, resolve_amp, resolve_channels_last,
+                   save_checkpoint, save_image_grid, save_scatter_plot, seed_everything, set_rng_state)
 
 CHECKPOINT_ROOT, RESULTS_ROOT = Path("checkpoints"), Path("results")  # relative to the working directory
-DATA_ORDER, FLIPS, NOISE = 1, 2, 3          # purposes mixed into derive_seed, so their streams differ
-# Resuming may change these; any other change under seed/data/model/diffusion means another experiment.
-RESUME_FIXED = ("seed", "data.", "model.", "diffusion.")
-RESUME_MUTABLE = ("data.num_workers", "data.root", "data.download")
 STOP_AT, NONFINITE = 1, 1000                 # stop codes next to signal numbers (largest wins across ranks)
-PLOT_EVERY_S = 30.0                           # loss.png refresh interval (also at every sample/checkpoint)
 
 
 class NonFiniteLossError(RuntimeError):
     """Training diverged: too many non-finite steps in a row; the message names the last good checkpoint."""
-
-
-# ----------------------------------------------------------------------------- distributed
-class DistInfo:
-    """Rank layout. `control` is a gloo group for host-side agreement (stop flags, RNG states), so
-    those never touch the GPU stream even when the gradients go over NCCL."""
-
-    def __init__(self, rank: int = 0, world_size: int = 1, local_rank: int = 0, control=None, owner=False):
-        self.rank, self.world_size, self.local_rank = rank, world_size, local_rank
-        self.control, self.owner = control, owner
-
-    @property
-    def enabled(self) -> bool:
-        return self.world_size > 1
-
-    @property
-    def is_main(self) -> bool:
-        return self.rank == 0
-
-
-def setup_distributed(device_name: str) -> tuple[DistInfo, torch.device]:
-    """One process unless a launcher (torchrun) set WORLD_SIZE > 1: then one GPU per process (LOCAL_RANK)
-    over NCCL, or CPU processes over gloo."""
-    world = int(os.environ.get("WORLD_SIZE", "1"))
-    try:
-        device = get_device(device_name)
-    except RuntimeError as err:
-        raise ConfigError(str(err)) from None
-    if world <= 1:
-        return DistInfo(), device
-    rank, local_rank = int(os.environ["RANK"]), int(os.environ.get("LOCAL_RANK", "0"))
-    if device.type == "cuda":
-        device = torch.device("cuda", local_rank)
-        torch.cuda.set_device(device)
-    owner = not dist.is_initialized()
-    if owner:
-        dist.init_process_group("nccl" if device.type == "cuda" else "gloo")
-    control = dist.new_group(backend="gloo") if device.type == "cuda" else dist.group.WORLD
-    return DistInfo(rank, world, local_rank, control, owner), device
-
-
-def cpu_threads(model_kind: str) -> Optional[int]:
-    """Intra-op threads for CPU training; None = leave torch's setting (OMP_NUM_THREADS is set).
-    Every op waits for all of its threads, so one thread queueing for a core another process holds stalls
-    the whole step: on a 2-core machine kept busy by other processes, 2 threads ran the digits U-Net 3-10x
-    slower than 1 (toy2d 7x). So take the cores the 1-minute load average leaves free (at least 1, at most
-    torch's setting); the 2-D MLP always gets 1, its matmuls are too small to split.
-    Bitwise-exact resume assumes the same thread count: pin it with OMP_NUM_THREADS when that matters."""
-    if "OMP_NUM_THREADS" in os.environ:
-        return None
-    if model_kind == "mlp":
-        return 1
-    cores = len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else os.cpu_count() or 1
-    free = cores - os.getloadavg()[0]
-    return max(1, min(torch.get_num_threads(), int(free + 0.5)))
-
-
-# ----------------------------------------------------------------------------- data order
-class EpochBatches:
-    """Batch sampler. Epoch e visits randperm(n) drawn from a generator seeded with (seed, e): a pure
-    function, so a resume needs only (epoch, batches taken) and starts there without replaying anything.
-    DDP: like DistributedSampler, the permutation is padded to a multiple of world_size and rank r takes
-    positions r, r + W, ...; every rank drops its last partial batch, so all take the same number.
-    Batches hold (epoch, index) keys for KeyedItems."""
-
-    def __init__(self, n: int, batch_size: int, seed: int, rank: int = 0, world_size: int = 1):
-        self.n, self.batch_size, self.seed, self.rank, self.world_size = n, batch_size, seed, rank, world_size
-        self.per_rank = math.ceil(n / world_size)
-        self.batches_per_epoch = self.per_rank // batch_size
-        if self.batches_per_epoch == 0:
-            raise ConfigError(f"the data set has {n} items, fewer than train.batch_size={batch_size} x "
-                              f"{world_size} process(es): lower train.batch_size")
-        self.epoch, self.start = 0, 0
-
-    def rank_indices(self, epoch: int) -> torch.Tensor:
-        g = torch.Generator().manual_seed(derive_seed(self.seed, DATA_ORDER, epoch))
-        perm = torch.randperm(self.n, generator=g)
-        perm = torch.cat([perm, perm[: self.per_rank * self.world_size - self.n]])  # pad as DistributedSampler
-        return perm[self.rank::self.world_size]
-
-    def __len__(self) -> int:
-        return max(0, self.batches_per_epoch - self.start)
-
-    def __iter__(self):
-        indices, bs = self.rank_indices(self.epoch).tolist(), self.batch_size
-        for b in range(self.start, self.batches_per_epoch):
-            yield [(self.epoch, i) for i in indices[b * bs:(b + 1) * bs]]
-
-
-class KeyedItems(Dataset):
-    """dataset[(epoch, i)] = base[i], with torch's CPU RNG seeded from (seed, epoch, i) around the call when
-    the data set augments (random flips draw from that RNG). A flip then depends only on which item of
-    which epoch is loaded - not on the worker process, data.num_workers or what was loaded before - so a
-    resumed run sees the same flips as an uninterrupted one for any num_workers. (Restoring the global
-    RNG from the checkpoint only covers num_workers=0: workers draw from their own per-iterator seeds.)
-    fork_rng leaves the caller's stream untouched when items load in the main process."""
-
-    def __init__(self, base: Dataset, seed: int, augmented: bool):
-        self.base, self.seed, self.augmented = base, seed, augmented
-
-    def __len__(self) -> int:
-        return len(self.base)
-
-    def __getitem__(self, key: tuple[int, int]):
-        epoch, index = key
-        if not self.augmented:
-            return self.base[index]
-        with torch.random.fork_rng(devices=[]):
-            torch.default_generator.manual_seed(derive_seed(self.seed, FLIPS, epoch, index))
-            return self.base[index]
-
-
-class DataStream:
-    """Endless batches over epochs. (epoch, position) counts batches CONSUMED, not prefetched."""
-
-    def __init__(self, dataset: Dataset, sampler: EpochBatches, num_workers: int, pin_memory: bool, seed: int):
-        # A private generator for the loader's base seed: iterators then never draw from the global RNG,
-        # which a resumed run (new iterator mid-epoch) would otherwise consume differently.
-        self.loader = DataLoader(dataset, batch_sampler=sampler, num_workers=num_workers, pin_memory=pin_memory,
-                                 persistent_workers=num_workers > 0,
-                                 generator=torch.Generator().manual_seed(derive_seed(seed, DATA_ORDER)))
-        self.sampler, self.epoch, self.position, self._it = sampler, 0, 0, None
-
-    def next(self):
-        while True:
-            if self._it is None:
-                self.sampler.epoch, self.sampler.start = self.epoch, self.position
-                self._it = iter(self.loader)
-            try:
-                batch = next(self._it)
-            except StopIteration:
-                self.epoch, self.position, self._it = self.epoch + 1, 0, None
-                continue
-            self.position += 1
-            return batch
-
-    def state_dict(self) -> dict:
-        s = self.sampler
-        return {"epoch": self.epoch, "position": self.position, "batch_size": s.batch_size,
-                "world_size": s.world_size, "num_items": s.n}
-
-    def load_state_dict(self, state: dict) -> None:
-        s = self.sampler
-        self.epoch, self.position = state["epoch"], state["position"]
-        if (state["batch_size"], state["world_size"]) != (s.batch_size, s.world_size):
-            # Same epoch, same fraction of it; the order inside differs, so this resume is not exact.
-            seen = state["position"] * state["batch_size"] * state["world_size"]
-            self.position = seen // (s.batch_size * s.world_size)
-            tqdm.write(f"note: batch size x processes changed from {state['batch_size']} x "
-                       f"{state['world_size']} to {s.batch_size} x {s.world_size}: the data order continues "
-                       f"at the same epoch position but is not identical to an uninterrupted run")
-        self._it = None
-
-    def close(self) -> None:
-        self._it = self.loader = None  # shuts persistent workers down
-
-
-# ----------------------------------------------------------------------------- model helpers
-class EMA:
-    """Exponential moving average of the weights, with decay warm-up min(decay, (1 + n) / (10 + n)) over the
-    n updates so far, so early averages are not dominated by the random init. Device-side: `skip`
-    (0-dim float, 1 = skip) turns an update into a no-op without a host sync."""
-
-    def __init__(self, model: torch.nn.Module, decay: float, warmup: bool = True):
-        self.model = copy.deepcopy(model).eval().requires_grad_(False)
-        self.decay, self.warmup = decay, warmup
-        device = next(self.model.parameters()).device
-        self.num_updates = torch.zeros((), dtype=torch.float64, device=device)
-
-    def current_decay(self) -> torch.Tensor:
-        if not self.warmup:
-            return torch.full_like(self.num_updates, self.decay)
-        n = self.num_updates
-        return ((1 + n) / (10 + n)).clamp(max=self.decay)
-
-    @torch.no_grad()
-    def update(self, model: torch.nn.Module, skip: Optional[torch.Tensor] = None) -> None:
-        weight = 1 - self.current_decay()                       # ema <- ema + weight * (param - ema)
-        if skip is not None:
-            weight = weight * (1 - skip)
-        ema_params = list(self.model.parameters())
-        # A list of 0-dim tensor weights keeps this on the device (a tensor "Scalar" would call .item()).
-        torch._foreach_lerp_(ema_params, list(model.parameters()), [weight.float()] * len(ema_params))
-        for ema_buffer, buffer in zip(self.model.buffers(), model.buffers()):
-            ema_buffer.copy_(buffer)
-        self.num_updates += 1 if skip is None else 1 - skip.double()
-
-
-def lr_factor(tcfg) -> Callable[[int], float]:
-    """LambdaLR factor at optimizer step s: linear warm-up over train.warmup_steps, then constant or cosine
-    annealing to train.min_lr_ratio at train.max_steps. A closure (not an object), so LambdaLR saves no
-    copy of it and a resumed run uses the current max_steps."""
-    warmup, total, cosine, floor = tcfg.warmup_steps, tcfg.max_steps, tcfg.lr_schedule == "cosine", tcfg.min_lr_ratio
-
-    def factor(step: int) -> float:
-        if step < warmup:
-            return (step + 1) / warmup
-        if not cosine:
-            return 1.0
-        progress = min(1.0, (step - warmup) / max(1, total - warmup))
-        return floor + (1 - floor) * 0.5 * (1 + math.cos(math.pi * progress))
-    return factor
-
-
-def build_optimizer(model: torch.nn.Module, tcfg) -> torch.optim.Optimizer:
-    """AdamW (identical to Adam at weight_decay 0). The fused kernel also takes a found_inf flag, which
-    skips a non-finite step on the device; foreach is the fallback where fused is unsupported."""
-    kwargs = dict(lr=tcfg.lr, betas=(tcfg.adam_beta1, tcfg.adam_beta2), weight_decay=tcfg.weight_decay)
-    try:
-        return torch.optim.AdamW(model.parameters(), fused=True, **kwargs)
-    except (RuntimeError, ValueError):
-        return torch.optim.AdamW(model.parameters(), foreach=True, **kwargs)
-
-
-# ----------------------------------------------------------------------------- resume checks
-def _flatten(d: dict, prefix: str = "") -> dict:
-    out = {}
-    for key, value in d.items():
-        if isinstance(value, dict):
-            out.update(_flatten(value, f"{prefix}{key}."))
-        else:
-            out[prefix + key] = value
-    return out
-
-
-def resume_differences(old: dict, new: Config) -> list[str]:
-    """'key: old -> new' for every changed key that defines the experiment (seed, data, model, diffusion)."""
-    flat_old, flat_new = _flatten(to_dict(from_dict(old))), _flatten(to_dict(new))
-    return [f"  {key}: {flat_old[key]!r} -> {flat_new[key]!r}" for key in sorted(flat_new)
-            if key.startswith(RESUME_FIXED) and key not in RESUME_MUTABLE and flat_old[key] != flat_new[key]]
-
-
-def loadable_checkpoints(folder: Path, exclude: Optional[Path] = None) -> list[tuple[Path, int]]:
-    """(path, step) of the step files in folder that load, newest first."""
-    good = []
-    for path in reversed(list_checkpoints(folder)):
-        if exclude is not None and path.resolve() == exclude.resolve():
-            continue
-        try:
-            good.append((path, int(load_checkpoint(path)["step"])))
-        except (CheckpointError, KeyError, TypeError, ValueError):
-            pass
-    return good
-
-
-def load_resume_checkpoint(path: str | Path) -> dict:
-    """The checkpoint to resume from; on failure a CheckpointError naming the older files that load."""
-    path = Path(path)
-    try:
-        return load_checkpoint(path)
-    except CheckpointError as err:
-        reason = str(err).split(" Other checkpoints in")[0].split(" Train one first")[0]
-        good = loadable_checkpoints(path.parent, exclude=path)
-        if good:
-            names = ", ".join(f"{p} (step {s})" for p, s in good)
-            hint = (f" These older checkpoints load: {names}. Resume from the newest with: "
-                    f"python train.py --resume {good[0][0]}")
-        else:
-            hint = " No other checkpoint in that folder loads: start the run again without --resume."
-        raise CheckpointError(f"cannot resume: {reason}{hint}") from None
-
-
-def config_for_resume(ckpt: dict, overrides: list[str]) -> Config:
-    """The checkpoint's own config with command-line overrides applied (for --resume PATH without --config)."""
-    def merge(base: dict, extra: dict) -> dict:
-        for key, value in extra.items():
-            nested = isinstance(value, dict) and isinstance(base.get(key), dict)
-            base[key] = merge(base[key], value) if nested else value
-        return base
-    return validate(from_dict(merge(to_dict(from_dict(ckpt["config"])), parse_overrides(overrides))))
-
-
-# ----------------------------------------------------------------------------- signals
-class StopSignals:
-    """First Ctrl-C / SIGTERM: finish the current step, save, exit. A second Ctrl-C aborts at once."""
-
-    def __init__(self):
-        self.signum: Optional[int] = None
-        self._previous: dict = {}
-
-    def install(self) -> "StopSignals":
-        try:
-            for sig in (signal.SIGINT, signal.SIGTERM):
-                self._previous[sig] = signal.signal(sig, self._handle)
-        except ValueError:  # not the main thread: leave signals to the caller
-            self._previous.clear()
-        return self
-
-    def _handle(self, signum, frame) -> None:
-        if self.signum is not None and signum == signal.SIGINT:
-            raise KeyboardInterrupt
-        self.signum = signum
-        tqdm.write(f"\n{signal.Signals(signum).name}: finishing the current step, then saving a checkpoint "
-                   "(Ctrl-C again aborts without saving)")
-
-    def restore(self) -> None:
-        for sig, handler in self._previous.items():
-            signal.signal(sig, handler)
-        self._previous.clear()
-
-
-# ----------------------------------------------------------------------------- logging (rank 0)
-class RunLogger:
-    """TensorBoard scalars/images, the tqdm bar and results/plots/<run>/loss.png."""
-
-    def __init__(self, cfg: Config, start_step: int, history: list[float]):
-        from torch.utils.tensorboard import SummaryWriter  # slow import: only on the logging rank
-        self.log_dir = RESULTS_ROOT / "logs" / cfg.run_name
-        self.plot_path = RESULTS_ROOT / "plots" / cfg.run_name / "loss.png"
-        # purge_step hides events a crashed run wrote after the checkpoint we resume from.
-        self.writer = SummaryWriter(str(self.log_dir), purge_step=start_step + 1 if start_step else None)
-        self.history, self.run_name, self._plotted_at = history, cfg.run_name, 0.0
-        self.bar = tqdm(total=cfg.train.max_steps, initial=start_step, desc=cfg.run_name, unit="step",
-                        dynamic_ncols=True)
-
-    def scalars(self, step: int, values: dict) -> None:
-        for tag, value in values.items():
-            self.writer.add_scalar(tag, value, step)
-
-    def image(self, tag: str, png: Path, step: int) -> None:
-        import numpy as np
-        from PIL import Image
-        with Image.open(png) as im:
-            self.writer.add_image(tag, np.asarray(im.convert("RGB")), step, dataformats="HWC")
-
-    def plot(self, force: bool = False) -> None:
-        if self.history and (force or time.monotonic() - self._plotted_at > PLOT_EVERY_S):
-            save_loss_plot(self.history, self.plot_path, title=f"{self.run_name}: training loss")
-            self._plotted_at = time.monotonic()
-
-    def close(self) -> None:
-        self.plot(force=True)
-        self.bar.close()
-        self.writer.close()
 
 
 # ----------------------------------------------------------------------------- the trainer
@@ -433,7 +91,7 @@ class Trainer:
         self._setup_state(checkpoint)
         self.model = self._wrap(self.net)
         self.streak_reader = LaggedRead(self.device)
-        self.logger = RunLogger(cfg, self.step, self.history) if self.dist.is_main else None
+        self.logger = RunLogger(cfg, self.step, self.history, RESULTS_ROOT) if self.dist.is_main else None
         self.signals = StopSignals().install()
 
     # -- setup ---------------------------------------------------------------------------------------
@@ -830,74 +488,6 @@ class Trainer:
             self.logger = None
         if self.dist and self.dist.owner and dist.is_initialized():
             dist.destroy_process_group()
-
-
-class LaggedRead:
-    """Host value of a device scalar without a sync: on CUDA the copy lands in pinned memory and is read
-    once its event has completed (a step or so late, fine for a stop check on a value that only grows);
-    on CPU the tensor is read directly."""
-
-    def __init__(self, device: torch.device):
-        self.cuda, self.value, self.pending = device.type == "cuda", 0.0, []
-
-    def __call__(self, tensor: torch.Tensor) -> float:
-        if not self.cuda:
-            return float(tensor)
-        while self.pending and self.pending[0][1].query():
-            self.value = float(self.pending.pop(0)[0])
-        if len(self.pending) < 4:  # the GPU is far behind: skip this copy, a later one will land
-            host = torch.empty((), dtype=tensor.dtype, pin_memory=True)
-            host.copy_(tensor, non_blocking=True)
-            event = torch.cuda.Event()
-            event.record()
-            self.pending.append((host, event))
-        return self.value
-
-
-class StepStats:
-    """Per-step numbers kept on the device between two log points (reading them is a host sync)."""
-
-    def __init__(self, capacity: int, device: torch.device):
-        self.loss = torch.full((capacity,), float("nan"), device=device)  # mean loss per step, NaN = skipped
-        self.q_sum, self.q_count = torch.zeros(4, device=device), torch.zeros(4, device=device)
-        self.grad_norm_sum, self.grad_norm_max = torch.zeros((), device=device), torch.zeros((), device=device)
-        self.skipped, self.n = torch.zeros((), device=device), 0
-
-    def record(self, loss, q_sum, q_count, grad_norm, skip) -> None:
-        ok = skip == 0
-        self.loss[self.n] = torch.where(ok, loss, float("nan"))
-        self.q_sum += torch.where(ok, q_sum, 0.0)
-        self.q_count += torch.where(ok, q_count, 0.0)
-        norm = torch.where(ok, grad_norm, 0.0)
-        self.grad_norm_sum += norm
-        torch.maximum(self.grad_norm_max, norm, out=self.grad_norm_max)
-        self.skipped += skip
-        self.n += 1
-
-    def reset(self) -> None:
-        for t in (self.q_sum, self.q_count, self.grad_norm_sum, self.grad_norm_max, self.skipped):
-            t.zero_()
-        self.loss.fill_(float("nan"))
-        self.n = 0
-
-
-def check_data(cfg: Config, dataset: Dataset) -> None:
-    """The data must fit the model: channels vs model.in_channels, size vs data.image_size, classes."""
-    info, (x, _) = dataset_info(cfg.data), dataset[0]
-    name = f"data.dataset={cfg.data.dataset}"
-    channels = x.shape[0] if x.ndim == 3 else x.shape[-1]
-    if info.channels != cfg.model.in_channels or channels != cfg.model.in_channels:
-        raise ConfigError(f"{name} has {channels} channels but model.in_channels={cfg.model.in_channels}: "
-                          f"set model.in_channels={channels}")
-    if x.ndim == 3 and tuple(x.shape[1:]) != (cfg.data.image_size, cfg.data.image_size):
-        raise ConfigError(f"{name} gives {x.shape[1]}x{x.shape[2]} images but data.image_size="
-                          f"{cfg.data.image_size}: set data.image_size to match the data set")
-    classes = cfg.model.num_classes
-    if classes and not info.num_classes:
-        raise ConfigError(f"model.num_classes={classes} but {name} has no class labels: set model.num_classes=0")
-    if classes and classes != info.num_classes:
-        raise ConfigError(f"model.num_classes={classes} but {name} has {info.num_classes} classes: set "
-                          f"model.num_classes={info.num_classes} (or 0 for an unconditional model)")
 
 
 # ----------------------------------------------------------------------------- entry points

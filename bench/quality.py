@@ -172,7 +172,9 @@ def render(args, records: list[dict], floors: dict, info: dict) -> str:
              f"- command: `{info['command']}` ({info['total_min']:.0f} min in all)",
              f"- model: configs/mnist.yaml with `{' '.join(train_overrides(args)[1:])}`; "
              f"{info['params'] / 1e6:.2f}M parameters; {args.train_steps} steps, batch {args.batch_size} "
-             f"({info['train_s'] / 60:.1f} min of training)",
+             f"({info['train_s'] / 60:.1f} min of training"
+             + (", done by an earlier run of this command: --skip-train reused its checkpoint)" if args.skip_train
+                else ")"),
              f"- scoring: `evaluate.py --features classifier`: the 128-d penultimate features of the digit "
              f"classifier (trained {args.classifier_steps} steps on the same split, accuracy "
              f"{info['classifier']['accuracy']:.3f} on {info['classifier']['accuracy_on']}); reference = all "
@@ -229,13 +231,14 @@ def main(argv=None) -> int:
     classifier = ensure_classifier(args, cfg.data, dirs["classifier"])
     print(f"classifier accuracy {classifier['accuracy']:.4f} on {classifier['accuracy_on']}", flush=True)
     ckpt = Path("checkpoints") / cfg.run_name / "last.pt"
-    train_s = 0.0
+    timing = ckpt.parent / "bench_train_time.json"  # so that --skip-train still reports the training time
     if not (args.skip_train and ckpt.is_file()):
         from train import train
         summary = train(cfg, overwrite=True)
         if summary["exit_code"] != 0:
             return summary["exit_code"]
-        train_s = summary["wall_time_s"]
+        timing.write_text(json.dumps({"train_s": summary["wall_time_s"], "load": os.getloadavg()[0]}))
+    train_s = json.loads(timing.read_text())["train_s"] if timing.is_file() else float("nan")
     common = ["--features", "classifier", "--classifier-dir", str(dirs["classifier"]), "--ref-dir", str(dirs["ref"]),
               "--device", "cpu", "--quiet"]
     records = []

@@ -34,11 +34,12 @@ def _worker(rank, world, ports, workdir):
     torch.set_num_threads(1)
     import train as train_mod
     from config import load_config
+    from data_order import EpochBatches
     for port, (run_name, stop_at, resume) in zip(ports, RUNS):
         os.environ["MASTER_PORT"] = str(port)
         cfg = load_config(REPO / "configs" / "digits.yaml", TINY + [f"run_name={run_name}"])
         summary = train_mod.train(cfg, resume=resume, stop_at=stop_at)
-        shard = train_mod.EpochBatches(1797, 8, cfg.seed, rank, world).rank_indices(0)
+        shard = EpochBatches(1797, 8, cfg.seed, rank, world).rank_indices(0)
         torch.save({"model": summary["model"].state_dict(), "ema": summary["ema"].state_dict(),
                     "step": summary["step"], "shard": shard}, Path(workdir) / f"{run_name}_{stop_at}_rank{rank}.pt")
 

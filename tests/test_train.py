@@ -16,8 +16,10 @@ from PIL import Image
 
 import train as train_mod
 from config import ConfigError, load_config
+from data_order import EpochBatches, KeyedItems
 from dataset import build_dataset
-from train import EMA, EpochBatches, KeyedItems, NonFiniteLossError, lr_factor, main, train
+from train import NonFiniteLossError, main, train
+from train_utils import EMA, lr_factor
 from utils import CheckpointError, load_checkpoint
 
 REPO = Path(__file__).resolve().parents[1]
