@@ -52,7 +52,8 @@ IDX_DTYPES = {0x08: np.uint8, 0x09: np.int8, 0x0B: ">i2", 0x0C: ">i4", 0x0D: ">f
 IMAGE_EXTENSIONS = {".png", ".jpg", ".jpeg", ".bmp", ".gif", ".webp", ".tif", ".tiff", ".ppm", ".pgm"}
 NETWORK_TIMEOUT_S = 10.0   # per connection attempt / socket read: offline fails in seconds, not minutes
 TOY_SEEDS = {True: 0, False: 1}  # toy2d train / test points: fixed draws, so the data set is deterministic
-OFFLINE_HINT = "To work offline, use --dataset digits (configs/digits.yaml), which needs no files."
+OFFLINE_HINT = ("To work offline, use the embedded digits, which need no files: python train.py --config "
+                "configs/digits.yaml (or data.dataset=digits; python dataset.py --dataset digits to preview).")
 
 
 class DatasetMissingError(RuntimeError):

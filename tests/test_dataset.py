@@ -275,7 +275,7 @@ def test_missing_data_without_download_says_what_to_place(tmp_path, dataset, exp
     with pytest.raises(DatasetMissingError) as caught:
         build_dataset(data_cfg(dataset, tmp_path), train=True)
     message = str(caught.value)
-    assert expected in message and str(tmp_path) in message and "--dataset digits" in message
+    assert expected in message and str(tmp_path) in message and "--config configs/digits.yaml" in message
 
 
 def test_cli_missing_data_exits_1_with_message(tmp_path):
