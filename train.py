@@ -138,7 +138,8 @@ class Trainer:
         cfg, tcfg = self.cfg, self.tcfg
         seed_everything(cfg.seed)  # the same initial weights on every rank
         net = build_model(cfg).to(self.device)
-        self.channels_last = resolve_channels_last(tcfg.channels_last, self.device) and cfg.model.kind == "unet"
+        self.channels_last = (cfg.model.kind == "unet"
+                              and resolve_channels_last(tcfg.channels_last, self.device, cfg.model.channels))
         if self.channels_last:
             net = net.to(memory_format=torch.channels_last)
         self.net = net

@@ -1,20 +1,24 @@
 """Sample quality vs sampler and step count, on real MNIST digits, on a CPU.
 
-    python bench/quality.py                        # train, sample with every sampler, write bench/RESULTS.md
-    python bench/quality.py --num-samples 2000 --train-steps 6000 --image-size 28   # more compute, better numbers
+    python bench/quality.py                        # train (~55 min), sample with every sampler (~25 min), write
+                                                   # bench/RESULTS.md
+    python bench/quality.py --num-samples 2000 --image-size 28      # more compute, better numbers
     python bench/quality.py --samplers ddim:50,dpmpp2m:20 --set diffusion.objective=eps --tag eps --no-write
+    python bench/quality.py --skip-train           # re-score the last trained model (e.g. after a sampler change)
 
 What it does (every size is a flag):
   1. reads the MNIST test split (10,000 real digits, t10k IDX files) from ../shared/data/mnist, resized to
      --image-size (16 by default, so that DDPM-1000 stays affordable on 2 cores); exits 0 if it is absent;
   2. trains the digit classifier of evaluate.py on that split (features of "classifier FID");
   3. trains a small U-Net (configs/mnist.yaml with the overrides below) through train.train(cfg);
-  4. draws --num-samples samples with each sampler (ddim:10/20/50/100, dpmpp2m:10/20; one seed, one batch
-     size) and only --ddpm-samples with ddpm:1000 (50x the network evaluations of DDIM-20), and scores them
-     with `python evaluate.py` (FID, k-NN precision/recall, classifier IS) against all 10,000 images of the
-     split the model was trained on; every sampler is also scored on its first --ddpm-samples samples (the
-     same starting noise), the column DDPM is compared in. The metric's floor at each N is the row
-     "real images": N real digits from that split scored the same way;
+  4. draws --num-samples samples with each sampler (ddim:10/20/50/100, dpmpp2m:10/20; one batch size) for
+     each of --sample-seeds, and only --ddpm-samples with ddpm:1000 (50x the network evaluations of
+     DDIM-20), and scores them with `python evaluate.py` (FID, k-NN precision/recall, classifier IS)
+     against all 10,000 images of the split the model was trained on; every sampler is also scored on its
+     first --ddpm-samples samples (the same starting noise), the column DDPM is compared in. The metric's
+     floor at each N is the row "real images": N real digits from that split scored the same way. FIDs
+     are means over the seeds: one seed's FID at N=500 moved by up to 8 points between seeds, more than
+     most sampler differences;
   5. writes a markdown table between <!-- quality:start --> and <!-- quality:end --> in bench/RESULTS.md.
 """
 from __future__ import annotations
@@ -23,6 +27,7 @@ import argparse
 import json
 import os
 import platform
+import statistics
 import subprocess
 import sys
 import time
@@ -50,7 +55,7 @@ def parse_args(argv=None) -> argparse.Namespace:
                                 formatter_class=argparse.RawDescriptionHelpFormatter, epilog=__doc__)
     p.add_argument("--data", default=str(MNIST), help="folder with t10k-images-idx3-ubyte(.gz) and labels")
     p.add_argument("--image-size", type=int, default=16)
-    p.add_argument("--train-steps", type=int, default=1500)
+    p.add_argument("--train-steps", type=int, default=6000)
     p.add_argument("--batch-size", type=int, default=64, help="training batch size")
     p.add_argument("--channels", type=int, default=32, help="U-Net base width")
     p.add_argument("--set", nargs="*", default=[], metavar="key=value",
@@ -61,7 +66,9 @@ def parse_args(argv=None) -> argparse.Namespace:
     p.add_argument("--samplers", default=SAMPLERS, help="comma-separated sampler:steps")
     p.add_argument("--sample-batch-size", type=int, default=250)
     p.add_argument("--classifier-steps", type=int, default=800)
-    p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--seed", type=int, default=0, help="training and classifier seed")
+    p.add_argument("--sample-seeds", default="0,1,2", help="comma-separated sampling seeds: every FID is the "
+                   "mean over them (at N=500 one seed's FID swings by several points)")
     p.add_argument("--tag", default="", help="suffix of the run name (for comparing training settings)")
     p.add_argument("--skip-train", action="store_true", help="reuse checkpoints/<run>/last.pt if it exists")
     p.add_argument("--threads", type=int, default=None, help="torch threads (default: torch's choice)")
@@ -71,14 +78,16 @@ def parse_args(argv=None) -> argparse.Namespace:
 
 def train_overrides(args) -> list[str]:
     """configs/mnist.yaml shrunk to CPU minutes: 3 levels (16 -> 8 -> 4 px), one res block each, attention
-    only in the middle block, v-prediction on the cosine schedule (the winner of the comparisons in RESULTS.md)."""
+    only in the middle block, v-prediction on the cosine schedule with min-SNR weighting and EMA 0.999 (the
+    winners of the comparisons in RESULTS.md)."""
     return [f"run_name=bench_quality{'_' + args.tag if args.tag else ''}", f"seed={args.seed}", "device=cpu",
             f"data.root={args.data}", "data.split=test", f"data.image_size={args.image_size}",
             "data.num_workers=0", f"model.channels={args.channels}", "model.channel_mult=[1,2,2]",
             "model.num_res_blocks=1", "model.attention_resolutions=[]", "model.dropout=0.0",
-            "diffusion.schedule=cosine", "diffusion.objective=v", f"train.batch_size={args.batch_size}",
+            "diffusion.schedule=cosine", "diffusion.objective=v", "diffusion.loss_weighting=min_snr",
+            f"train.batch_size={args.batch_size}",
             f"train.max_steps={args.train_steps}",
-            "train.warmup_steps=100", "train.lr=0.001", "train.lr_schedule=cosine", "train.ema_decay=0.995",
+            "train.warmup_steps=100", "train.lr=0.001", "train.lr_schedule=cosine", "train.ema_decay=0.999",
             "train.amp=bf16", "train.log_every=100", f"train.sample_every={args.train_steps}",
             f"train.ckpt_every={args.train_steps}", "train.sample_steps=20", "train.num_sample_images=64",
             *args.set]
@@ -92,7 +101,7 @@ def ensure_classifier(args, data_cfg: DataConfig, folder: Path) -> dict:
     return feat.load_classifier(path)[1]
 
 
-def run_evaluate(ckpt: Path, sampler: str, steps: int, args, common: list[str]) -> dict:
+def run_evaluate(ckpt: Path, sampler: str, steps: int, seed: int, args, common: list[str]) -> dict:
     """One `python evaluate.py` run (in-process); returns its JSON record. DDPM draws only ddpm_samples;
     the others are also scored on their first ddpm_samples samples."""
     run_name = f"bench_quality{'_' + args.tag if args.tag else ''}"
@@ -100,7 +109,7 @@ def run_evaluate(ckpt: Path, sampler: str, steps: int, args, common: list[str]) 
     n = n_ddpm if sampler == "ddpm" else args.num_samples
     also = ["--also-at", str(n_ddpm)] if n > n_ddpm else []
     argv = ["--checkpoint", str(ckpt), "--num-samples", str(n), *also, "--sampler", sampler,
-            "--steps", str(steps), "--seed", str(args.seed), "--batch-size", str(args.sample_batch_size),
+            "--steps", str(steps), "--seed", str(seed), "--batch-size", str(args.sample_batch_size),
             "--run-name", run_name, *common]
     print("python evaluate.py " + " ".join(argv), flush=True)
     if ev.main(argv) != 0:
@@ -109,15 +118,28 @@ def run_evaluate(ckpt: Path, sampler: str, steps: int, args, common: list[str]) 
     return json.loads(lines[-1])
 
 
-def real_floors(args, data_cfg: DataConfig, dirs: dict) -> dict:
-    """Metrics of N real images of the reference split, for each N used: what a perfect model would score."""
+def real_floors(args, data_cfg: DataConfig, dirs: dict, seeds: list[int]) -> dict:
+    """Metrics of N random real images of the reference split (one draw per seed), for each N used: what a
+    perfect model would score. {N: {metric: [value per seed]}}"""
     extractor = feat.ClassifierFeatures(feat.classifier_path("mnist", args.image_size, dirs["classifier"]),
                                         torch.device("cpu"))
     ref = ev.reference_stats(data_cfg, "test", extractor, None, dirs["ref"])
-    images, _ = feat.load_split_uint8(data_cfg, "test", limit=args.num_samples, seed=args.seed + 123)
-    images = images[torch.randperm(len(images), generator=torch.Generator().manual_seed(args.seed))]
-    sizes = {args.num_samples, min(args.ddpm_samples, args.num_samples)}
-    return {n: ev.score_images(images[:n], ref, extractor, seed=args.seed) for n in sizes}
+    sizes = sorted({args.num_samples, min(args.ddpm_samples, args.num_samples)})
+    floors = {n: {} for n in sizes}
+    for seed in seeds:
+        images, _ = feat.load_split_uint8(data_cfg, "test", limit=args.num_samples, seed=seed + 123)
+        images = images[torch.randperm(len(images), generator=torch.Generator().manual_seed(seed))]
+        for n in sizes:
+            for key, value in ev.score_images(images[:n], ref, extractor, seed=seed).items():
+                floors[n].setdefault(key, []).append(value)
+    return floors
+
+
+def mean_sd(values: list) -> str:
+    """'12.34 ± 0.56' (sample sd over seeds), or the single value."""
+    if len(values) < 2:
+        return f"{values[0]:.2f}"
+    return f"{statistics.fmean(values):.2f} ± {statistics.stdev(values):.2f}"
 
 
 def machine() -> str:
@@ -142,25 +164,34 @@ def fid_at(record: dict, n: int):
     return m.get("at_n", {}).get(str(n), {}).get("fid")
 
 
-def render(args, records: list[dict], floors: dict, info: dict) -> str:
+def table_rows(groups: list[list[dict]], floors: dict, n_all: int, n_ddpm: int) -> list[str]:
+    """One row per sampler: FIDs as mean ± sd over the sampling seeds, the other metrics as means."""
+    small = n_ddpm < n_all
+    head = f"| sampler | steps (NFE) | FID ↓ (N={n_all}) |" + (f" FID ↓ (N={n_ddpm}) |" if small else "")
+    rows = [head + " precision ↑ | recall ↑ | classifier IS ↑ | sampling wall time (per seed) |",
+            "| --- | ---: | ---: |" + (" ---: |" if small else "") + " ---: | ---: | ---: | ---: |"]
+    for group in groups:
+        r, n = group[0], group[0]["num_samples"]
+        mean = {key: statistics.fmean(g["metrics"][key] for g in group) for key in ("precision", "recall", "is")}
+        full = mean_sd([g["metrics"]["fid"] for g in group]) if n == n_all else "–"
+        mark = f" (N={n})" if n != n_all else ""
+        wall = statistics.fmean(g["sampling_wall_s"] for g in group)
+        rows.append(f"| {NAMES.get(r['sampler'], r['sampler'])} | {r['steps'] or 1000} | {full} |"
+                    + (f" {mean_sd([fid_at(g, n_ddpm) for g in group])} |" if small else "")
+                    + f" {mean['precision']:.3f}{mark} | {mean['recall']:.3f}{mark} | {mean['is']:.2f}{mark} | "
+                    f"{wall:.0f} s for {n} |")
+    fl = {key: statistics.fmean(v) for key, v in floors[n_all].items() if key in ("precision", "recall", "is")}
+    rows.append(f"| real MNIST test images (the metric's floor) | – | {mean_sd(floors[n_all]['fid'])} |"
+                + (f" {mean_sd(floors[n_ddpm]['fid'])} |" if small else "")
+                + f" {fl['precision']:.3f} | {fl['recall']:.3f} | {fl['is']:.2f} | – |")
+    return rows
+
+
+def render(args, groups: list[list[dict]], floors: dict, info: dict) -> str:
     """The markdown section: setup, table, whether the speed/quality targets hold."""
     n_all, n_ddpm = args.num_samples, min(args.ddpm_samples, args.num_samples)
     small = n_ddpm < n_all
-    head = f"| sampler | steps (NFE) | FID ↓ (N={n_all}) |" + (f" FID ↓ (N={n_ddpm}) |" if small else "")
-    rows = [head + " precision ↑ | recall ↑ | classifier IS ↑ | sampling wall time |",
-            "| --- | ---: | ---: |" + (" ---: |" if small else "") + " ---: | ---: | ---: | ---: |"]
-    for r in records:
-        m, n = r["metrics"], r["num_samples"]
-        full = f"{m['fid']:.2f}" if n == n_all else "–"
-        mark = f" (N={n})" if n != n_all else ""
-        rows.append(f"| {NAMES.get(r['sampler'], r['sampler'])} | {r['steps'] or 1000} | {full} |"
-                    + (f" {fid_at(r, n_ddpm):.2f} |" if small else "")
-                    + f" {m['precision']:.3f}{mark} | {m['recall']:.3f}{mark} | {m['is']:.2f}{mark} | "
-                    f"{r['sampling_wall_s']:.0f} s for {n} |")
-    fl = floors[n_all]
-    rows.append(f"| real MNIST test images (the metric's floor) | – | {fl['fid']:.2f} |"
-                + (f" {floors[n_ddpm]['fid']:.2f} |" if small else "")
-                + f" {fl['precision']:.3f} | {fl['recall']:.3f} | {fl['is']:.2f} | – |")
+    rows = table_rows(groups, floors, n_all, n_ddpm)
     ddpm_note = (f" DDPM-1000 (1000 network evaluations per sample) draws only its first {n_ddpm} samples to "
                  f"stay affordable; every other sampler is also scored on its first {n_ddpm} samples (same "
                  f"seed, so the same starting noise), and DDPM is compared in that column only."
@@ -178,13 +209,19 @@ def render(args, records: list[dict], floors: dict, info: dict) -> str:
              f"- scoring: `evaluate.py --features classifier`: the 128-d penultimate features of the digit "
              f"classifier (trained {args.classifier_steps} steps on the same split, accuracy "
              f"{info['classifier']['accuracy']:.3f} on {info['classifier']['accuracy_on']}); reference = all "
-             f"{info['num_ref']} test images at {args.image_size}x{args.image_size}; seed {args.seed}, EMA weights, "
+             f"{info['num_ref']} test images at {args.image_size}x{args.image_size}; EMA weights; sampling seeds "
+             f"{args.sample_seeds} (FIDs: mean ± sd over them, other metrics: means; the targets compare means), "
              f"samples quantized to uint8; precision/recall with k=3 on N samples vs N reference images. FIDs "
              f"at these N are biased upwards (see the real-image floor) and comparable only at equal N."
              + ddpm_note, "", *rows, ""]
-    lines += targets({key: fid_at(r, n) for r in records for key, n in
-                      [((r["sampler"], r["steps"] or 1000, "all"), n_all), ((r["sampler"], r["steps"] or 1000,
-                                                                              "small"), n_ddpm)]})
+    fids = {}  # (sampler, steps, "all" | "small") -> mean FID over the seeds
+    for group in groups:
+        key = (group[0]["sampler"], group[0]["steps"] or 1000)
+        for column, n in (("all", n_all), ("small", n_ddpm)):
+            values = [fid_at(g, n) for g in group]
+            if None not in values:
+                fids[(*key, column)] = statistics.fmean(values)
+    lines += targets(fids)
     return "\n".join(lines + ["", END])
 
 
@@ -241,17 +278,18 @@ def main(argv=None) -> int:
     train_s = json.loads(timing.read_text())["train_s"] if timing.is_file() else float("nan")
     common = ["--features", "classifier", "--classifier-dir", str(dirs["classifier"]), "--ref-dir", str(dirs["ref"]),
               "--device", "cpu", "--quiet"]
-    records = []
+    seeds = [int(seed) for seed in args.sample_seeds.split(",")]
+    groups = []  # per sampler: one record per sampling seed
     for item in args.samplers.split(","):
         sampler, steps = item.split(":")
-        records.append(run_evaluate(ckpt, sampler, int(steps), args, common))
-    floors = real_floors(args, cfg.data, dirs)
+        groups.append([run_evaluate(ckpt, sampler, int(steps), seed, args, common) for seed in seeds])
+    floors = real_floors(args, cfg.data, dirs, seeds)
     from model import build_model, count_parameters
     info = {"date": time.strftime("%Y-%m-%d %H:%M %Z"), "machine": machine(), "commit": commit(),
             "load": (load_start, os.getloadavg()[0]), "command": "python bench/quality.py " + " ".join(sys.argv[1:]),
             "params": count_parameters(build_model(cfg)), "train_s": train_s, "classifier": classifier,
-            "num_ref": records[0]["reference"]["num_images"], "total_min": (time.perf_counter() - wall_start) / 60}
-    section = render(args, records, floors, info)
+            "num_ref": groups[0][0]["reference"]["num_images"], "total_min": (time.perf_counter() - wall_start) / 60}
+    section = render(args, groups, floors, info)
     print(section)
     if not args.no_write:
         write_section(section)
