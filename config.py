@@ -116,7 +116,7 @@ class TrainConfig:
     ema_decay: float = 0.9999
     ema_warmup: bool = True            # decay ramps up as min(decay, (1+n)/(10+n))
     amp: str = "auto"                  # auto | off | bf16 | fp16 (fp16 needs CUDA); auto: bf16 where it is fast
-    channels_last: Optional[bool] = None  # None (null) = auto: on for CUDA; on CPU for model.channels >= 128
+    channels_last: Optional[bool] = None  # None (null) = auto: on for CUDA, off on CPU (measured)
     compile: bool = False
     cond_drop_prob: float = 0.1        # class-conditional models: label dropout for CFG
     max_nonfinite: int = 10            # stop after this many non-finite losses in a row

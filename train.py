@@ -139,7 +139,7 @@ class Trainer:
         seed_everything(cfg.seed)  # the same initial weights on every rank
         net = build_model(cfg).to(self.device)
         self.channels_last = (cfg.model.kind == "unet"
-                              and resolve_channels_last(tcfg.channels_last, self.device, cfg.model.channels))
+                              and resolve_channels_last(tcfg.channels_last, self.device))
         if self.channels_last:
             net = net.to(memory_format=torch.channels_last)
         self.net = net

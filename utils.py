@@ -54,17 +54,12 @@ def resolve_amp(mode: str, device: torch.device) -> str:
     return "off"
 
 
-CPU_CHANNELS_LAST_MIN_WIDTH = 128
-
-
-def resolve_channels_last(flag: Optional[bool], device: torch.device, base_channels: int) -> bool:
-    """None (auto) -> channels_last on CUDA (it feeds the tensor cores), and on CPU only for wide U-Nets.
-    Measured bf16 training steps on a 2-core AVX512-BF16 CPU (batch 32), channels_last vs NCHW: the CIFAR-10
-    net (width 128) 1.12x faster; the MNIST net (width 64) 1.5x slower, the digits net (16) 1.16x slower
-    (oneDNN's blocked convolutions pay off at many channels; GroupNorm's channels_last backward does not)."""
-    if flag is not None:
-        return flag
-    return device.type == "cuda" or (device.type == "cpu" and base_channels >= CPU_CHANNELS_LAST_MIN_WIDTH)
+def resolve_channels_last(flag: Optional[bool], device: torch.device) -> bool:
+    """None (auto) -> channels_last on CUDA only (it feeds the tensor cores). On CPU NCHW trains as fast or
+    faster: `python bench/throughput.py --dtypes bf16 --tasks train --no-diffusers` on a 2-core AVX512-BF16
+    CPU gave NCHW / channels_last 1.36x for the MNIST net, 1.15x for digits, 1.02x for CIFAR-10 (runs of the
+    CIFAR-10 net vary by +-12% either way); GroupNorm's channels_last backward is slow on CPU."""
+    return device.type == "cuda" if flag is None else flag
 
 
 def seed_everything(seed: int) -> None:

@@ -26,10 +26,9 @@ def test_auto_amp_elsewhere_is_off():
     assert resolve_amp("auto", torch.device("meta")) == "off"
 
 
-def test_channels_last_auto_is_cuda_and_wide_nets_on_cpu_and_explicit_values_win():
-    assert resolve_channels_last(None, CUDA, 16) and resolve_channels_last(None, CPU, 128)
-    assert not resolve_channels_last(None, CPU, 64) and not resolve_channels_last(None, torch.device("meta"), 128)
-    assert resolve_channels_last(True, CPU, 16) and not resolve_channels_last(False, CUDA, 128)
+def test_channels_last_auto_is_cuda_only_and_explicit_values_win():
+    assert resolve_channels_last(None, CUDA) and not resolve_channels_last(None, CPU)
+    assert resolve_channels_last(True, CPU) and not resolve_channels_last(False, CUDA)
 
 
 def test_presets_use_the_auto_speed_settings():
