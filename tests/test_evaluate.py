@@ -409,6 +409,25 @@ def test_bench_targets_compare_the_right_rows():
     assert "does NOT hold (FID 13.00 vs 10.00, +30.0%)" in targets[1]  # compared at the DDPM sample count
 
 
+def test_bench_table_averages_fids_over_sampling_seeds():
+    bench = load_bench()
+
+    def record(sampler, steps, n, fid, fid_small=None):
+        metrics = {"fid": fid, "precision": 0.5, "recall": 0.7, "is": 9.0}
+        if fid_small is not None:
+            metrics["at_n"] = {"250": {"fid": fid_small}}
+        return {"sampler": sampler, "steps": steps, "num_samples": n, "metrics": metrics, "sampling_wall_s": 10.0}
+    groups = [[record("ddpm", None, 250, f) for f in (14.0, 16.0)],
+              [record("ddim", 50, 500, f, f + 10) for f in (10.0, 12.0)]]
+    floors = {n: {"fid": [4.0, 6.0], "precision": [0.9, 0.9], "recall": [0.9, 0.9], "is": [9.8, 9.8]}
+              for n in (250, 500)}
+    rows = bench.table_rows(groups, floors, 500, 250)
+    assert rows[2].startswith("| DDPM | 1000 | – | 15.00 ± 1.41 |") and "(N=250)" in rows[2]
+    assert rows[3].startswith("| DDIM (eta=0) | 50 | 11.00 ± 1.41 | 21.00 ± 1.41 | 0.500 | 0.700 | 9.00 |")
+    assert rows[4].startswith("| real MNIST test images (the metric's floor) | – | 5.00 ± 1.41 | 5.00 ± 1.41 |")
+    assert bench.mean_sd([3.0]) == "3.00"
+
+
 def test_bench_exits_cleanly_without_the_data(tmp_path, capsys):
     assert load_bench().main(["--data", str(tmp_path / "nothing")]) == 0
     assert "MNIST test split not found" in capsys.readouterr().out
