@@ -39,11 +39,11 @@ from features import (
     CLASSIFIER_DIR,
     INCEPTION_DIR,
     INCEPTION_FILE,
-    _split_dataset,
     build_extractor,
     classifier_path,
     extract,
     load_split_uint8,
+    split_dataset,
     train_classifier,
 )
 from metrics import EvalError, classifier_scores, frechet_distance, gaussian_stats, precision_recall
@@ -71,12 +71,12 @@ def reference_stats(data_cfg: DataConfig, split: str, extractor, num_ref: Option
     """Mean and covariance of the features of a data split (all of it, or a seeded subset of num_ref images),
     classifier scores, and the features of at most PR_MAX_REF of its images for precision/recall; computed
     once and cached as <cache_dir>/<reference_key>.npz (plain arrays, loaded without pickle)."""
-    dataset = _split_dataset(data_cfg, split)
+    dataset = split_dataset(data_cfg, split)
     n = len(dataset) if num_ref is None else min(num_ref, len(dataset))
     key = reference_key(data_cfg.dataset, split, data_cfg.image_size, extractor.name, n)
     path = Path(cache_dir) / f"{key}.npz"
     if not path.is_file():
-        images, _ = load_split_uint8(data_cfg, split, limit=n, seed=seed)
+        images, _ = load_split_uint8(data_cfg, split, limit=n, seed=seed, dataset=dataset)
         feats, logits = extract(extractor, images, batch_size, desc="reference features")
         mu, sigma = gaussian_stats(feats)
         scores = classifier_scores(logits)

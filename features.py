@@ -56,16 +56,17 @@ def uint8_to_unit(images: torch.Tensor) -> torch.Tensor:
     return images.float() / 127.5 - 1.0
 
 
-def _split_dataset(data_cfg: DataConfig, split: str):
+def split_dataset(data_cfg: DataConfig, split: str):
     """The named split (build_dataset's training set is the split that data.split names)."""
     from dataset import build_dataset
     return build_dataset(dataclasses.replace(data_cfg, split=split), train=True)
 
 
-def load_split_uint8(data_cfg: DataConfig, split: str, limit: Optional[int] = None,
-                     seed: int = 0) -> tuple[torch.Tensor, torch.Tensor]:
-    """A whole split as quantized images (N, C, S, S) uint8 and labels (N,), optionally a seeded subset."""
-    dataset = _split_dataset(data_cfg, split)
+def load_split_uint8(data_cfg: DataConfig, split: str, limit: Optional[int] = None, seed: int = 0,
+                     dataset=None) -> tuple[torch.Tensor, torch.Tensor]:
+    """A whole split as quantized images (N, C, S, S) uint8 and labels (N,), optionally a seeded subset.
+    `dataset`: the split already built by split_dataset (saves reading it twice)."""
+    dataset = dataset if dataset is not None else split_dataset(data_cfg, split)
     index = torch.arange(len(dataset))
     if limit is not None and limit < len(dataset):
         index = torch.randperm(len(dataset), generator=torch.Generator().manual_seed(seed))[:limit].sort().values

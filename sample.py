@@ -283,11 +283,11 @@ def _limits(data: torch.Tensor) -> tuple[float, float]:
     return lo - pad, hi + pad
 
 
-def _scatter_frames(point_sets: list[torch.Tensor], titles: list[str], lim, dpi: int = 80) -> list[Image.Image]:
+def _scatter_frames(point_sets: list[torch.Tensor], titles: list[str], lim) -> list[Image.Image]:
     """One fixed-limits scatter plot per (n, 2) point set, rendered to an RGB image."""
     plt, frames = _pyplot(), []
     for points, title in zip(point_sets, titles):
-        fig, ax = plt.subplots(figsize=(4, 4), dpi=dpi)
+        fig, ax = plt.subplots(figsize=(4, 4), dpi=80)
         ax.scatter(*points.T.numpy(), s=2, alpha=0.5)
         ax.set(xlim=lim, ylim=lim, aspect="equal", title=title)
         fig.canvas.draw()

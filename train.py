@@ -80,7 +80,7 @@ class Trainer:
             torch.set_num_threads(threads)  # restored in close()
         self.run_dir = CHECKPOINT_ROOT / cfg.run_name
         self.images_dir = RESULTS_ROOT / "images" / cfg.run_name
-        self._check_amp()
+        self._resolve_amp()
         if resume is not None and checkpoint is None:
             checkpoint = load_resume_checkpoint(resume)
         if checkpoint is not None:
@@ -95,7 +95,7 @@ class Trainer:
         self.signals = StopSignals().install()
 
     # -- setup ---------------------------------------------------------------------------------------
-    def _check_amp(self) -> None:
+    def _resolve_amp(self) -> None:
         self.amp = resolve_amp(self.tcfg.amp, self.device)  # the mode in use ('auto' resolved)
         if self.amp == "fp16" and self.device.type != "cuda":
             raise ConfigError(f"train.amp=fp16 needs a CUDA GPU (fp16 training needs torch.amp.GradScaler); "
