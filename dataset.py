@@ -33,7 +33,6 @@ import torch
 import torch.nn.functional as F
 from PIL import Image
 from torch.utils.data import Dataset, TensorDataset
-from torchvision import transforms
 
 from config import DATASETS, TOY_DISTRIBUTIONS, Config, ConfigError, DataConfig
 
@@ -87,9 +86,6 @@ class ImageTensorDataset(Dataset):
         self.images, self.labels = images, labels.long()          # (N, C, H, W) uint8, (N,) int64
         self.image_size, self.max_value, self.flip = image_size, float(max_value), flip
         self.class_names = list(class_names or [])
-        # RandomHorizontalFlip draws torch.rand(1) from the global RNG: runs that restore torch's RNG
-        # state (num_workers=0) see exactly the same flips.
-        self.random_flip = transforms.RandomHorizontalFlip(0.5)
 
     def __len__(self) -> int:
         return self.images.shape[0]
@@ -97,8 +93,10 @@ class ImageTensorDataset(Dataset):
     def __getitem__(self, index: int) -> tuple[torch.Tensor, torch.Tensor]:
         x = self.images[index].float() / (self.max_value / 2) - 1.0  # (C, H, W); 0 -> -1, max -> +1 exactly
         x = resize_square(x, self.image_size)
-        if self.flip:
-            x = self.random_flip(x)
+        # One torch.rand(1) from the global RNG per item, as torchvision's RandomHorizontalFlip draws (without
+        # importing torchvision, ~2 s): runs that restore torch's RNG state (num_workers=0) see the same flips.
+        if self.flip and torch.rand(1) < 0.5:
+            x = x.flip(-1)
         return x, self.labels[index]
 
 
@@ -279,6 +277,8 @@ class ImageFolderDataset(Dataset):
     """Any images as RGB: shorter side resized to image_size, center-cropped, scaled to [-1, 1]."""
 
     def __init__(self, root: Path, image_size: int, flip: bool):
+        from torchvision import transforms  # PIL resizing for arbitrary files; imported only when used (~2 s)
+
         self.files, self.labels, self.class_names = scan_image_folder(root)
         steps = [transforms.Resize(image_size), transforms.CenterCrop(image_size)]
         if flip:
