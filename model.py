@@ -107,18 +107,18 @@ class Upsample(nn.Module):
         if x.device.type != "cpu" or min(x.shape[-2:]) < 8:  # GPUs keep cuDNN's path (not measured there)
             return self.conv(F.interpolate(x, scale_factor=2.0, mode="nearest"))
         B, _, H, W = x.shape
-        O = self.conv.out_channels
+        C_out = self.conv.out_channels
         # out[:, (a, b, o), i, j] for i in 0..H, j in 0..W: phase (a, b) of output pixel (2(i-a)+a, 2(j-b)+b).
         out = F.conv2d(x, _phase_kernels(self.conv.weight), self.conv.bias.repeat(4), padding=1)
-        out = out.unflatten(1, (2, 2, O))                                         # (B, 2, 2, O, H+1, W+1)
+        out = out.unflatten(1, (2, 2, C_out))                                     # (B, 2, 2, C_out, H+1, W+1)
         if x.is_contiguous(memory_format=torch.channels_last):  # keep the caller's memory format
-            y = out.new_empty(B, H, 2, W, 2, O).permute(0, 5, 1, 2, 3, 4)         # (B, O, H, 2, W, 2)
+            y = out.new_empty(B, H, 2, W, 2, C_out).permute(0, 5, 1, 2, 3, 4)     # (B, C_out, H, 2, W, 2)
         else:
-            y = out.new_empty(B, O, H, 2, W, 2)
+            y = out.new_empty(B, C_out, H, 2, W, 2)
         for a in (0, 1):
             for b in (0, 1):
                 y[:, :, :, a, :, b] = out[:, a, b, :, a:a + H, b:b + W]
-        return y.reshape(B, O, 2 * H, 2 * W)
+        return y.reshape(B, C_out, 2 * H, 2 * W)
 
 
 def _phase_kernels(w: torch.Tensor) -> torch.Tensor:
