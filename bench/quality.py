@@ -11,16 +11,16 @@ What it does (every size is a flag):
      --image-size (16 by default, so that DDPM-1000 stays affordable on 2 cores); exits 0 if it is absent;
   2. trains the digit classifier of evaluate.py on that split (features of "classifier FID");
   3. trains a small U-Net (configs/mnist.yaml with the overrides below) through train.train(cfg);
-  4. draws --num-samples samples with each sampler (ddpm:1000, ddim:10/20/50/100, dpmpp2m:10/20; one batch
-     size) for each of --sample-seeds and scores them with `python evaluate.py` (FID, k-NN precision/recall,
-     classifier IS) against all 10,000 images of the split the model was trained on. DDPM-1000 costs 50x
-     the network evaluations of DDIM-20 (~5 min per seed for 500); with --ddpm-samples below --num-samples
-     it draws only that many, and every sampler is also scored on its first that many samples (the same
-     starting noise), the column DDPM is compared in. (At N=250 the FID's own noise, ±4 between draws of
-     real images, is as large as the DDIM/DDPM gap being measured: hence N=500 for DDPM too.) The metric's
-     floor at each N is the row "real images": N real digits from that split scored the same way. FIDs
-     are means over the seeds: one seed's FID at N=500 moved by up to 8 points between seeds, more than
-     most sampler differences;
+  4. draws --num-samples samples with each sampler (ddpm:1000, ddim:10/20/50/100 with eta=0, ddim:50 with
+     eta=1, dpmpp2m:10/20; one batch size) for each of --sample-seeds and scores them with `python
+     evaluate.py` (FID, k-NN precision/recall, classifier IS) against all 10,000 images of the split the
+     model was trained on. DDPM-1000 costs 50x the network evaluations of DDIM-20 (~5 min per seed for
+     500); with --ddpm-samples below --num-samples it draws only that many, and every sampler is also scored
+     on its first that many samples (the same starting noise), the column DDPM is compared in. (At N=250
+     the FID's own noise, ±4 between draws of real images, is as large as the DDIM/DDPM gap being
+     measured: hence N=500 for DDPM too.) The metric's floor at each N is the row "real images": N real
+     digits from that split scored the same way. FIDs are means over the seeds: one seed's FID at N=500
+     moved by up to 8 points between seeds, more than most sampler differences;
   5. writes a markdown table between <!-- quality:start --> and <!-- quality:end --> in bench/RESULTS.md.
 """
 from __future__ import annotations
@@ -48,8 +48,8 @@ from utils import save_checkpoint  # noqa: E402
 MNIST = REPO.parent / "shared" / "data" / "mnist"
 RESULTS = REPO / "bench" / "RESULTS.md"
 START, END = "<!-- quality:start -->", "<!-- quality:end -->"
-SAMPLERS = "ddpm:1000,ddim:10,ddim:20,ddim:50,ddim:100,dpmpp2m:10,dpmpp2m:20"
-NAMES = {"ddpm": "DDPM", "ddim": "DDIM (eta=0)", "dpmpp2m": "DPM-Solver++(2M)"}
+SAMPLERS = "ddpm:1000,ddim:10,ddim:20,ddim:50,ddim:100,ddim:50:1,dpmpp2m:10,dpmpp2m:20"  # sampler:steps[:eta]
+NAMES = {"ddpm": "DDPM", "ddim": "DDIM", "dpmpp2m": "DPM-Solver++(2M)"}
 
 
 def parse_args(argv=None) -> argparse.Namespace:
@@ -65,7 +65,7 @@ def parse_args(argv=None) -> argparse.Namespace:
     p.add_argument("--num-samples", type=int, default=500, help="samples per sampler")
     p.add_argument("--ddpm-samples", type=int, default=500, help="samples for DDPM-1000; if fewer than "
                    "--num-samples, every sampler is also scored on its first that many samples")
-    p.add_argument("--samplers", default=SAMPLERS, help="comma-separated sampler:steps")
+    p.add_argument("--samplers", default=SAMPLERS, help="comma-separated sampler:steps or ddim:steps:eta")
     p.add_argument("--sample-batch-size", type=int, default=250)
     p.add_argument("--classifier-steps", type=int, default=800)
     p.add_argument("--seed", type=int, default=0, help="training and classifier seed")
@@ -103,7 +103,7 @@ def ensure_classifier(args, data_cfg: DataConfig, folder: Path) -> dict:
     return feat.load_classifier(path)[1]
 
 
-def run_evaluate(ckpt: Path, sampler: str, steps: int, seed: int, args, common: list[str]) -> dict:
+def run_evaluate(ckpt: Path, sampler: str, steps: int, eta: float, seed: int, args, common: list[str]) -> dict:
     """One `python evaluate.py` run (in-process); returns its JSON record. DDPM draws only ddpm_samples;
     the others are also scored on their first ddpm_samples samples."""
     run_name = f"bench_quality{'_' + args.tag if args.tag else ''}"
@@ -111,8 +111,8 @@ def run_evaluate(ckpt: Path, sampler: str, steps: int, seed: int, args, common: 
     n = n_ddpm if sampler == "ddpm" else args.num_samples
     also = ["--also-at", str(n_ddpm)] if n > n_ddpm else []
     argv = ["--checkpoint", str(ckpt), "--num-samples", str(n), *also, "--sampler", sampler,
-            "--steps", str(steps), "--seed", str(seed), "--batch-size", str(args.sample_batch_size),
-            "--run-name", run_name, *common]
+            "--steps", str(steps), "--eta", str(eta), "--seed", str(seed),
+            "--batch-size", str(args.sample_batch_size), "--run-name", run_name, *common]
     print("python evaluate.py " + " ".join(argv), flush=True)
     if ev.main(argv) != 0:
         raise SystemExit(f"evaluate.py failed for {sampler}:{steps}")
@@ -178,7 +178,9 @@ def table_rows(groups: list[list[dict]], floors: dict, n_all: int, n_ddpm: int) 
         full = mean_sd([g["metrics"]["fid"] for g in group]) if n == n_all else "–"
         mark = f" (N={n})" if n != n_all else ""
         wall = statistics.fmean(g["sampling_wall_s"] for g in group)
-        rows.append(f"| {NAMES.get(r['sampler'], r['sampler'])} | {r['steps'] or 1000} | {full} |"
+        name = NAMES.get(r["sampler"], r["sampler"])
+        name += f" (eta={r.get('eta', 0.0):g})" if r["sampler"] == "ddim" else ""
+        rows.append(f"| {name} | {r['steps'] or 1000} | {full} |"
                     + (f" {mean_sd([fid_at(g, n_ddpm) for g in group])} |" if small else "")
                     + f" {mean['precision']:.3f}{mark} | {mean['recall']:.3f}{mark} | {mean['is']:.2f}{mark} | "
                     f"{wall:.0f} s for {n} |")
@@ -217,7 +219,7 @@ def render(args, groups: list[list[dict]], floors: dict, info: dict) -> str:
              f"at these N are biased upwards (see the real-image floor) and comparable only at equal N."
              + ddpm_note, "", *rows, ""]
     fids = {}  # (sampler, steps, "all" | "small") -> mean FID over the seeds
-    for group in groups:
+    for group in (g for g in groups if not g[0].get("eta")):  # the targets are about deterministic DDIM
         key = (group[0]["sampler"], group[0]["steps"] or 1000)
         for column, n in (("all", n_all), ("small", n_ddpm)):
             values = [fid_at(g, n) for g in group]
@@ -283,8 +285,9 @@ def main(argv=None) -> int:
     seeds = [int(seed) for seed in args.sample_seeds.split(",")]
     groups = []  # per sampler: one record per sampling seed
     for item in args.samplers.split(","):
-        sampler, steps = item.split(":")
-        groups.append([run_evaluate(ckpt, sampler, int(steps), seed, args, common) for seed in seeds])
+        sampler, steps, *eta = item.split(":")
+        eta = float(eta[0]) if eta else 0.0
+        groups.append([run_evaluate(ckpt, sampler, int(steps), eta, seed, args, common) for seed in seeds])
     floors = real_floors(args, cfg.data, dirs, seeds)
     from model import build_model, count_parameters
     info = {"date": time.strftime("%Y-%m-%d %H:%M %Z"), "machine": machine(), "commit": commit(),

@@ -412,19 +412,29 @@ def test_bench_targets_compare_the_right_rows():
 def test_bench_table_averages_fids_over_sampling_seeds():
     bench = load_bench()
 
-    def record(sampler, steps, n, fid, fid_small=None):
+    def record(sampler, steps, n, fid, fid_small=None, eta=0.0):
         metrics = {"fid": fid, "precision": 0.5, "recall": 0.7, "is": 9.0}
         if fid_small is not None:
             metrics["at_n"] = {"250": {"fid": fid_small}}
-        return {"sampler": sampler, "steps": steps, "num_samples": n, "metrics": metrics, "sampling_wall_s": 10.0}
+        return {"sampler": sampler, "steps": steps, "eta": eta, "num_samples": n, "metrics": metrics,
+                "sampling_wall_s": 10.0}
     groups = [[record("ddpm", None, 250, f) for f in (14.0, 16.0)],
-              [record("ddim", 50, 500, f, f + 10) for f in (10.0, 12.0)]]
+              [record("ddim", 50, 500, f, f + 10) for f in (10.0, 12.0)],
+              [record("ddim", 50, 500, f, f - 5, eta=1.0) for f in (8.0, 8.0)]]
     floors = {n: {"fid": [4.0, 6.0], "precision": [0.9, 0.9], "recall": [0.9, 0.9], "is": [9.8, 9.8]}
               for n in (250, 500)}
     rows = bench.table_rows(groups, floors, 500, 250)
     assert rows[2].startswith("| DDPM | 1000 | – | 15.00 ± 1.41 |") and "(N=250)" in rows[2]
     assert rows[3].startswith("| DDIM (eta=0) | 50 | 11.00 ± 1.41 | 21.00 ± 1.41 | 0.500 | 0.700 | 9.00 |")
-    assert rows[4].startswith("| real MNIST test images (the metric's floor) | – | 5.00 ± 1.41 | 5.00 ± 1.41 |")
+    assert rows[4].startswith("| DDIM (eta=1) | 50 | 8.00 ± 0.00 | 3.00 ± 0.00 |")
+    assert rows[5].startswith("| real MNIST test images (the metric's floor) | – | 5.00 ± 1.41 | 5.00 ± 1.41 |")
+    # The targets are about deterministic DDIM: the eta=1 row must not stand in for DDIM-50.
+    args = bench.parse_args(["--num-samples", "500", "--ddpm-samples", "250"])
+    info = {"date": "d", "machine": "m", "commit": "c", "load": (0.0, 0.0), "command": "python bench/quality.py",
+            "params": 1e6, "train_s": 60.0, "classifier": {"accuracy": 0.99, "accuracy_on": "held-out"},
+            "num_ref": 10000, "total_min": 1.0}
+    section = bench.render(args, groups, floors, info)
+    assert "(FID 21.00 vs 15.00, +40.0%)" in section
     assert bench.mean_sd([3.0]) == "3.00"
 
 
