@@ -128,8 +128,9 @@ def real_floors(args, data_cfg: DataConfig, dirs: dict, seeds: list[int]) -> dic
     ref = ev.reference_stats(data_cfg, "test", extractor, None, dirs["ref"])
     sizes = sorted({args.num_samples, min(args.ddpm_samples, args.num_samples)})
     floors = {n: {} for n in sizes}
+    split = feat.split_dataset(data_cfg, "test")  # read once; each seed draws its own subset of it
     for seed in seeds:
-        images, _ = feat.load_split_uint8(data_cfg, "test", limit=args.num_samples, seed=seed + 123)
+        images, _ = feat.load_split_uint8(data_cfg, "test", limit=args.num_samples, seed=seed + 123, dataset=split)
         images = images[torch.randperm(len(images), generator=torch.Generator().manual_seed(seed))]
         for n in sizes:
             for key, value in ev.score_images(images[:n], ref, extractor, seed=seed).items():
