@@ -14,13 +14,36 @@ This module knows nothing of optimizers, files or devices beyond its own buffers
 from __future__ import annotations
 
 import math
-from typing import Callable, Optional
+from typing import Callable, Iterator, NamedTuple, Optional
 
 import torch
 import torch.nn as nn
 from tqdm.auto import tqdm
 
 from config import LOSS_WEIGHTINGS, OBJECTIVES, SAMPLERS, SCHEDULES, SPACINGS, VAR_TYPES, ConfigError
+
+
+# t_prev of the last sampling step: "before step 0", the data itself (alpha-bar = 1, no noise). Only
+# `Diffusion.alpha_bar_prev` gives it a value; it indexes no coefficient table.
+DATA_T = -1
+ETA_SAMPLERS = ("ddim",)  # the samplers that take eta; the others refuse a nonzero eta
+
+
+class StepOutput(NamedTuple):
+    """One sampler step: x at t_prev, the x0 predicted at t, and the state the next step needs (None
+    except for DPM-Solver++(2M), which keeps the previous x0 and log-SNR step)."""
+    prev_sample: torch.Tensor
+    x0_pred: torch.Tensor
+    state: Optional[tuple]
+
+
+class StepRecord(NamedTuple):
+    """What `Diffusion.sample_steps` yields after each model evaluation: step i went from t to t_prev."""
+    i: int
+    t: int
+    t_prev: int
+    xt: torch.Tensor       # x at t_prev (the sample itself after the last step)
+    x0_pred: torch.Tensor  # x0 predicted at t
 
 
 def make_betas(schedule: str, num_timesteps: int, beta_start: float = 1e-4, beta_end: float = 0.02,
@@ -68,7 +91,7 @@ class Diffusion(nn.Module):
         # [DDPM] Eq. 7: posterior q(x_{t-1} | x_t, x_0) = N(mean_coef1 x0 + mean_coef2 xt, beta_tilde)
         post_var = betas * (1 - abar_prev) / (1 - abar)
         buffers = {
-            "betas": betas, "alphas_cumprod": abar, "alphas_cumprod_prev": abar_prev,
+            "betas": betas, "alphas_cumprod": abar,
             "sqrt_abar": abar.sqrt(), "sqrt_one_minus_abar": (1 - abar).sqrt(),
             "posterior_variance": post_var,
             "posterior_mean_coef1": betas * abar_prev.sqrt() / (1 - abar),
@@ -86,10 +109,9 @@ class Diffusion(nn.Module):
     # ------------------------------------------------------------------ coefficients
     @staticmethod
     def gather(coef: torch.Tensor, t: torch.Tensor, ndim: int) -> torch.Tensor:
-        """coef[t] shaped (B, 1, ..., 1) to broadcast against a (B, ...) tensor of `ndim` dims.
-        t == -1 stands for "before the first step", where abar = 1 (used by the last DDIM step)."""
-        out = torch.where(t >= 0, coef[t.clamp(min=0)], torch.ones_like(coef[0]))
-        return out.view(-1, *([1] * (ndim - 1)))
+        """coef[t] shaped (B, 1, ..., 1) to broadcast against a (B, ...) tensor of `ndim` dims; t in 0..T-1
+        (the "before step 0" of the last sampling step is `alpha_bar_prev`'s, not a coefficient index)."""
+        return coef[t].view(-1, *([1] * (ndim - 1)))
 
     def q_sample(self, x0: torch.Tensor, t: torch.Tensor, noise: torch.Tensor) -> torch.Tensor:
         """[DDPM] Eq. 4: x_t = sqrt(abar_t) x0 + sqrt(1 - abar_t) eps."""
@@ -160,6 +182,13 @@ class Diffusion(nn.Module):
         return self.training_losses(model, x0, y)[0].mean()
 
     # ------------------------------------------------------------------ sampling
+    # Notation (variable -> paper symbol), as in diffusers' DDIMScheduler.step. abar is [DDPM]'s alpha-bar_t,
+    # which [DDIM] writes alpha_t and [DPMS] splits as alpha_t = sqrt(abar), sigma_t = sqrt(1 - abar).
+    #   t, t_prev        -> the step's timesteps t > t_prev ([DDIM] tau_i, tau_{i-1}); t_prev = DATA_T: the data
+    #   abar, abar_prev  -> alpha-bar_t, alpha-bar_{t_prev}   ([DDIM] alpha_t, alpha_{t-1}; alpha_0 := 1)
+    #   x0, eps          -> "predicted x_0" f_theta(x_t) ([DDIM] Eq. 9; [DPMS] x_theta), eps_theta(x_t, t)
+    #   sigma, noise     -> sigma_t(eta) ([DDIM] Eq. 16) and z ~ N(0, I) ([DDPM] Algorithm 2)
+    #   lam, h, d        -> lambda_t = log(alpha_t / sigma_t), h_i = lambda_{t_i} - lambda_{t_{i-1}}, D_i ([DPMS])
     def sampling_timesteps(self, sampler: str, steps: Optional[int] = None,
                            spacing: Optional[str] = None) -> list[int]:
         """Explicit, decreasing list of timesteps the sampler visits. Spacing defaults to the
@@ -173,6 +202,9 @@ class Diffusion(nn.Module):
             if steps not in (None, T):
                 raise ConfigError(f"the ddpm sampler uses all T={T} steps, got steps={steps}; for fewer "
                                   "steps use sampler ddim (eta=1 is the ancestral equivalent) or dpmpp2m")
+            if spacing is not None:
+                raise ConfigError(f"the ddpm sampler visits every timestep, so timestep spacing {spacing!r} "
+                                  "does not apply; drop it or use sampler ddim or dpmpp2m")
             return list(range(T - 1, -1, -1))
         steps = T if steps is None else steps
         if not 1 <= steps <= T:
@@ -186,6 +218,26 @@ class Diffusion(nn.Module):
         else:                         # evenly spaced over [0, T-1], rounded
             ts = [round(i * (T - 1) / max(steps - 1, 1)) for i in range(steps)]
         return sorted(set(ts), reverse=True)
+
+    @staticmethod
+    def step_pairs(timesteps: list[int]) -> list[tuple[int, int]]:
+        """(t, t_prev) of each step down a decreasing timestep list; the last step goes to DATA_T."""
+        return list(zip(timesteps, [*timesteps[1:], DATA_T]))
+
+    @staticmethod
+    def check_eta(sampler: str, eta: Optional[float]) -> float:
+        """eta as the steps use it. Only the samplers in ETA_SAMPLERS take eta; None or 0 (what the scripts
+        pass every sampler by default) means "not given", any other eta is refused by the other samplers
+        rather than silently dropped (`--eta 1` with ddpm used to vanish)."""
+        _choice("sampler", sampler, SAMPLERS)
+        if eta is None:
+            return 0.0
+        if eta < 0:
+            raise ConfigError(f"eta must be >= 0, got {eta}")
+        if eta != 0 and sampler not in ETA_SAMPLERS:
+            raise ConfigError(f"sampler {sampler} does not use eta (got eta={eta:g}); the samplers that take eta: "
+                              f"{', '.join(ETA_SAMPLERS)}. Drop eta or use one of those")
+        return float(eta)
 
     def _model_fn(self, model: Callable, y: Optional[torch.Tensor], guidance_scale: float) -> Callable:
         """Wrap the model for classifier-free guidance (Ho & Salimans 2022, Eq. 6).
@@ -203,84 +255,142 @@ class Diffusion(nn.Module):
 
     @torch.no_grad()
     def sample(self, model: Callable, shape: tuple, sampler: str = "ddpm", steps: Optional[int] = None,
-               eta: float = 0.0, x_T: Optional[torch.Tensor] = None,
+               eta: Optional[float] = None, x_T: Optional[torch.Tensor] = None,
                generator: Optional[torch.Generator] = None, y: Optional[torch.Tensor] = None,
                guidance_scale: float = 1.0, clip_x0: bool = True, progress: bool = True,
                callback: Optional[Callable] = None, timestep_spacing: Optional[str] = None) -> torch.Tensor:
-        """Draw samples of `shape` = (B, ...). callback(i, t, x_t, x0_pred) is called after each step
-        with the new x_t and the x0 predicted on the way."""
-        if eta < 0:
-            raise ConfigError(f"eta must be >= 0, got {eta}")
+        """Draw samples of `shape` = (B, ...) from x_T (default: noise from `generator`). eta: ddim only
+        (0 = deterministic). callback(i, t, x_t, x0_pred) is called after each step with the new x_t and
+        the x0 predicted on the way; `sample_steps` gives the same per-step records as a generator."""
+        eta = self.check_eta(sampler, eta)
         timesteps = self.sampling_timesteps(sampler, steps, timestep_spacing)
-        device = self.betas.device
-        xt = x_T.to(device) if x_T is not None else self._randn(shape, generator)
-        model_fn = self._model_fn(model, y, guidance_scale)
-        loop = {"ddpm": self._ddpm_loop, "ddim": self._ddim_loop, "dpmpp2m": self._dpmpp2m_loop}[sampler]
-        it = tqdm(timesteps, desc=f"{sampler} sampling", leave=False, disable=not progress)
-        return loop(model_fn, xt, list(it), eta=eta, generator=generator, clip_x0=clip_x0,
-                    callback=callback)
+        xt = x_T.to(self.betas.device) if x_T is not None else self._randn(shape, generator)
+        for rec in self.sample_steps(model, xt, timesteps, sampler, eta=eta, generator=generator, y=y,
+                                     guidance_scale=guidance_scale, clip_x0=clip_x0, progress=progress):
+            xt = rec.xt
+            if callback is not None:
+                callback(rec.i, rec.t, rec.xt, rec.x0_pred)
+        return xt
+
+    def sample_steps(self, model: Callable, x: torch.Tensor, timesteps: list[int], sampler: str,
+                     eta: Optional[float] = None, generator: Optional[torch.Generator] = None,
+                     y: Optional[torch.Tensor] = None, guidance_scale: float = 1.0, clip_x0: bool = True,
+                     progress: bool = True) -> Iterator[StepRecord]:
+        """Generator of a trajectory: from x = x_{timesteps[0]} down the decreasing `timesteps` and on to
+        the data, one StepRecord per model evaluation. Arguments are checked now, before any step; the
+        steps run as the records are consumed. Any decreasing subset of 0..T-1 works, so a trajectory can
+        start at an intermediate t (x = q_sample(x0, t_start) with timesteps from t_start down)."""
+        eta = self.check_eta(sampler, eta)
+        ts = [int(t) for t in timesteps]
+        if not ts or any(a <= b for a, b in zip(ts, ts[1:])) or not 0 <= ts[-1] <= ts[0] < self.num_timesteps:
+            raise ConfigError(f"timesteps must be a non-empty decreasing list in 0..{self.num_timesteps - 1}")
+        if sampler == "ddpm" and ts != list(range(ts[0], -1, -1)):
+            raise ConfigError("the ddpm sampler steps through every timestep: t, t-1, ..., 0")
+        return self._run_steps(self._model_fn(model, y, guidance_scale), x.to(self.betas.device), ts, sampler,
+                               eta, generator, clip_x0, progress)
+
+    @torch.no_grad()
+    def _run_steps(self, model_fn, xt, timesteps, sampler, eta, generator, clip_x0, progress):
+        """The loop, after improved-diffusion's p_sample_loop_progressive: evaluate, step, report. It owns
+        the progress bar, which advances once per model evaluation as the steps actually run."""
+        bar = tqdm(total=len(timesteps), desc=f"{sampler} sampling", leave=False, disable=not progress)
+        state = None
+        try:
+            for i, (t, t_prev) in enumerate(self.step_pairs(timesteps)):
+                model_out = model_fn(xt, self._t(t, xt))
+                noise = self._randn(xt.shape, generator) if self.needs_noise(sampler, t_prev, eta) else None
+                xt, x0, state = self.step(sampler, model_out, xt, t, t_prev, eta=eta, noise=noise, state=state,
+                                          clip_x0=clip_x0)
+                bar.update(1)
+                yield StepRecord(i, t, t_prev, xt, x0)
+        finally:  # also when the caller stops early
+            bar.close()
+
+    @staticmethod
+    def needs_noise(sampler: str, t_prev: int, eta: float = 0.0) -> bool:
+        """Whether the step to t_prev adds fresh noise z: the ancestral steps (ddpm, ddim with eta > 0) do,
+        except the last one, which lands on the data (t_prev = DATA_T)."""
+        return t_prev >= 0 and (sampler == "ddpm" or (sampler == "ddim" and eta > 0))
+
+    def step(self, sampler: str, model_out: torch.Tensor, xt: torch.Tensor, t: int, t_prev: int,
+             eta: float = 0.0, noise: Optional[torch.Tensor] = None, state: Optional[tuple] = None,
+             clip_x0: bool = False) -> StepOutput:
+        """One step of `sampler` from x_t to x_{t_prev}, given the model output at (x_t, t). Pure: the
+        caller draws `noise` (exactly when needs_noise says so) and threads `state` from step to step.
+        t_prev is below t (ddpm: t - 1) or DATA_T; deterministic ddim (eta = 0) also steps upwards."""
+        _choice("sampler", sampler, SAMPLERS)
+        if sampler == "ddpm" and t_prev != t - 1 or t_prev >= t and not (sampler == "ddim" and eta == 0):
+            raise ValueError(f"{sampler} cannot step from t={t} to t_prev={t_prev}")
+        if (noise is not None) != self.needs_noise(sampler, t_prev, eta):
+            raise ValueError(f"the {sampler} step {t} -> {t_prev} (eta={eta:g}) "
+                             f"{'takes no' if noise is not None else 'needs'} noise")
+        t_vec = self._t(t, xt)
+        x0, eps = self.predict_x0_eps(model_out, xt, t_vec, clip_x0)  # the one conversion every sampler uses
+        if sampler == "ddpm":
+            return StepOutput(self._ddpm_step(xt, x0, t_vec, noise), x0, None)
+        if sampler == "ddim":
+            return StepOutput(self._ddim_step(xt, x0, eps, t_vec, t_prev, eta, noise), x0, None)
+        x_prev, state = self._dpmpp2m_step(xt, x0, t_vec, t_prev, state)
+        return StepOutput(x_prev, x0, state)
+
+    def _ddpm_step(self, xt, x0, t, noise):
+        """[DDPM] Algorithm 2, line 4: x_{t-1} = mu~_t + sigma_t z, with the posterior mean mu~_t(x_t, x0)
+        of Eqs. 6-7 written through x0 so that every objective shares it; the last step (t = 0) adds no
+        noise. sigma_t^2 = beta~_t (fixed_small) or beta_t (fixed_large), [DDPM] Sec. 3.2."""
+        mean, _ = self.q_posterior(x0, xt, t)
+        if noise is None:
+            return mean
+        var = self.posterior_variance if self.var_type == "fixed_small" else self.betas
+        return mean + self.gather(var, t, xt.ndim).sqrt() * noise
+
+    def _ddim_step(self, xt, x0, eps, t, t_prev, eta, noise):
+        """[DDIM] Eq. 12: x_{t_prev} = sqrt(abar_prev) x0 + sqrt(1 - abar_prev - sigma^2) eps + sigma z."""
+        # 1. alpha-bar at both ends of the step (abar_prev = 1 at DATA_T)
+        abar = self.gather(self.alphas_cumprod, t, xt.ndim)
+        abar_prev = self.alpha_bar_prev(t_prev, xt)
+        # 2. sigma_t(eta) of Eq. 16; eta = 1 gives the DDPM posterior std. Not evaluated at eta = 0, where
+        #    the upward steps of DDIM inversion would give sqrt(< 0)
+        sigma = eta * ((1 - abar_prev) / (1 - abar) * (1 - abar / abar_prev)).sqrt() if eta > 0 else 0.0
+        # 3. "predicted x0" term + "direction pointing to x_t" (clamped: sigma^2 may round above 1 - abar_prev)
+        x_prev = abar_prev.sqrt() * x0 + (1 - abar_prev - sigma ** 2).clamp(min=0).sqrt() * eps
+        # 4. "random noise" term; none on the last step, where sigma = 0
+        return x_prev if noise is None else x_prev + sigma * noise
+
+    def _dpmpp2m_step(self, xt, x0, t, t_prev, state):
+        """[DPMS] Algorithm 2 (DPM-Solver++(2M)): x_{t_prev} = (sigma_prev / sigma_t) x_t
+        - alpha_prev (e^{-h} - 1) D, in lambda = log(alpha / sigma). D is x0 on the first step and the
+        second-order extrapolation (1 + 1/(2r)) x0 - 1/(2r) x0_last (r = h_last / h) after it; state
+        carries (x0_last, h_last). The last step, to sigma = 0 (DATA_T), lands on x0 (first order)."""
+        if t_prev < 0:
+            return x0, state
+        abar, abar_prev = self.gather(self.alphas_cumprod, t, xt.ndim), self.alpha_bar_prev(t_prev, xt)
+        lam, lam_prev = (0.5 * torch.log(a / (1 - a)) for a in (abar, abar_prev))
+        h = lam_prev - lam
+        if state is None:
+            d = x0
+        else:
+            x0_last, h_last = state  # 1/(2r) = h / (2 h_last)
+            d = (1 + h / (2 * h_last)) * x0 - h / (2 * h_last) * x0_last
+        ratio = ((1 - abar_prev) / (1 - abar)).sqrt()  # sigma_prev / sigma_t
+        return ratio * xt - abar_prev.sqrt() * torch.expm1(-h) * d, (x0, h)
+
+    def alpha_bar_prev(self, t_prev: int, x: torch.Tensor) -> torch.Tensor:
+        """alpha-bar at a step's target t_prev, shaped (B, 1, ..., 1) like `gather`. t_prev < 0 (DATA_T) is
+        "before step 0", the data itself: alpha-bar = 1, no noise ([DDIM] Eq. 12 defines alpha_0 := 1).
+        Only alpha-bar has a value there, so this is not a case of `gather`."""
+        if t_prev < 0:
+            return torch.ones(x.shape[0], *[1] * (x.ndim - 1), device=x.device, dtype=self.alphas_cumprod.dtype)
+        return self.gather(self.alphas_cumprod, self._t(t_prev, x), x.ndim)
+
+    @staticmethod
+    def _t(t: int, x: torch.Tensor) -> torch.Tensor:
+        """Timestep t for every sample of the batch x, as the model and `gather` take it."""
+        return torch.full((x.shape[0],), t, device=x.device, dtype=torch.long)
 
     def _randn(self, shape, generator: Optional[torch.Generator]) -> torch.Tensor:
         # Draw on the generator's device (a CPU generator gives the same numbers on any device).
         gen_device = generator.device if generator is not None else self.betas.device
         return torch.randn(shape, generator=generator, device=gen_device).to(self.betas.device)
-
-    def _predict(self, model_fn, xt, t_int: int, clip_x0: bool):
-        t = torch.full((xt.shape[0],), t_int, device=xt.device, dtype=torch.long)
-        x0, eps = self.predict_x0_eps(model_fn(xt, t), xt, t, clip_x0)
-        return t, x0, eps
-
-    def _ddpm_loop(self, model_fn, xt, timesteps, generator, clip_x0, callback, **_):
-        """[DDPM] Algorithm 2, with the mean written through x0 (Eq. 7) so all objectives share it."""
-        var = self.posterior_variance if self.var_type == "fixed_small" else self.betas
-        for i, t_int in enumerate(timesteps):
-            t, x0, _ = self._predict(model_fn, xt, t_int, clip_x0)
-            mean, _ = self.q_posterior(x0, xt, t)
-            if t_int > 0:  # no noise is added at the last step
-                xt = mean + self.gather(var, t, xt.ndim).sqrt() * self._randn(xt.shape, generator)
-            else:
-                xt = mean
-            if callback is not None:
-                callback(i, t_int, xt, x0)
-        return xt
-
-    def _ddim_loop(self, model_fn, xt, timesteps, eta, generator, clip_x0, callback, **_):
-        """[DDIM] Eq. 12 with sigma from Eq. 16; the last step goes to abar = 1 (t_prev = -1)."""
-        for i, t_int in enumerate(timesteps):
-            t, x0, eps = self._predict(model_fn, xt, t_int, clip_x0)
-            t_prev = torch.full_like(t, timesteps[i + 1] if i + 1 < len(timesteps) else -1)
-            abar = self.gather(self.alphas_cumprod, t, xt.ndim)
-            abar_prev = self.gather(self.alphas_cumprod, t_prev, xt.ndim)
-            sigma = eta * ((1 - abar_prev) / (1 - abar) * (1 - abar / abar_prev)).sqrt()
-            xt = abar_prev.sqrt() * x0 + (1 - abar_prev - sigma ** 2).clamp(min=0).sqrt() * eps
-            if eta > 0 and i + 1 < len(timesteps):  # the last step (to abar=1) has sigma = 0
-                xt = xt + sigma * self._randn(xt.shape, generator)
-            if callback is not None:
-                callback(i, t_int, xt, x0)
-        return xt
-
-    def _dpmpp2m_loop(self, model_fn, xt, timesteps, clip_x0, callback, **_):
-        """[DPMS] Algorithm 2 (DPM-Solver++(2M)), a data-prediction multistep solver in
-        lambda = log(alpha/sigma). The last step goes to abar = 1 (sigma = 0), where x = x0."""
-        x0_prev, h_prev = None, None
-        for i, t_int in enumerate(timesteps):
-            t, x0, _ = self._predict(model_fn, xt, t_int, clip_x0)
-            t_next = torch.full_like(t, timesteps[i + 1] if i + 1 < len(timesteps) else -1)
-            abar, abar_next = (self.gather(self.alphas_cumprod, s, xt.ndim) for s in (t, t_next))
-            if i + 1 == len(timesteps):
-                xt_new = x0  # sigma_next = 0: first-order final step lands on the data prediction
-            else:
-                lam, lam_next = (0.5 * torch.log(a / (1 - a)) for a in (abar, abar_next))
-                h = lam_next - lam
-                d = x0 if x0_prev is None else (1 + h / (2 * h_prev)) * x0 - h / (2 * h_prev) * x0_prev
-                # x_{t_next} = (sigma_next / sigma) x_t - alpha_next (e^{-h} - 1) D
-                ratio = ((1 - abar_next) / (1 - abar)).sqrt()
-                xt_new = ratio * xt - abar_next.sqrt() * torch.expm1(-h) * d
-                x0_prev, h_prev = x0, h
-            xt = xt_new
-            if callback is not None:
-                callback(i, t_int, xt, x0)
-        return xt
 
 
 def build_diffusion(cfg) -> Diffusion:
