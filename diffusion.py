@@ -319,7 +319,7 @@ class Diffusion(nn.Module):
         caller draws `noise` (exactly when needs_noise says so) and threads `state` from step to step.
         t_prev is below t (ddpm: t - 1) or DATA_T; deterministic ddim (eta = 0) also steps upwards."""
         _choice("sampler", sampler, SAMPLERS)
-        if sampler == "ddpm" and t_prev != t - 1 or t_prev >= t and not (sampler == "ddim" and eta == 0):
+        if (sampler == "ddpm" and t_prev != t - 1) or (t_prev >= t and not (sampler == "ddim" and eta == 0)):
             raise ValueError(f"{sampler} cannot step from t={t} to t_prev={t_prev}")
         if (noise is not None) != self.needs_noise(sampler, t_prev, eta):
             raise ValueError(f"the {sampler} step {t} -> {t_prev} (eta={eta:g}) "
@@ -351,7 +351,7 @@ class Diffusion(nn.Module):
         # 2. sigma_t(eta) of Eq. 16; eta = 1 gives the DDPM posterior std. Not evaluated at eta = 0, where
         #    the upward steps of DDIM inversion would give sqrt(< 0)
         sigma = eta * ((1 - abar_prev) / (1 - abar) * (1 - abar / abar_prev)).sqrt() if eta > 0 else 0.0
-        # 3. "predicted x0" term + "direction pointing to x_t" (clamped: sigma^2 may round above 1 - abar_prev)
+        # 3. "predicted x0" term + "direction pointing to x_t" (clamped: eta > 1 puts sigma^2 above 1 - abar_prev)
         x_prev = abar_prev.sqrt() * x0 + (1 - abar_prev - sigma ** 2).clamp(min=0).sqrt() * eps
         # 4. "random noise" term; none on the last step, where sigma = 0
         return x_prev if noise is None else x_prev + sigma * noise
