@@ -18,7 +18,7 @@ import metrics as mt
 import sample
 import train as train_mod
 from config import load_config
-from diffusion import Diffusion
+from diffusion import Diffusion, build_diffusion
 
 REPO = Path(__file__).resolve().parents[1]
 DIGITS = str(REPO / "configs" / "digits.yaml")
@@ -211,15 +211,19 @@ def test_ddpm_trajectory_equals_diffusers_ddpmscheduler(var_type, clip):
         theirs.append(x)
     assert len(ours) == len(theirs) == T + 1
     for step, (a, b) in enumerate(zip(ours, theirs)):
-        torch.testing.assert_close(a, b, rtol=1e-4, atol=1e-4, msg=lambda m: f"after {step} steps: {m}")
+        # Measured: <= 1.3e-5 apart down to t = 10, then up to 1.5e-4, where diffusers' float32 1 - abar_t
+        # (1e-4 at t = 0) loses digits. Ignoring fixed_large puts them >= 4e-2 apart at every step.
+        torch.testing.assert_close(a, b, rtol=0, atol=1e-3, msg=lambda m: f"after {step} steps: {m}")
 
 
-def test_fixed_large_and_fixed_small_ddpm_samples_differ():
-    x_T = torch.randn(2, 3, 4, 4, generator=torch.Generator().manual_seed(1))
-    out = [Diffusion(num_timesteps=50, var_type=v).sample(toy_model, x_T.shape, "ddpm", x_T=x_T, progress=False,
-                                                          generator=torch.Generator().manual_seed(2))
-           for v in ("fixed_large", "fixed_small")]
-    assert (out[0] - out[1]).abs().max() > 1e-2
+def test_diffusion_var_type_from_the_config_changes_ddpm_samples():
+    x_T = torch.randn(2, 1, 4, 4, generator=torch.Generator().manual_seed(1))
+    out = {}
+    for var_type in ("fixed_large", "fixed_small"):
+        d = build_diffusion(tiny("var", "diffusion.num_timesteps=50", f"diffusion.var_type={var_type}"))
+        out[var_type] = d.sample(toy_model, x_T.shape, "ddpm", x_T=x_T, progress=False,
+                                 generator=torch.Generator().manual_seed(2))
+    assert (out["fixed_large"] - out["fixed_small"]).abs().max() > 1e-2
 
 
 @pytest.mark.parametrize("objective, output", [("eps", -30.0), ("x0", 5.0), ("v", 30.0)])
