@@ -254,8 +254,6 @@ def test_batched_generation_draws_new_noise_for_every_batch():
     flat = x.flatten(1)
     distance = torch.cdist(flat, flat) + torch.eye(len(flat)) * 1e9
     assert distance.min() > 1e-3  # no two samples alike (within or across batches)
-    again = sample.generate(toy_model, d, cfg, 7, 7, 0, sampler="ddim", steps=2, progress=False)
-    torch.testing.assert_close(again, x)  # and the batch size does not change them
 
 
 # ----------------------------------------------------------------------------- FID
