@@ -88,12 +88,11 @@ def fixed_t_and_noise(t, t_all, noise_all):
 # ----------------------------------------------------------------------------- the training step
 def test_ema_is_updated_after_the_optimizer_step_with_the_configured_decay():
     with trainer("ema", "train.ema_decay=0.9", "train.ema_warmup=false", "train.lr=0.01") as t:
-        for _ in range(2):
-            ema_before = params(t.ema.model)
-            net_before = params(t.net)
+        for _ in range(2):  # the first step starts from ema == weights, the second from ema != weights
+            ema_before, net_before = params(t.ema.model), params(t.net)
             t.train_step()
             net_after, ema_after = params(t.net), params(t.ema.model)
-            for old, new, before, got in zip(ema_before, net_after, net_before, ema_after):
+            for old, new, got in zip(ema_before, net_after, ema_after):
                 torch.testing.assert_close(got, 0.9 * old + 0.1 * new, rtol=1e-6, atol=1e-7)
             # The weights moved far more than the tolerance: an EMA of the weights before the step fails.
             moved = max((a - b).abs().max() for a, b in zip(net_after, net_before))
@@ -180,7 +179,8 @@ def test_label_dropout_gives_the_null_label_at_the_configured_rate(p):
 
 # ----------------------------------------------------------------------------- samplers
 def toy_model(xt, t, y=None):
-    """A smooth stand-in network: depends on x_t and t, predicts x0 outside [-1, 1] now and then."""
+    """A smooth stand-in network (an eps prediction) of x_t and t; its x0 estimates leave [-1, 1] now and then,
+    so clip_x0 changes the trajectory."""
     return 0.9 * torch.tanh(xt) + 0.3 * torch.sin(xt * 3 + t.view(-1, *[1] * (xt.ndim - 1)).float() / 7)
 
 
@@ -245,8 +245,8 @@ def test_samplers_clip_the_x0_estimate_only_when_asked(objective, output, sample
 
 
 def test_batched_generation_draws_new_noise_for_every_batch():
-    """With a seeded generator per run, batches must continue the stream: re-seeding per batch repeats the
-    first batch's samples, which biases FID low."""
+    """One seeded generator per run, continued from batch to batch: re-seeding it for every batch repeats the
+    first batch's samples (here 3 + 3 + 1), which biases FID low."""
     cfg = load_config(DIGITS, TINY + ["run_name=gen"])
     d = Diffusion(num_timesteps=20)
     x = sample.generate(toy_model, d, cfg, 7, 3, 0, sampler="ddim", steps=2, progress=False)
@@ -257,11 +257,11 @@ def test_batched_generation_draws_new_noise_for_every_batch():
 
 
 # ----------------------------------------------------------------------------- FID
-def fid_by_hand(a, b):
+def fid_by_hand(a, b, ddof=1):
     """Heusel et al. 2017 with the unbiased covariance (np.cov, ddof=1) and scipy's general sqrtm."""
     import scipy.linalg
     mu1, mu2 = a.mean(axis=0), b.mean(axis=0)
-    s1, s2 = np.cov(a, rowvar=False, ddof=1), np.cov(b, rowvar=False, ddof=1)
+    s1, s2 = np.cov(a, rowvar=False, ddof=ddof), np.cov(b, rowvar=False, ddof=ddof)
     covmean = scipy.linalg.sqrtm(s1 @ s2).real
     return float(((mu1 - mu2) ** 2).sum() + np.trace(s1 + s2 - 2 * covmean))
 
@@ -271,10 +271,12 @@ def test_fid_equals_an_independent_computation_with_unbiased_covariances():
     a = rng.normal(size=(20, 5))
     b = rng.normal(size=(20, 5)) @ rng.normal(size=(5, 5)) * 0.7 + 0.2
     expected = fid_by_hand(a, b)
+    assert abs(fid_by_hand(a, b, ddof=0) - expected) > 0.03 * expected  # 20 samples: biased covariances show
     assert mt.fid_from_features(a, b) == pytest.approx(expected, rel=1e-6)
     mu, sigma = mt.gaussian_stats(b)
     assert mt.frechet_distance(*mt.gaussian_stats(a), mu, sigma) == pytest.approx(expected, rel=1e-6)
-    fidelity = pytest.importorskip("torch_fidelity.metric_fid")  # a second, published implementation
+    # The reference itself agrees with a published implementation (torch-fidelity's, also np.cov + sqrtm).
+    fidelity = pytest.importorskip("torch_fidelity.metric_fid")
     stats = [fidelity.fid_features_to_statistics(torch.from_numpy(x)) for x in (a, b)]
     assert fidelity.fid_statistics_to_metric(*stats, verbose=False)["frechet_inception_distance"] == \
         pytest.approx(expected, rel=1e-6)
