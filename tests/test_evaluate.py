@@ -198,14 +198,30 @@ def test_reference_key_changes_with_every_ingredient():
     assert len({base, *others}) == 1 + len(others)
 
 
+def digits_pixels_by_hand() -> np.ndarray:
+    """scikit-learn's 8x8 digits (ink 0..16) as the uint8 pixels the pipeline should feed the extractor,
+    computed without the repository's code: v -> round(v * 255 / 16), flattened to (1797, 64)."""
+    from sklearn.datasets import load_digits
+    return np.round(load_digits().images.reshape(-1, 64) * (255 / 16))
+
+
+def mean_and_unbiased_cov_by_hand(x) -> tuple[np.ndarray, np.ndarray]:
+    x = np.asarray(x, dtype=np.float64)
+    mu = x.sum(axis=0) / len(x)
+    centered = x - mu
+    return mu, centered.T @ centered / (len(x) - 1)
+
+
 def test_reference_stats_are_computed_once_and_cached(tmp_path):
     extractor = CountingExtractor()
     ref = ev.reference_stats(digits_cfg(8), "train", extractor, num_ref=300, cache_dir=tmp_path, batch_size=100)
     assert extractor.calls == 3 and ref["features"].shape == (300, 64) and ref["num_images"] == 300
     assert Path(ref["path"]).name == "digits-train-8px-pixels-n300.npz"
-    mu, sigma = mt.gaussian_stats(ref["features"])
-    np.testing.assert_allclose(ref["mu"], mu)
-    np.testing.assert_allclose(ref["sigma"], sigma)
+    digits = {row.tobytes() for row in digits_pixels_by_hand()}
+    assert all(row.astype(np.float64).tobytes() in digits for row in ref["features"])  # real digit images
+    mu, sigma = mean_and_unbiased_cov_by_hand(ref["features"])
+    np.testing.assert_allclose(ref["mu"], mu, rtol=1e-10)
+    np.testing.assert_allclose(ref["sigma"], sigma, rtol=1e-10, atol=1e-9)
     again = ev.reference_stats(digits_cfg(8), "train", extractor, num_ref=300, cache_dir=tmp_path)
     assert extractor.calls == 3  # served from the cache
     np.testing.assert_array_equal(again["features"], ref["features"])
@@ -215,12 +231,14 @@ def test_reference_stats_are_computed_once_and_cached(tmp_path):
 
 def test_reference_keeps_a_capped_feature_subset_but_full_statistics(tmp_path, monkeypatch):
     monkeypatch.setattr(ev, "PR_MAX_REF", 100)
-    ref = ev.reference_stats(digits_cfg(8), "train", CountingExtractor(), num_ref=300, cache_dir=tmp_path)
-    images, _ = feat.load_split_uint8(digits_cfg(8), "train", limit=300)
-    mu, sigma = mt.gaussian_stats(images.flatten(1).float().numpy())
-    assert ref["features"].shape == (100, 64) and ref["num_images"] == 300
-    np.testing.assert_allclose(ref["mu"], mu, rtol=1e-5)
-    np.testing.assert_allclose(ref["sigma"], sigma, rtol=1e-4, atol=1e-6)
+    ref = ev.reference_stats(digits_cfg(8), "train", CountingExtractor(), cache_dir=tmp_path)  # all 1797
+    pixels = digits_pixels_by_hand()
+    assert ref["features"].shape == (100, 64) and ref["num_images"] == len(pixels) == 1797
+    digits = {row.tobytes() for row in pixels}
+    assert all(row.astype(np.float64).tobytes() in digits for row in ref["features"])
+    mu, sigma = mean_and_unbiased_cov_by_hand(pixels)  # of the whole split, not of the kept subset
+    np.testing.assert_allclose(ref["mu"], mu, rtol=1e-10)
+    np.testing.assert_allclose(ref["sigma"], sigma, rtol=1e-10, atol=1e-9)
 
 
 def test_classifier_extractor_name_tracks_the_weights(classifier_file, tmp_path):

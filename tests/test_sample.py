@@ -202,7 +202,9 @@ def test_bf16_autocast_on_cpu(work):
     x32 = sample.generate(model, diffusion, cfg, 1, 1, 0, amp="off", **kw)
     x16 = sample.generate(model, diffusion, cfg, 1, 1, 0, amp="bf16", **kw)
     assert x16.dtype == torch.float32 and torch.isfinite(x16).all()
-    assert 0 < (x16 - x32).abs().max() < 0.5  # autocast was active, and the result is still close
+    # autocast was active, and the result is still close: measured 4.3e-4 here (at most 8.7e-4 over 30 seeds,
+    # also with oneDNN held to AVX2 / SSE4.1, i.e. without native bf16); 5e-3 leaves a 6x margin
+    assert 0 < (x16 - x32).abs().max() < 5e-3
 
 
 # ----------------------------------------------------------------------------- animations
