@@ -47,7 +47,7 @@ from features import (
     train_classifier,
 )
 from metrics import EvalError, classifier_scores, frechet_distance, gaussian_stats, precision_recall
-from utils import CheckpointError, get_device, resolve_amp, save_checkpoint, to_uint8_images
+from utils import CheckpointError, get_device, output_folder_problem, resolve_amp, save_checkpoint, to_uint8_images
 
 REF_DIR = Path("data/fid_refs")            # caches, relative to the working directory like train.py's outputs
 PR_MAX_REF = 10_000  # reference features kept for precision/recall (10k x 2048 float32 = 80 MB for Inception)
@@ -127,7 +127,7 @@ def draw_samples(model, diffusion, cfg, args) -> tuple[torch.Tensor, Optional[in
         labels = torch.randint(cfg.model.num_classes, (args.num_samples,), generator=label_gen).tolist()
     start = time.perf_counter()
     x0 = generate(model, diffusion, cfg, num_samples=args.num_samples, batch_size=args.batch_size, seed=args.seed,
-                  sampler=args.sampler, steps=steps, eta=args.eta, timestep_spacing=args.timestep_spacing,
+                  sampler=args.sampler, steps=steps, eta=args.eta or 0.0, timestep_spacing=args.timestep_spacing,
                   labels=labels, guidance_scale=guidance, clip_x0=cfg.sample.clip_x0, amp=args.amp,
                   progress=not args.quiet)
     return to_uint8_images(x0), steps, guidance, time.perf_counter() - start
@@ -199,7 +199,7 @@ def _eval_parser() -> argparse.ArgumentParser:
                    "PNGs to read); FIDs are only comparable at equal N")
     p.add_argument("--sampler", choices=SAMPLERS, default=None, help="default: the checkpoint's sample.sampler")
     p.add_argument("--steps", type=int, default=None, help="sampling steps (default: config; ddpm uses all T)")
-    p.add_argument("--eta", type=float, default=0.0, help="DDIM noise (0 = deterministic)")
+    p.add_argument("--eta", type=float, default=None, help="DDIM noise in [0, 1] (default 0 = deterministic)")
     p.add_argument("--timestep-spacing", choices=SPACINGS, help="default: the checkpoint's diffusion config")
     p.add_argument("--amp", choices=("auto", "off", "bf16", "fp16"), default="auto",
                    help="sampling autocast; auto = bf16 on GPUs and on CPUs with native bf16, else off")
@@ -235,9 +235,27 @@ def _reference_config(args, cfg=None) -> DataConfig:
                          "image_size": args.image_size or base.get("image_size") or getattr(args, "png_size", None)})
 
 
+def check_arguments(args) -> torch.device:
+    """Every check that needs no checkpoint, before anything big is loaded: counts, device, output folders."""
+    from sample import check_eta
+    for flag, value in [("--num-samples", args.num_samples), ("--batch-size", args.batch_size),
+                        ("--num-ref", args.num_ref), ("--k", args.k)]:
+        if value is not None and value < 1:
+            raise EvalError(f"{flag} must be a positive integer, got {value}")
+    check_eta(args.eta)
+    for flag, folder in [("--results-dir", args.results_dir), ("--ref-dir", args.ref_dir)]:
+        problem = output_folder_problem(folder)
+        if problem:
+            raise EvalError(f"{flag} {problem}: choose another folder")
+    try:
+        return get_device(args.device)
+    except RuntimeError as e:  # unknown name, or CUDA asked for but absent
+        raise EvalError(f"--device {args.device}: {str(e).splitlines()[0]}") from None
+
+
 def evaluate_main(argv: list[str]) -> int:
     args = _eval_parser().parse_args(argv)
-    device = get_device(args.device)
+    device = check_arguments(args)
     args.device = str(device)
     cfg = ckpt = images = None
     if args.samples is not None:
@@ -248,12 +266,17 @@ def evaluate_main(argv: list[str]) -> int:
         args.png_size = images.shape[-1]
         run_name = args.run_name or Path(args.samples).name
     else:
-        from sample import load_for_sampling
+        from sample import check_sampling_flags, load_for_sampling
         model, diffusion, cfg, ckpt = load_for_sampling(args.checkpoint, device, use_ema=not args.no_ema)
         if cfg.data.dataset == "toy2d":
             raise EvalError("FID and precision/recall here are for images; toy2d checkpoints are 2-D points")
         args.sampler = args.sampler or cfg.sample.sampler
+        check_sampling_flags(args.sampler, args.eta, args.timestep_spacing, args.guidance_scale,
+                             cfg.model.num_classes)
         run_name = args.run_name or cfg.run_name
+    if (Path(args.results_dir) / f"{run_name}.jsonl").is_dir():
+        raise EvalError(f"'{Path(args.results_dir) / run_name}.jsonl' is a folder, not a results file: pass "
+                        "another --run-name or --results-dir")
     data_cfg = _reference_config(args, cfg)
     # Extractor and reference first: a missing classifier or weights file fails before minutes of sampling.
     extractor = build_extractor(args.features, data_cfg.dataset, data_cfg.image_size, device,
@@ -262,7 +285,7 @@ def evaluate_main(argv: list[str]) -> int:
     sampling = None
     if images is None:
         images, steps, guidance, seconds = draw_samples(model, diffusion, cfg, args)
-        sampling = {"sampler": args.sampler, "steps": steps, "eta": args.eta, "seed": args.seed,
+        sampling = {"sampler": args.sampler, "steps": steps, "eta": args.eta or 0.0, "seed": args.seed,
                     "guidance_scale": guidance, "timestep_spacing": args.timestep_spacing or
                     cfg.diffusion.timestep_spacing, "amp": resolve_amp(args.amp, device), "sampling_wall_s": seconds}
     start = time.perf_counter()
@@ -311,12 +334,13 @@ def train_classifier_main(argv: list[str]) -> int:
 
 def main(argv: Optional[list[str]] = None) -> int:
     from dataset import DatasetMissingError
+    from sample import SampleError  # the sampling checks evaluate.py shares with sample.py
     argv = sys.argv[1:] if argv is None else argv
     try:
         if argv[:1] == ["train-classifier"]:
             return train_classifier_main(argv[1:])
         return evaluate_main(argv)
-    except (ConfigError, CheckpointError, DatasetMissingError, EvalError) as err:
+    except (ConfigError, CheckpointError, DatasetMissingError, EvalError, SampleError) as err:
         print(f"error: {err}", file=sys.stderr)
         return 1
 

@@ -12,6 +12,7 @@ diffusers. Class-conditional: num_class_embeds = num_classes + 1, the last row b
 from __future__ import annotations
 
 import argparse
+import difflib
 import json
 import re
 import sys
@@ -24,7 +25,7 @@ from config import (SPACINGS, Config, ConfigError, DataConfig, DiffusionConfig, 
                     TrainConfig, from_dict, validate)
 from diffusion import build_diffusion
 from model import build_model
-from utils import CheckpointError, get_device, load_checkpoint
+from utils import CheckpointError, get_device, load_checkpoint, output_folder_problem
 
 HUB_TIMEOUT_S = 10  # never hang on a firewalled network
 WEIGHTS = "diffusion_pytorch_model"
@@ -95,6 +96,30 @@ _SCHEDULER_RULES = [
 ]
 
 
+def _is_int(v) -> bool:
+    return isinstance(v, int) and not isinstance(v, bool)
+
+
+# The types of the values that the rules and the conversion compute with (config.json is untrusted input).
+_KINDS = {
+    "int": (lambda v: _is_int(v) and v > 0, "a positive integer"),
+    "int?": (lambda v: v is None or (_is_int(v) and v > 0), "a positive integer or null"),
+    "num": (lambda v: isinstance(v, (int, float)) and not isinstance(v, bool), "a number"),
+    "ints": (lambda v: isinstance(v, list) and v and all(_is_int(w) and w > 0 for w in v),
+             "a non-empty list of positive integers"),
+    "strs": (lambda v: isinstance(v, list) and all(isinstance(t, str) for t in v), "a list of strings"),
+}
+_UNET_TYPES = {"in_channels": "int", "out_channels": "int", "layers_per_block": "int", "norm_num_groups": "int",
+               "block_out_channels": "ints", "down_block_types": "strs", "up_block_types": "strs",
+               "attention_head_dim": "int?", "num_class_embeds": "int?", "dropout": "num", "norm_eps": "num"}
+_SCHEDULER_TYPES = {"num_train_timesteps": "int", "beta_start": "num", "beta_end": "num"}
+
+
+def _type_problems(config: dict, types: dict, what: str) -> list[str]:
+    return [f"{what} {key} must be {_KINDS[kind][1]}, got {config.get(key)!r}"
+            for key, kind in types.items() if not _KINDS[kind][0](config.get(key))]
+
+
 def _square(size) -> Optional[int]:
     if isinstance(size, (list, tuple)) and len(size) == 2 and size[0] == size[1]:
         size = size[0]
@@ -133,13 +158,19 @@ def _unet_problems(c: dict) -> tuple[list[bool], list[str]]:
 def diffusers_config_to_ours(unet_config: dict, scheduler_config: dict) -> Config:
     """A full Config (model, diffusion, data.image_size, sample.clip_x0) from a diffusers UNet2DModel
     config.json and scheduler_config.json. ConfigError lists every setting we cannot express."""
+    for name, config in (("config.json", unet_config), ("scheduler_config.json", scheduler_config)):
+        if not isinstance(config, dict):
+            raise ConfigError(f"the diffusers {name} holds a JSON {type(config).__name__}, not an object of settings")
     u, s = {**UNET_DEFAULTS, **unet_config}, {**SCHEDULER_DEFAULTS, **scheduler_config}
+    wrong = _type_problems(u, _UNET_TYPES, "config.json") + _type_problems(s, _SCHEDULER_TYPES, "scheduler")
+    if wrong:  # before the rules below compute with them
+        raise ConfigError("this diffusers model's settings have the wrong types: " + "; ".join(wrong))
     attn, problems = _unet_problems(u)
     problems += [f"scheduler {key} = {s.get(key)!r} is not supported (ddpm-lab implements {what})"
                  for key, ok, what in _SCHEDULER_RULES if not ok(s)]
     if problems:
         raise ConfigError("this diffusers model cannot be run by ddpm-lab without changing the network or "
-                          "schedule:\n  - " + "\n  - ".join(problems))
+                          "schedule: " + "; ".join(problems))
     widths, size, T = list(u["block_out_channels"]), _square(u["sample_size"]), int(s["num_train_timesteps"])
     model = ModelConfig(
         kind="unet", in_channels=u["in_channels"], channels=widths[0],
@@ -341,9 +372,14 @@ def _resolve(name_or_path: str) -> Path:
     path = Path(name_or_path).expanduser()
     if path.is_dir():
         return path
-    if path.exists() or not re.fullmatch(r"[A-Za-z0-9][\w.-]*/[\w.-]+", name_or_path):
-        raise CheckpointError(f"'{name_or_path}' is not a folder: pass a diffusers model folder or a Hugging "
-                              "Face Hub id such as google/ddpm-cifar10-32")
+    if path.exists():
+        raise CheckpointError(f"'{name_or_path}' is a file, not a folder: pass the diffusers model folder (with "
+                              "model_index.json or config.json inside) or a Hugging Face Hub id")
+    if not re.fullmatch(r"[A-Za-z0-9][\w.-]*/[\w.-]+", name_or_path):  # ./x, /x, a/b/c, x: a local path
+        near = difflib.get_close_matches(path.name, [p.name for p in path.parent.glob("*") if p.is_dir()], n=1)
+        hint = f" (did you mean '{path.parent / near[0]}'?)" if near else ""
+        raise CheckpointError(f"'{name_or_path}' is not a folder: it does not exist{hint}. A Hub id looks like "
+                              "owner/name, e.g. google/ddpm-cifar10-32")
     return _download(name_or_path)
 
 
@@ -399,11 +435,11 @@ def load_pretrained(name_or_path: str, device="cpu") -> tuple[torch.nn.Module, t
     """(model in eval mode on `device`, Diffusion from the folder's scheduler, full Config) from a hub id
     (e.g. google/ddpm-cifar10-32) or a local diffusers folder (pipeline or bare UNet2DModel)."""
     unet_dir, scheduler_file = _locate(_resolve(str(name_or_path)))
-    if scheduler_file is None:
-        print(f"note: no scheduler_config.json next to '{unet_dir}': using diffusers' DDPMScheduler defaults "
-              "(linear betas 1e-4..0.02, 1000 steps, fixed_small variance, epsilon, clip)", file=sys.stderr)
     cfg = diffusers_config_to_ours(_read_json(unet_dir / "config.json"),
                                    _read_json(scheduler_file) if scheduler_file else {})
+    if scheduler_file is None:  # after the checks above, so that an error stays the only line
+        print(f"note: no scheduler_config.json next to '{unet_dir}': using diffusers' DDPMScheduler defaults "
+              "(linear betas 1e-4..0.02, 1000 steps, fixed_small variance, epsilon, clip)", file=sys.stderr)
     _describe(cfg, str(name_or_path))
     cfg.device = str(device)
     model = build_with_weights(cfg, convert_diffusers_state_dict(_read_weights(unet_dir)), f"'{unet_dir}'")
@@ -445,18 +481,32 @@ def _parse_args(argv: Optional[list[str]]) -> argparse.Namespace:
     return p.parse_args(argv)
 
 
+def _load_checkpoint(path: str) -> tuple[dict, Config]:
+    """load_checkpoint plus its stored config run through config.validate (untrusted, like the weights)."""
+    if Path(path).is_file() and Path(path).stat().st_size == 0:  # utils may not say so itself yet
+        raise CheckpointError(f"checkpoint '{path}' is empty (0 bytes), e.g. an interrupted copy or a full disk: "
+                              "pass another checkpoint")
+    ckpt = load_checkpoint(path)
+    try:
+        return ckpt, validate(from_dict(ckpt["config"]))
+    except ConfigError as e:
+        raise CheckpointError(f"the config stored in '{path}' is not valid for this ddpm-lab: {e}") from None
+
+
 def main(argv: Optional[list[str]] = None) -> int:
     args = _parse_args(argv)
     out = Path(args.out)
     try:
-        ckpt = load_checkpoint(args.checkpoint)
-        cfg = validate(from_dict(ckpt["config"]))
+        problem = output_folder_problem(out)
+        if problem:
+            raise ConfigError(f"--out {problem}: choose a folder path")
+        if out.is_dir() and any(out.iterdir()) and not args.force:
+            raise ConfigError(f"--out '{out}' exists and is not empty: choose a new folder or pass --force")
+        ckpt, cfg = _load_checkpoint(args.checkpoint)
         key = "model" if args.no_ema else "ema"
         if not isinstance(ckpt.get(key), dict):
             raise CheckpointError(f"'{args.checkpoint}' has no {key!r} weights"
                                   + ("" if args.no_ema else ": pass --no-ema to export the raw weights"))
-        if out.exists() and (not out.is_dir() or any(out.iterdir())) and not args.force:
-            raise ConfigError(f"--out '{out}' exists and is not empty: choose a new folder or pass --force")
         export_diffusers(cfg, ckpt[key], out)
     except (ConfigError, CheckpointError, OSError) as e:
         print(f"error: {e}", file=sys.stderr)

@@ -8,11 +8,18 @@
 
 Model, diffusion and sampling defaults come from the config stored inside the checkpoint, so no model
 flags are needed. Outputs go to results/images/<run_name>/<sampler>_<steps>_<seed>/ (see --out).
+
+Output folders never lose a file sample.py did not write in the same call: each run lists its files in
+ddpm-lab-samples.json there. A non-empty --out is refused without --overwrite, which then replaces only the
+files an earlier run listed (and refuses if a new file would replace one it did not list). When the default
+folder already holds files, the samples go to the next free <folder>-2, -3, ... instead (--overwrite: replace
+the earlier run's files there).
 """
 from __future__ import annotations
 
 import argparse
 import contextlib
+import json
 import math
 import re
 import sys
@@ -28,12 +35,13 @@ from config import AMP_MODES, SAMPLERS, SPACINGS, ConfigError, from_dict, load_c
 from dataset import DatasetMissingError
 from diffusion import Diffusion, build_diffusion
 from model import build_model
-from utils import (CheckpointError, find_latest_checkpoint, get_device, list_checkpoints, load_checkpoint, resolve_amp,
-                   save_image_grid, save_scatter_plot, to_uint8_images)
+from utils import (CheckpointError, find_latest_checkpoint, get_device, list_checkpoints, load_checkpoint,
+                   output_folder_problem, resolve_amp, save_image_grid, save_scatter_plot, to_uint8_images)
 
 CHECKPOINT_ROOT = Path("checkpoints")
 TRAIN_HINT = "Train one first: `python train.py --config configs/digits.yaml`, or pass --checkpoint PATH."
 FORWARD_TIMESTEPS = (0, 100, 250, 500, 750, 999)  # for T = 1000; scaled to other T
+MANIFEST = "ddpm-lab-samples.json"  # in every output folder: the files sample.py wrote there
 
 
 class SampleError(ValueError):
@@ -66,7 +74,10 @@ def parse_args(argv: Optional[list[str]] = None) -> argparse.Namespace:
     p.add_argument("--guidance-scale", type=float, help="classifier-free guidance (1 = plain conditional)")
     p.add_argument("--amp", choices=AMP_MODES, default="auto",
                    help="autocast; auto = bf16 on GPUs and on CPUs with native bf16, else off (fp32)")
-    p.add_argument("--out", help="output folder (default results/images/<run_name>/<sampler>_<steps>_<seed>)")
+    p.add_argument("--out", help="output folder (default results/images/<run_name>/<sampler>_<steps>_<seed>, "
+                   "or the next free <folder>-2, -3, ... when that one holds files)")
+    p.add_argument("--overwrite", action="store_true", help="write into a non-empty output folder, replacing "
+                   "only the files an earlier sample.py run wrote there (listed in its " + MANIFEST + ")")
     p.add_argument("--animation", action="store_true", help="also write animation.gif and trajectory.png")
     p.add_argument("--forward", action="store_true",
                    help="only draw the forward process (results/plots/<run_name>/forward_noise.png)")
@@ -94,6 +105,9 @@ def resolve_checkpoint(checkpoint: Optional[str], config_path: Optional[str]) ->
 
 def load_for_sampling(checkpoint: str | Path, device: str | torch.device = "cpu", use_ema: bool = True):
     """(model in eval mode, diffusion, cfg, ckpt), all rebuilt from the config stored in the checkpoint."""
+    if Path(checkpoint).is_file() and Path(checkpoint).stat().st_size == 0:  # utils may not say so itself yet
+        raise CheckpointError(f"checkpoint '{checkpoint}' is empty (0 bytes), e.g. an interrupted copy or a full "
+                              "disk: pass another checkpoint")
     ckpt = load_checkpoint(checkpoint, map_location="cpu")
     try:
         cfg = validate(from_dict(ckpt["config"]))
@@ -104,12 +118,27 @@ def load_for_sampling(checkpoint: str | Path, device: str | torch.device = "cpu"
         print(f"note: '{checkpoint}' has no EMA weights; using the raw model weights")
         weights = ckpt["model"]
     model = build_model(cfg)
-    try:
-        model.load_state_dict(weights)
-    except RuntimeError as e:
-        raise CheckpointError(f"the weights in '{checkpoint}' do not fit the model its config describes "
-                              f"({str(e).splitlines()[0][:200]})") from None
+    mismatch = first_mismatch(model.state_dict(), weights)
+    if mismatch:
+        raise CheckpointError(f"the weights in '{checkpoint}' do not fit the model its config describes: the "
+                              f"checkpoint does not match its stored config ({mismatch})")
+    model.load_state_dict(weights)
     return model.to(device).eval(), build_diffusion(cfg).to(device), cfg, ckpt
+
+
+def first_mismatch(expected: dict, weights) -> Optional[str]:
+    """The first difference between a model's state_dict and a checkpoint's weights, in words, or None
+    (load_state_dict's own message lists every key over many lines)."""
+    if not isinstance(weights, dict):
+        return f"the weights are a {type(weights).__name__}, not a state dict"
+    for key, tensor in expected.items():
+        if key not in weights:
+            return f"{key} is missing from the checkpoint"
+        shape = tuple(weights[key].shape) if torch.is_tensor(weights[key]) else None
+        if shape != tuple(tensor.shape):
+            return f"{key} has shape {shape} in the checkpoint but {tuple(tensor.shape)} in the model"
+    extra = sorted(set(weights) - set(expected))
+    return f"the checkpoint has {len(extra)} keys the model lacks, first {extra[0]}" if extra else None
 
 
 # ----------------------------------------------------------------------------- labels and sampling
@@ -134,13 +163,13 @@ def parse_class_labels(text: Optional[str], num_classes: int, class_names=()) ->
 
 
 def plan_labels(num_classes: int, labels: Optional[list[int]], num_samples: int):
-    """(per-sample labels or None, images per grid row). Without --class-label a conditional model gets
-    one grid row per class; with a list, one row per listed label."""
+    """(per-sample labels or None, images per grid row): exactly num_samples labels cycling over the classes
+    (or over the listed labels), so the grid has one class per column, like train.py's sample grids."""
     if num_classes == 0:
         return None, None
     labels = labels if labels is not None else list(range(num_classes))
-    per_label = math.ceil(num_samples / len(labels))
-    return [c for c in labels for _ in range(per_label)], (per_label if len(labels) > 1 else None)
+    nrow = len(labels) if 1 < len(labels) <= num_samples else None
+    return [labels[i % len(labels)] for i in range(num_samples)], nrow
 
 
 def autocast(device: torch.device, amp: str):
@@ -181,8 +210,6 @@ def generate(model: Callable, diffusion: Diffusion, cfg, num_samples: int, batch
 def save_samples(x: torch.Tensor, out_dir: Path, nrow: Optional[int] = None) -> list[Path]:
     """grid.png plus one exact-size PNG per sample (000000.png ...): 'L' for 1 channel, RGB for 3."""
     out_dir.mkdir(parents=True, exist_ok=True)
-    for stale in out_dir.glob("[0-9][0-9][0-9][0-9][0-9][0-9].png"):  # an FID folder must hold this run only
-        stale.unlink()
     images = to_uint8_images(x).permute(0, 2, 3, 1).numpy()  # (N, H, W, C) uint8
     files = []
     for i, image in enumerate(images):
@@ -372,11 +399,32 @@ def settings(args, cfg, diffusion: Diffusion) -> dict:
     if steps is not None and steps > T:
         raise SampleError(f"--steps {steps} is more than this model's T = {T} diffusion steps: use --steps <= {T}")
     labels = parse_class_labels(args.class_label, cfg.model.num_classes, _class_names(cfg))
-    if cfg.model.num_classes == 0 and args.guidance_scale not in (None, 1.0):
-        raise SampleError("--guidance-scale needs a class-conditional model; this one has model.num_classes = 0")
+    check_sampling_flags(sampler, args.eta, args.timestep_spacing, args.guidance_scale, cfg.model.num_classes)
     return dict(sampler=sampler, steps=steps, eta=s.eta if args.eta is None else args.eta,
                 timestep_spacing=args.timestep_spacing, labels=labels, clip_x0=s.clip_x0, amp=args.amp,
                 guidance_scale=s.guidance_scale if args.guidance_scale is None else args.guidance_scale)
+
+
+def check_eta(eta: Optional[float]) -> None:
+    if eta is not None and not 0 <= eta <= 1:  # NaN fails too (it gave all-black images)
+        raise SampleError(f"--eta {eta} is outside [0, 1]: use 0 (deterministic DDIM) up to 1 (ancestral-like)")
+
+
+def check_sampling_flags(sampler: str, eta: Optional[float], spacing: Optional[str],
+                         guidance_scale: Optional[float], num_classes: int) -> None:
+    """Refuse explicit flags (None = not given) that are out of range or that this sampler or model would
+    silently ignore. Shared with evaluate.py."""
+    check_eta(eta)
+    if eta is not None and sampler != "ddim":
+        raise SampleError(f"--eta is used only by the ddim sampler; {sampler} ignores it: drop --eta, or pass "
+                          "--sampler ddim")
+    if spacing is not None and sampler == "ddpm":
+        raise SampleError("--timestep-spacing is used only by ddim and dpmpp2m; ddpm visits all T steps: drop "
+                          "--timestep-spacing, or pass --sampler ddim or dpmpp2m")
+    if guidance_scale is not None and not math.isfinite(guidance_scale):
+        raise SampleError(f"--guidance-scale {guidance_scale} is not a finite number: use e.g. 1 (off) to 5")
+    if num_classes == 0 and guidance_scale not in (None, 1.0):
+        raise SampleError("--guidance-scale needs a class-conditional model; this one has model.num_classes = 0")
 
 
 def _class_names(cfg) -> list[str]:
@@ -388,6 +436,7 @@ def _class_names(cfg) -> list[str]:
 
 
 def out_folder(args, run: str, kw: dict, num_steps: int, seed: int, conditional: bool) -> Path:
+    """--out, else results/images/<run>/<settings>: the base name; see free_default_folder."""
     if args.out:
         return Path(args.out)
     name = f"{kw['sampler']}_{num_steps}_{seed}"
@@ -400,23 +449,96 @@ def out_folder(args, run: str, kw: dict, num_steps: int, seed: int, conditional:
     return Path("results/images") / run / name
 
 
+def planned_files(cfg, num_samples: int, animation: bool) -> list[str]:
+    """The names sample.py will write into its output folder (known before sampling, to check them first)."""
+    if cfg.model.kind == "mlp":
+        names = ["scatter.png", "samples.npy", "forward.gif"]
+    else:
+        names = ["grid.png"] + [f"{i:06d}.png" for i in range(num_samples)] + (["trajectory.png"] if animation else [])
+    return names + (["animation.gif"] if animation else [])
+
+
+def read_manifest(out_dir: Path) -> set[str]:
+    """Files an earlier sample.py run wrote into out_dir: plain names only, so a doctored manifest can never
+    point outside the folder."""
+    path = out_dir / MANIFEST
+    if not path.exists():
+        return set()
+    try:
+        names = json.loads(path.read_text())["files"]
+        if not isinstance(names, list):
+            raise TypeError("files is not a list")
+    except (OSError, ValueError, TypeError, KeyError) as e:
+        raise SampleError(f"'{path}' is not a manifest sample.py can read ({type(e).__name__}), so nothing in "
+                          f"'{out_dir}' is known to be ours: choose another --out") from None
+    return {n for n in names if isinstance(n, str) and n not in ("", ".", "..", MANIFEST) and Path(n).name == n}
+
+
+def check_out_dir(out_dir: Path, names: list[str], overwrite: bool) -> list[Path]:
+    """Refuse, before sampling, an output folder where writing `names` would replace a file sample.py did not
+    write there; returns the files of an earlier run (its manifest) to remove before writing."""
+    problem = output_folder_problem(out_dir)
+    if problem:
+        raise SampleError(f"--out {problem}: choose another output folder")
+    if not out_dir.is_dir() or not any(out_dir.iterdir()):
+        return []
+    if not overwrite:
+        raise SampleError(f"output folder '{out_dir}' is not empty: choose a new or empty folder, or pass "
+                          f"--overwrite to replace the files an earlier sample.py run wrote there ({MANIFEST})")
+    ours = read_manifest(out_dir)
+    for name in names:
+        path = out_dir / name
+        if (path.exists() or path.is_symlink()) and (name not in ours or not path.is_file()):
+            raise SampleError(f"'{path}' was not written by sample.py (not in '{out_dir / MANIFEST}'), and "
+                              "--overwrite replaces only such files: move it away, or choose another --out")
+    return [out_dir / n for n in sorted(ours) if (out_dir / n).is_file() or (out_dir / n).is_symlink()]
+
+
+def free_default_folder(base: Path) -> Path:
+    """The default folder, or when it already holds files (an earlier run, same settings), the first free
+    <base>-2, <base>-3, ...: re-running a command keeps working and keeps the earlier samples."""
+    folder, k = base, 1
+    while folder.is_dir() and any(folder.iterdir()):
+        k += 1
+        folder = base.with_name(f"{base.name}-{k}")
+    if folder != base:
+        print(f"note: '{base}' already holds samples; writing to '{folder}' (--overwrite replaces the earlier ones)")
+    return folder
+
+
+def start_out_dir(out_dir: Path, names: list[str], stale: list[Path]) -> None:
+    """Remove the earlier run's files, then list this run's files before writing them (so that a crash
+    midway still leaves every written file listed)."""
+    out_dir.mkdir(parents=True, exist_ok=True)
+    for path in stale:
+        path.unlink(missing_ok=True)
+    (out_dir / MANIFEST).write_text(json.dumps({"written_by": "ddpm-lab sample.py", "files": names}, indent=1))
+
+
 def run_sampling(args) -> list[Path]:
     try:
         device = get_device(args.device)
     except RuntimeError as e:  # unknown name, or CUDA asked for but absent
         raise SampleError(f"--device {args.device}: {str(e).splitlines()[0]}") from None
+    check_eta(args.eta)
+    if args.out and output_folder_problem(args.out):  # before loading anything
+        raise SampleError(f"--out {output_folder_problem(args.out)}: choose another output folder")
     model, diffusion, cfg, run = load_source(args, device)
     kw, seed = settings(args, cfg, diffusion), cfg.seed if args.seed is None else args.seed
     num_samples, batch_size = args.num_samples or cfg.sample.num_samples, args.batch_size or cfg.sample.batch_size
     timesteps = diffusion.sampling_timesteps(kw["sampler"], kw["steps"], kw["timestep_spacing"])
     out_dir = out_folder(args, run, kw, len(timesteps), seed, cfg.model.num_classes > 0)
+    if not args.out and not args.overwrite:
+        out_dir = free_default_folder(out_dir)
     kw["labels"], nrow = plan_labels(cfg.model.num_classes, kw["labels"], num_samples)
-    num_samples = len(kw["labels"]) if kw["labels"] is not None else num_samples
+    names = planned_files(cfg, num_samples, args.animation)
+    stale = check_out_dir(out_dir, names, args.overwrite)
     first_batch = min(batch_size, num_samples)  # the animation shows (part of) the first batch
     max_items = first_batch if cfg.model.kind == "mlp" else 16
     rec = Recorder(timesteps, first_batch, max_items=max_items) if args.animation else None
     print(f"sampling {num_samples} with {kw['sampler']} ({len(timesteps)} steps), seed {seed}, on {device}")
     x = generate(model, diffusion, cfg, num_samples, batch_size, seed, callback=rec, **kw)
+    start_out_dir(out_dir, names, stale)
     if cfg.model.kind == "mlp":
         from dataset import sample_toy2d
         data = sample_toy2d(cfg.data.toy_distribution, len(x), torch.Generator().manual_seed(seed + 1))

@@ -105,7 +105,7 @@ def load_checkpoint(path: str | Path, map_location: str | torch.device = "cpu") 
     try:
         ckpt = torch.load(path, map_location=map_location, weights_only=True)
     except Exception as e:  # truncated zip, garbage bytes, disallowed pickle globals
-        others = sorted(p.name for p in path.parent.glob("*.pt") if p != path)
+        others = loadable_checkpoints(path.parent, exclude=path)  # never offer a broken or hostile file
         hint = (f" Other checkpoints in {path.parent}: {', '.join(others)} - pass one of them instead "
                 f"(train.py --resume {path.parent / others[-1]}, or --checkpoint for sample.py)."
                 if others else "")
@@ -123,6 +123,37 @@ def load_checkpoint(path: str | Path, map_location: str | torch.device = "cpu") 
 def list_checkpoints(folder: str | Path) -> list[Path]:
     """Periodic step_XXXXXXX.pt files in a run folder, oldest first."""
     return sorted(Path(folder).glob("step_*.pt"))
+
+
+def loadable_checkpoints(folder: str | Path, exclude: Optional[Path] = None) -> list[str]:
+    """Names of the *.pt files in `folder` that load as untrusted input (weights_only) and hold a config and
+    weights: the only files worth offering in place of a broken one. mmap keeps big files cheap to probe."""
+    names = []
+    for p in sorted(Path(folder).glob("*.pt")):
+        if p == exclude or not p.is_file():
+            continue
+        try:
+            ckpt = torch.load(p, map_location="cpu", weights_only=True, mmap=True)
+        except Exception:  # corrupt, truncated, empty, or pickled code that weights_only refuses
+            continue
+        if isinstance(ckpt, dict) and isinstance(ckpt.get("config"), dict) and isinstance(ckpt.get("model"), dict):
+            names.append(p.name)
+    return names
+
+
+def output_folder_problem(path: str | Path) -> Optional[str]:
+    """Why `path` cannot be (or become) a folder to write into, or None; checked before any long work."""
+    path = Path(path)
+    if path.exists() and not path.is_dir():
+        return f"'{path}' is a file, not a folder"
+    existing = path
+    while not existing.exists():  # the nearest existing ancestor must be a writable folder
+        existing = existing.parent
+    if not existing.is_dir():
+        return f"'{existing}' is a file, so no folder '{path}' can be made under it"
+    if not os.access(existing, os.W_OK | os.X_OK):
+        return f"'{existing}' is not writable, so '{path}' cannot be written"
+    return None
 
 
 def find_latest_checkpoint(root: str | Path = "checkpoints") -> Optional[Path]:

@@ -111,7 +111,7 @@ def run_evaluate(ckpt: Path, sampler: str, steps: int, eta: float, seed: int, ar
     n = n_ddpm if sampler == "ddpm" else args.num_samples
     also = ["--also-at", str(n_ddpm)] if n > n_ddpm else []
     argv = ["--checkpoint", str(ckpt), "--num-samples", str(n), *also, "--sampler", sampler,
-            "--steps", str(steps), "--eta", str(eta), "--seed", str(seed),
+            "--steps", str(steps), *(["--eta", str(eta)] if sampler == "ddim" else []), "--seed", str(seed),
             "--batch-size", str(args.sample_batch_size), "--run-name", run_name, *common]
     print("python evaluate.py " + " ".join(argv), flush=True)
     if ev.main(argv) != 0:

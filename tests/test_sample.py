@@ -101,13 +101,14 @@ def test_default_checkpoint_is_run_last_or_newest(work):
 # ----------------------------------------------------------------------------- generation
 def test_same_seed_gives_byte_identical_files(work):
     make_checkpoint("checkpoints/tiny/last.pt", tiny_config())
-    Path("b").mkdir()
-    Path("b/000099.png").write_bytes(b"stale file from an earlier, larger run")
-    for out, seed in (("a", "3"), ("b", "3"), ("c", "4")):
-        run_main(["--out", out, "--seed", seed, "--steps", "3"])
+    run_main(["--out", "b", "--seed", "5", "--steps", "3", "--num-samples", "8"])  # an earlier, larger run
+    Path("b/notes.txt").write_text("the user's own file")
+    for out, seed, more in (("a", "3", []), ("b", "3", ["--overwrite"]), ("c", "4", [])):
+        run_main(["--out", out, "--seed", seed, "--steps", "3", *more])
     files = sorted(p.name for p in Path("a").iterdir())
-    assert files == [f"{i:06d}.png" for i in range(6)] + ["grid.png"]
-    assert sorted(p.name for p in Path("b").iterdir()) == files  # the stale 000099.png is gone
+    assert files == [f"{i:06d}.png" for i in range(6)] + [sample.MANIFEST, "grid.png"]
+    # the earlier run's 000006.png and 000007.png are gone, the user's file is not
+    assert sorted(p.name for p in Path("b").iterdir()) == sorted(files + ["notes.txt"])
     for name in files:
         assert Path("a", name).read_bytes() == Path("b", name).read_bytes()
     assert Path("a/grid.png").read_bytes() != Path("c/grid.png").read_bytes()
@@ -176,15 +177,16 @@ def test_guidance_scale_one_equals_plain_conditional_sampling(work):
     assert seen[0].tolist() == labels + [-1] * 4  # conditional and null-label halves in one pass
 
 
-def test_conditional_default_grid_has_one_row_per_class(work):
+def test_conditional_default_grid_has_one_column_per_class(work):
     cfg = tiny_config("cond", extra=["model.num_classes=10", "sample.num_samples=15", "sample.batch_size=32"])
     make_checkpoint("checkpoints/cond/last.pt", cfg)
     run_main(["--steps", "2"])
     out = Path("results/images/cond/ddim_2_0")
-    assert len(list(out.glob("0*.png"))) == 20  # 15 rounded up to 2 per class
-    with Image.open(out / "grid.png") as grid:  # cells of 64 px + 2 px padding: 2 columns, 10 rows
-        assert grid.size == (2 * 66 + 2, 10 * 66 + 2)
-    assert sample.plan_labels(3, None, 5) == ([0, 0, 1, 1, 2, 2], 2)
+    assert len(list(out.glob("0*.png"))) == 15  # exactly the number asked, labels cycling over the classes
+    with Image.open(out / "grid.png") as grid:  # cells of 64 px + 2 px padding: 10 columns, 2 rows
+        assert grid.size == (10 * 66 + 2, 2 * 66 + 2)
+    assert sample.plan_labels(3, None, 5) == ([0, 1, 2, 0, 1], 3)
+    assert sample.plan_labels(10, None, 4) == ([0, 1, 2, 3], None)
     assert sample.plan_labels(10, [4], 3) == ([4, 4, 4], None)
     assert sample.plan_labels(0, None, 5) == (None, None)
 
