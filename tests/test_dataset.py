@@ -101,8 +101,9 @@ def write_bad_image(path: Path, kind: str) -> None:
     if kind == "text":
         path.write_text("not an image, despite its name")
         return
-    if kind == "bomb":  # a valid, tiny PNG header claiming 20000 x 20000 pixels (over PIL's safety limit)
-        header = struct.pack(">IIBBBBB", 20000, 20000, 8, 0, 0, 0, 0)
+    if kind in ("bomb", "big"):  # a tiny PNG claiming 20000^2 (PIL: error) or 10000^2 pixels (PIL: a warning)
+        side = 20000 if kind == "bomb" else 10000
+        header = struct.pack(">IIBBBBB", side, side, 8, 0, 0, 0, 0)
         path.write_bytes(b"\x89PNG\r\n\x1a\n" + png_chunk(b"IHDR", header) + png_chunk(b"IDAT", zlib.compress(b""))
                          + png_chunk(b"IEND", b""))
         return
@@ -323,7 +324,7 @@ def test_missing_or_empty_folder_names_it(tmp_path):
         build_dataset(data_cfg("folder", tmp_path))
 
 
-@pytest.mark.parametrize("kind", ["corrupt", "text", "truncated", "bomb"])
+@pytest.mark.parametrize("kind", ["corrupt", "text", "truncated", "bomb", "big"])
 def test_folder_refuses_bad_files_at_build_time(tmp_path, kind):
     for i in range(3):
         write_image(tmp_path / "good" / f"{i}.png")
