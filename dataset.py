@@ -369,16 +369,16 @@ def _image_mode(path: Path) -> str:
     return _IMAGE_MODES[key]
 
 
-def check_image_files(root: Path, files: list[Path]) -> list[str]:
-    """The files' modes; BadDataError listing the first few unreadable files and their count. Bad files are
-    refused, not skipped: a data set that silently shrinks differs from run to run and hides broken copies."""
-    modes, bad = [], []
+def check_image_files(root: Path, files: list[Path]) -> None:
+    """BadDataError listing the first few unreadable files and their count. Bad files are refused, not
+    skipped: a data set that silently shrinks differs from run to run and hides broken copies."""
+    bad = []
     with warnings.catch_warnings():
         # PIL warns above MAX_IMAGE_PIXELS (and raises above twice that): a safety limit, so a bad file here.
         warnings.simplefilter("error", Image.DecompressionBombWarning)
         for path in files:
             try:
-                modes.append(_image_mode(path))
+                _image_mode(path)
             except Exception as err:  # UnidentifiedImageError, SyntaxError (broken PNG), OSError, bombs
                 bad.append(f"{path.relative_to(root)} ({_first_line(err)})")
     if bad:
@@ -386,17 +386,25 @@ def check_image_files(root: Path, files: list[Path]) -> list[str]:
         raise BadDataError(f"{len(bad)} of {len(files)} files in image folder '{root}' are not readable images: "
                            f"{'; '.join(bad[:BAD_FILES_SHOWN])}{more}. To fix it, move them out of the folder "
                            "(or replace them with good copies) and run again.")
-    return modes
 
 
-def folder_channels(modes: list[str], requested: int) -> int:
-    """data.channels for a folder: 1 or 3 as asked, or (0 = auto) 1 when every file is grey, else 3."""
+def folder_channels(files: list[Path], requested: int) -> int:
+    """data.channels for a folder: 1 or 3 as asked, or (0 = auto) 1 when every image is grey, else 3. Stops
+    at the first colour image (an RGB folder costs one header); unreadable files are check_image_files's."""
     if requested not in (0, 1, 3):
         raise ConfigError(f"config key 'data.channels' = {requested} must be 0 (auto: 1 for a folder of grey "
                           "images, else 3), 1 or 3")
     if requested:
         return requested
-    return 1 if all(mode in GREY_MODES for mode in modes) else 3
+    with warnings.catch_warnings():
+        warnings.simplefilter("error", Image.DecompressionBombWarning)
+        for path in files:
+            try:
+                if _image_mode(path) not in GREY_MODES:
+                    return 3
+            except Exception:  # a bad file: build_dataset refuses it; it says nothing about the channels
+                continue
+    return 1
 
 
 def open_as(path: Path, channels: int) -> Image.Image:
@@ -419,7 +427,8 @@ class ImageFolderDataset(Dataset):
         from torchvision import transforms  # PIL resizing for arbitrary files; imported only when used (~2 s)
 
         self.files, self.labels, self.class_names = scan_image_folder(root)
-        self.channels = folder_channels(check_image_files(root, self.files), channels)
+        check_image_files(root, self.files)
+        self.channels = folder_channels(self.files, channels)
         self.unreadable: set[int] = set()  # indices that failed to decode (warned once each)
         steps = [transforms.Resize(image_size), transforms.CenterCrop(image_size)]
         if flip:
@@ -515,11 +524,9 @@ def dataset_info(data_cfg) -> DatasetInfo:
     name, size = data_cfg.dataset, data_cfg.image_size
     if name == "toy2d":
         return DatasetInfo(channels=2, image_size=0, num_classes=0, class_names=[])
-    if name == "folder":  # the files' modes give the channels: a header check, remembered per file
-        root = Path(data_cfg.root)
-        files, _, class_names = scan_image_folder(root)
-        channels = folder_channels(check_image_files(root, files), data_cfg.channels)
-        return DatasetInfo(channels, size, len(class_names), class_names)
+    if name == "folder":  # the files' modes give the channels (headers only, remembered per file)
+        files, _, class_names = scan_image_folder(Path(data_cfg.root))
+        return DatasetInfo(folder_channels(files, data_cfg.channels), size, len(class_names), class_names)
     class_names = {"cifar10": CIFAR10_CLASSES, "digits": DIGIT_CLASSES}.get(name) or IDX_DATASETS[name][1]
     return DatasetInfo(3 if name == "cifar10" else 1, size, len(class_names), list(class_names))
 

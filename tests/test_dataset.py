@@ -329,9 +329,9 @@ def test_folder_refuses_bad_files_at_build_time(tmp_path, kind):
     for i in range(3):
         write_image(tmp_path / "good" / f"{i}.png")
     write_bad_image(tmp_path / "bad" / ("x.jpg" if kind == "text" else "x.png"), kind)
-    for build in (lambda c: build_dataset(c, train=True), dataset_info):
-        with pytest.raises(BadDataError, match=r"1 of 4 files in image folder .*: bad/x\.(jpg|png) \(.*move them out"):
-            build(data_cfg("folder", tmp_path, image_size=8))
+    with pytest.raises(BadDataError, match=r"1 of 4 files in image folder .*: bad/x\.(jpg|png) \(.*move them out"):
+        build_dataset(data_cfg("folder", tmp_path, image_size=8), train=True)
+    assert dataset_info(data_cfg("folder", tmp_path)).channels == 3  # the good files are RGB; building refuses
 
 
 def test_folder_error_lists_a_few_bad_files_and_their_count(tmp_path):
@@ -389,6 +389,15 @@ def test_grey_folder_gives_one_channel_and_mixed_gives_three(tmp_path):
     assert build_dataset(data_cfg("folder", tmp_path / "grey", image_size=8, channels=1))[3][0].shape == (1, 8, 8)
     with pytest.raises(ConfigError, match="data.channels"):
         dataset_info(data_cfg("folder", tmp_path / "grey", channels=2))
+
+
+def test_rgb_folder_info_reads_one_header(tmp_path, monkeypatch):
+    import dataset
+    for i in range(5):
+        write_image(tmp_path / f"{i}.png", color=(i, 0, 0))
+    seen = []
+    monkeypatch.setattr(dataset, "_image_mode", lambda path: seen.append(path) or "RGB")
+    assert dataset_info(data_cfg("folder", tmp_path)).channels == 3 and len(seen) == 1
 
 
 def test_grey_folder_against_an_rgb_model_says_both_fixes(tmp_path):
