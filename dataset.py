@@ -126,19 +126,20 @@ CIFAR_PICKLE_GLOBALS = {("numpy", "ndarray"), ("numpy", "dtype"), ("_codecs", "e
                         *((f"numpy.{core}.numeric", "_frombuffer") for core in ("core", "_core"))}
 
 
+class _RefusedGlobal(pickle.UnpicklingError):
+    """The pickle names a function or class outside CIFAR_PICKLE_GLOBALS: loading stops before calling it."""
+
+
 class _CifarUnpickler(pickle.Unpickler):
     """Unpickles only plain containers, numbers, strings and numpy arrays: a hand-placed or tampered batch
     file cannot run code (pickle.load would call whatever function the file names)."""
 
     def find_class(self, module: str, name: str):
         if (module, name) not in CIFAR_PICKLE_GLOBALS:
-            raise pickle.UnpicklingError(f"it asks to call {module}.{name}, which CIFAR-10 batches never do")
-        if module.startswith("numpy.core."):  # numpy >= 2 moved numpy.core to numpy._core (old name warns)
-            try:
-                import numpy._core  # noqa: F401  (numpy >= 2)
-                module = module.replace("numpy.core.", "numpy._core.")
-            except ImportError:
-                pass
+            raise _RefusedGlobal(f"it asks to call {module}.{name}, which CIFAR-10 batches never do")
+        # numpy 2 renamed numpy.core to numpy._core (the old name warns); numpy < 2 has only numpy.core.
+        core = "numpy._core." if int(np.__version__.split(".")[0]) >= 2 else "numpy.core."
+        module = module.replace("numpy._core.", core).replace("numpy.core.", core)
         return super().find_class(module, name)
 
 
@@ -149,9 +150,11 @@ def _unpickle(path: Path) -> dict:
     try:
         with open(path, "rb") as f:
             raw = _CifarUnpickler(f, encoding="bytes").load()
-    except Exception as err:  # UnpicklingError, EOFError (truncated), ValueError, ...: the file is bad, not us
-        raise BadDataError(f"'{path}' is not a readable CIFAR-10 batch ({err}); refused without running it. "
+    except _RefusedGlobal as err:
+        raise BadDataError(f"'{path}' is not a CIFAR-10 batch: {err}; refused before running anything. "
                            f"{CIFAR_FIX}") from None
+    except Exception as err:  # UnpicklingError, EOFError (truncated), ValueError, ...: the file is bad, not us
+        raise BadDataError(f"'{path}' is not a readable CIFAR-10 batch ({_first_line(err)}). {CIFAR_FIX}") from None
     if not isinstance(raw, dict):
         raise BadDataError(f"'{path}' is not a CIFAR-10 batch (a {type(raw).__name__}, not a dict). {CIFAR_FIX}")
     return {k.decode() if isinstance(k, bytes) else k: v for k, v in raw.items()}
@@ -440,7 +443,8 @@ class ImageFolderDataset(Dataset):
         return len(self.files)
 
     def __getitem__(self, index: int) -> tuple[torch.Tensor, torch.Tensor]:
-        for i in [(index + k) % len(self.files) for k in range(len(self.files))]:
+        for k in range(len(self.files)):  # index first; the next ones only if it cannot be decoded
+            i = (index + k) % len(self.files)
             try:
                 image = open_as(self.files[i], self.channels)
             except (OSError, SyntaxError, ValueError, EOFError, Image.DecompressionBombError) as err:
