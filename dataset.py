@@ -12,6 +12,10 @@ neither reads test-made files or hand-placed `.gz` files. Both formats are simpl
 torchvision only downloads (its URLs, mirrors and md5 checks; a short timeout makes offline fail in
 seconds) and one reader parses downloads, hand-placed files and test fixtures alike. `digits` (sklearn's
 bundled 8x8 digits) and `toy2d` need no files: they are the offline data sets.
+
+Data files are untrusted: CIFAR-10 pickles go through a restricted unpickler (numpy arrays and plain values
+only), IDX lengths are checked against their headers, and an image folder's files are header-checked when the
+data set is built. A bad file raises BadDataError (a DatasetMissingError) naming it and the fix.
 """
 from __future__ import annotations
 
