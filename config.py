@@ -61,6 +61,7 @@ class DataConfig:
     root: str = "data"                 # where torchvision datasets / image folders live
     split: str = "train"               # which split to train on: train | test (e.g. MNIST's t10k files)
     image_size: int = 32
+    channels: int = 0                  # folder only: 0 = auto (1 when every image is grey, else 3), 1 or 3
     random_flip: bool = True           # horizontal flips (CIFAR-10); never for digits
     num_workers: int = 2
     download: bool = True              # torchvision datasets: download when missing (needs network)

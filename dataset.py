@@ -12,6 +12,10 @@ neither reads test-made files or hand-placed `.gz` files. Both formats are simpl
 torchvision only downloads (its URLs, mirrors and md5 checks; a short timeout makes offline fail in
 seconds) and one reader parses downloads, hand-placed files and test fixtures alike. `digits` (sklearn's
 bundled 8x8 digits) and `toy2d` need no files: they are the offline data sets.
+
+Data files are untrusted: CIFAR-10 pickles go through a restricted unpickler (numpy arrays and plain values
+only), IDX lengths are checked against their headers, and an image folder's files are header-checked when the
+data set is built. A bad file raises BadDataError (a DatasetMissingError) naming it and the fix.
 """
 from __future__ import annotations
 
@@ -25,6 +29,8 @@ import sys
 import threading
 import urllib.parse
 import urllib.request
+import warnings
+import zlib
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -48,15 +54,29 @@ IDX_FILES = {True: ("train-images-idx3-ubyte", "train-labels-idx1-ubyte"),
 # dataset -> (torchvision class name = folder under root, class names); files live in <root>/<name>/raw/.
 IDX_DATASETS = {"mnist": ("MNIST", DIGIT_CLASSES), "fashion_mnist": ("FashionMNIST", FASHION_CLASSES)}
 IDX_DTYPES = {0x08: np.uint8, 0x09: np.int8, 0x0B: ">i2", 0x0C: ">i4", 0x0D: ">f4", 0x0E: ">f8"}
+GREY_MODES = {"1", "L", "LA", "I", "I;16", "I;16L", "I;16B", "I;16N", "F"}  # PIL modes of one-channel images
+WIDE_GREY_MODES = {"I", "I;16", "I;16L", "I;16B", "I;16N"}   # 16-bit grey PNGs open as I;16 (or I)
+BAD_FILES_SHOWN = 5        # bad files named in the error (then "and N more")
+_IMAGE_MODES: dict[tuple, str] = {}  # (path, size, mtime_ns) -> mode of an image file that passed the check
 IMAGE_EXTENSIONS = {".png", ".jpg", ".jpeg", ".bmp", ".gif", ".webp", ".tif", ".tiff", ".ppm", ".pgm"}
+IDX_MIRRORS = {"mnist": "https://ossci-datasets.s3.amazonaws.com/mnist/",   # torchvision's first mirrors
+               "fashion_mnist": "http://fashion-mnist.s3-website.eu-central-1.amazonaws.com/"}
 NETWORK_TIMEOUT_S = 10.0   # per connection attempt / socket read: offline fails in seconds, not minutes
 TOY_SEEDS = {True: 0, False: 1}  # toy2d train / test points: fixed draws, so the data set is deterministic
+CIFAR_FIX = (f"To fix it, delete the folder {CIFAR10_FOLDER}/ that holds it and run again: with data.download=true "
+             f"the official files are downloaded; offline, place the official {CIFAR10_ARCHIVE} "
+             f"(https://www.cs.toronto.edu/~kriz/{CIFAR10_ARCHIVE}) beside the folder first.")
 OFFLINE_HINT = ("To work offline, use the embedded digits, which need no files: python train.py --config "
                 "configs/digits.yaml (or data.dataset=digits; python dataset.py --dataset digits to preview).")
 
 
 class DatasetMissingError(RuntimeError):
     """The data is not on disk and cannot be downloaded; the message says exactly what to do."""
+
+
+class BadDataError(DatasetMissingError):
+    """A data file is on disk but unreadable (truncated, corrupt) or unsafe (a pickle that would run code); the
+    message names the file and the fix. A DatasetMissingError, so every script's main() reports it in one line."""
 
 
 @dataclass
@@ -101,12 +121,61 @@ class ImageTensorDataset(Dataset):
 
 
 # ----------------------------------------------------------------------------- CIFAR-10 pickles
+# What the official batches (pickled by Python 2 with numpy arrays) and test-made copies reference: numpy's
+# array reconstruction (numpy.core before numpy 2, numpy._core after; _frombuffer for pickle protocol 5), and
+# _codecs.encode, which Python 3 uses to write bytes at protocols < 3. Nothing else is ever looked up, so a file
+# that asks for anything else (os.system, eval, ...) is refused before it can call it.
+CIFAR_PICKLE_GLOBALS = {("numpy", "ndarray"), ("numpy", "dtype"), ("_codecs", "encode"),
+                        *((f"numpy.{core}.multiarray", "_reconstruct") for core in ("core", "_core")),
+                        *((f"numpy.{core}.numeric", "_frombuffer") for core in ("core", "_core"))}
+
+
+class _RefusedGlobal(pickle.UnpicklingError):
+    """The pickle names a function or class outside CIFAR_PICKLE_GLOBALS: loading stops before calling it."""
+
+
+class _CifarUnpickler(pickle.Unpickler):
+    """Unpickles only plain containers, numbers, strings and numpy arrays: a hand-placed or tampered batch
+    file cannot run code (pickle.load would call whatever function the file names)."""
+
+    def find_class(self, module: str, name: str):
+        if (module, name) not in CIFAR_PICKLE_GLOBALS:
+            raise _RefusedGlobal(f"it asks to call {module}.{name}, which CIFAR-10 batches never do")
+        # numpy 2 renamed numpy.core to numpy._core (the old name warns); numpy < 2 has only numpy.core.
+        core = "numpy._core." if int(np.__version__.split(".")[0]) >= 2 else "numpy.core."
+        module = module.replace("numpy._core.", core).replace("numpy.core.", core)
+        return super().find_class(module, name)
+
+
 def _unpickle(path: Path) -> dict:
     """A CIFAR-10 pickle as a dict with str keys. The official files were pickled by Python 2 and load with
-    bytes keys (b'data'); files pickled by Python 3 may use str keys: accept both."""
-    with open(path, "rb") as f:
-        raw = pickle.load(f, encoding="bytes")  # the standard format is a pickle: only open trusted files
+    bytes keys (b'data'); files pickled by Python 3 may use str keys: accept both. BadDataError naming the
+    file when it is truncated, not a pickle of a dict, or asks to run anything."""
+    try:
+        with open(path, "rb") as f:
+            raw = _CifarUnpickler(f, encoding="bytes").load()
+    except _RefusedGlobal as err:
+        raise BadDataError(f"'{path}' is not a CIFAR-10 batch: {err}; refused before running anything. "
+                           f"{CIFAR_FIX}") from None
+    except Exception as err:  # UnpicklingError, EOFError (truncated), ValueError, ...: the file is bad, not us
+        raise BadDataError(f"'{path}' is not a readable CIFAR-10 batch ({_first_line(err)}). {CIFAR_FIX}") from None
+    if not isinstance(raw, dict):
+        raise BadDataError(f"'{path}' is not a CIFAR-10 batch (a {type(raw).__name__}, not a dict). {CIFAR_FIX}")
     return {k.decode() if isinstance(k, bytes) else k: v for k, v in raw.items()}
+
+
+def _batch_arrays(path: Path) -> tuple[np.ndarray, np.ndarray]:
+    """(data uint8 (N, 3072), labels int64 (N,)) of one batch file, checked; BadDataError otherwise."""
+    batch = _unpickle(path)
+    try:
+        data = np.asarray(batch["data"], dtype=np.uint8)
+        labels = np.asarray(batch["labels"], dtype=np.int64)
+    except (KeyError, TypeError, ValueError) as err:
+        raise BadDataError(f"'{path}' is not a CIFAR-10 batch (no usable {err}). {CIFAR_FIX}") from None
+    if data.ndim != 2 or data.shape[1] != 3072 or labels.shape != (len(data),):
+        raise BadDataError(f"'{path}' holds data {data.shape} and labels {labels.shape}, not (N, 3072) and (N,): "
+                           f"it is not a CIFAR-10 batch. {CIFAR_FIX}")
+    return data, labels
 
 
 def read_cifar10(root: Path, train: bool):
@@ -121,32 +190,41 @@ def read_cifar10(root: Path, train: bool):
     for n in names:
         if not (folder / n).is_file():
             raise FileNotFoundError(str(folder / n))
-    batches = [_unpickle(folder / n) for n in names]
+    batches = [_batch_arrays(folder / n) for n in names]
     # Each row of 'data' is 1024 R, then 1024 G, then 1024 B values, each plane row-major 32x32.
-    data = np.concatenate([np.asarray(b["data"], dtype=np.uint8) for b in batches])      # (N, 3072)
-    labels = np.concatenate([np.asarray(b["labels"], dtype=np.int64) for b in batches])  # (N,)
+    data = np.concatenate([d for d, _ in batches])         # (N, 3072)
+    labels = np.concatenate([y for _, y in batches])       # (N,)
     class_names = CIFAR10_CLASSES
     if (folder / "batches.meta").is_file():
-        meta_names = _unpickle(folder / "batches.meta")["label_names"]
-        class_names = [n.decode() if isinstance(n, bytes) else str(n) for n in meta_names]
+        meta_names = _unpickle(folder / "batches.meta").get("label_names")
+        if isinstance(meta_names, list) and len(meta_names) == len(CIFAR10_CLASSES):
+            class_names = [n.decode() if isinstance(n, bytes) else str(n) for n in meta_names]
     return torch.from_numpy(data.reshape(-1, 3, 32, 32).copy()), torch.from_numpy(labels), class_names
 
 
 # ----------------------------------------------------------------------------- MNIST IDX files
 def read_idx(path: Path) -> np.ndarray:
     """An IDX file, plain or gzipped: bytes 0, 0, dtype code, ndim; ndim big-endian uint32 sizes; data.
-    (MNIST's magic numbers 2051 = images, 2049 = labels are dtype 0x08 with ndim 3 and 1.)"""
+    (MNIST's magic numbers 2051 = images, 2049 = labels are dtype 0x08 with ndim 3 and 1.) ValueError naming
+    the file when it is not IDX, or its length does not match its header (a truncated download)."""
     with open(path, "rb") as f:
         raw = f.read()
     if raw[:2] == b"\x1f\x8b":  # gzip magic, whatever the file is called
-        raw = gzip.decompress(raw)
+        try:
+            raw = gzip.decompress(raw)
+        except (EOFError, OSError, zlib.error) as err:  # EOFError: cut short; BadGzipFile / zlib: corrupt
+            raise ValueError(f"'{path}' is a truncated or corrupt gzip file ({err})") from None
     if len(raw) < 4 or raw[0] != 0 or raw[1] != 0 or raw[2] not in IDX_DTYPES:
         raise ValueError(f"'{path}' is not an IDX file (magic bytes {raw[:4].hex()})")
-    ndim = raw[3]
+    ndim, dtype = raw[3], np.dtype(IDX_DTYPES[raw[2]])
+    if len(raw) < 4 + 4 * ndim:
+        raise ValueError(f"'{path}' is truncated: {len(raw)} bytes, shorter than its {4 + 4 * ndim}-byte header")
     shape = tuple(int(s) for s in np.frombuffer(raw, dtype=">u4", count=ndim, offset=4))
-    data = np.frombuffer(raw, dtype=IDX_DTYPES[raw[2]], offset=4 + 4 * ndim)
-    if data.size != math.prod(shape):
-        raise ValueError(f"'{path}' holds {data.size} values but its header says {shape}")
+    expected = 4 + 4 * ndim + math.prod(shape) * dtype.itemsize
+    if len(raw) != expected:
+        raise ValueError(f"'{path}' is truncated or corrupt: its header says {shape} ({expected} bytes) but it "
+                         f"holds {len(raw)} bytes")
+    data = np.frombuffer(raw, dtype=dtype, offset=4 + 4 * ndim)
     return data.reshape(shape).astype(data.dtype.newbyteorder("="))  # native byte order, writable copy
 
 
@@ -165,9 +243,15 @@ def read_idx_split(root: Path, dataset: str, train: bool):
     folder_name, class_names = IDX_DATASETS[dataset]
     folders = [root / folder_name / "raw", root]
     image_path, label_path = (_find_file(folders, name) for name in IDX_FILES[train])
-    images, labels = read_idx(image_path), read_idx(label_path)
+    fix = (f"To fix it, delete it and run again: with data.download=true a fresh copy is downloaded; offline, "
+           f"place the official file (from {IDX_MIRRORS[dataset]}) there first.")
+    try:
+        images, labels = read_idx(image_path), read_idx(label_path)
+    except ValueError as err:
+        raise BadDataError(f"{err}. {fix}") from None
     if images.ndim != 3 or labels.ndim != 1 or len(images) != len(labels):
-        raise ValueError(f"'{image_path}' {images.shape} and '{label_path}' {labels.shape} do not match")
+        raise BadDataError(f"'{image_path}' {images.shape} and '{label_path}' {labels.shape} do not match: one "
+                           f"of them is not the official file. {fix}")
     return torch.from_numpy(images[:, None]), torch.from_numpy(labels.astype(np.int64)), class_names
 
 
@@ -273,26 +357,109 @@ def scan_image_folder(root: Path) -> tuple[list[Path], list[int], list[str]]:
     return files, [0] * len(files), []
 
 
-class ImageFolderDataset(Dataset):
-    """Any images as RGB: shorter side resized to image_size, center-cropped, scaled to [-1, 1]."""
+def _first_line(err: BaseException) -> str:
+    text = str(err).strip().splitlines()
+    return (text[0][:100] if text else "") or type(err).__name__
 
-    def __init__(self, root: Path, image_size: int, flip: bool):
+
+def _image_mode(path: Path) -> str:
+    """The mode of an image file whose header and chunks PIL accepts (Image.open + verify: no pixel decoding;
+    for PNG this checks every chunk's CRC and that the file reaches its end). Raises otherwise. Remembered per
+    (path, size, mtime), so dataset_info and build_dataset in one process scan a folder once."""
+    stat = path.stat()
+    key = (str(path), stat.st_size, stat.st_mtime_ns)
+    if key not in _IMAGE_MODES:
+        with Image.open(path) as image:
+            mode = image.mode
+            image.verify()
+        _IMAGE_MODES[key] = mode
+    return _IMAGE_MODES[key]
+
+
+def check_image_files(root: Path, files: list[Path]) -> None:
+    """BadDataError listing the first few unreadable files and their count. Bad files are refused, not
+    skipped: a data set that silently shrinks differs from run to run and hides broken copies."""
+    bad = []
+    with warnings.catch_warnings():
+        # PIL warns above MAX_IMAGE_PIXELS (and raises above twice that): a safety limit, so a bad file here.
+        warnings.simplefilter("error", Image.DecompressionBombWarning)
+        for path in files:
+            try:
+                _image_mode(path)
+            except Exception as err:  # UnidentifiedImageError, SyntaxError (broken PNG), OSError, bombs
+                bad.append(f"{path.relative_to(root)} ({_first_line(err)})")
+    if bad:
+        more = f"; and {len(bad) - BAD_FILES_SHOWN} more" if len(bad) > BAD_FILES_SHOWN else ""
+        raise BadDataError(f"{len(bad)} of {len(files)} files in image folder '{root}' are not readable images: "
+                           f"{'; '.join(bad[:BAD_FILES_SHOWN])}{more}. To fix it, move them out of the folder "
+                           "(or replace them with good copies) and run again.")
+
+
+def folder_channels(files: list[Path], requested: int) -> int:
+    """data.channels for a folder: 1 or 3 as asked, or (0 = auto) 1 when every image is grey, else 3. Stops
+    at the first colour image (an RGB folder costs one header); unreadable files are check_image_files's."""
+    if requested not in (0, 1, 3):
+        raise ConfigError(f"config key 'data.channels' = {requested} must be 0 (auto: 1 for a folder of grey "
+                          "images, else 3), 1 or 3")
+    if requested:
+        return requested
+    with warnings.catch_warnings():
+        warnings.simplefilter("error", Image.DecompressionBombWarning)
+        for path in files:
+            try:
+                if _image_mode(path) not in GREY_MODES:
+                    return 3
+            except Exception:  # a bad file: build_dataset refuses it; it says nothing about the channels
+                continue
+    return 1
+
+
+def open_as(path: Path, channels: int) -> Image.Image:
+    """A decoded image as mode L (channels=1) or RGB. 16-bit grey (PNG: mode I;16 or I) is scaled from
+    0..65535 to 0..255: PIL's convert would clip it at 255 and turn it almost white."""
+    with Image.open(path) as image:
+        if image.mode in WIDE_GREY_MODES:
+            array = np.asarray(image, dtype=np.float64) / 257.0  # 65535 / 257 = 255 exactly
+            image = Image.fromarray(np.clip(np.rint(array), 0, 255).astype(np.uint8))  # mode L
+        return image.convert("L" if channels == 1 else "RGB")
+
+
+class ImageFolderDataset(Dataset):
+    """Any images as grey (channels=1) or RGB: shorter side resized to image_size, center-cropped, scaled to
+    [-1, 1]. Bad files are refused when it is built (check_image_files); a file that passed that check but
+    fails to decode later (a cut-short JPEG, corrupt pixel data) is replaced by the next readable file, with a
+    warning naming it, so training never stops mid-run on it."""
+
+    def __init__(self, root: Path, image_size: int, flip: bool, channels: int = 0):
         from torchvision import transforms  # PIL resizing for arbitrary files; imported only when used (~2 s)
 
         self.files, self.labels, self.class_names = scan_image_folder(root)
+        check_image_files(root, self.files)
+        self.channels = folder_channels(self.files, channels)
+        self.unreadable: set[int] = set()  # indices that failed to decode (warned once each)
         steps = [transforms.Resize(image_size), transforms.CenterCrop(image_size)]
         if flip:
             steps.append(transforms.RandomHorizontalFlip(0.5))  # draws from torch's global RNG
-        steps += [transforms.ToTensor(), transforms.Normalize([0.5] * 3, [0.5] * 3)]
+        steps += [transforms.ToTensor(), transforms.Normalize([0.5] * self.channels, [0.5] * self.channels)]
         self.transform = transforms.Compose(steps)
 
     def __len__(self) -> int:
         return len(self.files)
 
     def __getitem__(self, index: int) -> tuple[torch.Tensor, torch.Tensor]:
-        with Image.open(self.files[index]) as image:
-            x = self.transform(image.convert("RGB"))  # (3, S, S) in [-1, 1]
-        return x, torch.tensor(self.labels[index], dtype=torch.int64)
+        for k in range(len(self.files)):  # index first; the next ones only if it cannot be decoded
+            i = (index + k) % len(self.files)
+            try:
+                image = open_as(self.files[i], self.channels)
+            except (OSError, SyntaxError, ValueError, EOFError, Image.DecompressionBombError) as err:
+                if i not in self.unreadable:
+                    self.unreadable.add(i)
+                    warnings.warn(f"image '{self.files[i]}' cannot be decoded ({_first_line(err)}); another image "
+                                  "of the folder is used in its place: move the file out of the folder")
+                continue
+            x = self.transform(image)  # (C, S, S) in [-1, 1]
+            return x, torch.tensor(self.labels[i], dtype=torch.int64)
+        raise BadDataError(f"no image in '{self.files[index].parent}' can be decoded")
 
 
 # ----------------------------------------------------------------------------- offline data sets
@@ -353,20 +520,21 @@ def build_dataset(data_cfg, train: bool = True) -> Dataset:
     if name == "digits":  # tiny: the same 1797 images serve as train and test split
         return digits_dataset(data_cfg.image_size)
     if name == "folder":  # no split either: the folder is the data set
-        return ImageFolderDataset(Path(data_cfg.root), data_cfg.image_size, train and data_cfg.random_flip)
+        return ImageFolderDataset(Path(data_cfg.root), data_cfg.image_size, train and data_cfg.random_flip,
+                                  data_cfg.channels)
     if name in ("cifar10", *IDX_DATASETS):
         return _torchvision_format_dataset(data_cfg, train)
     raise ValueError(f"unknown dataset {name!r} (choose from {', '.join(DATASETS)})")
 
 
 def dataset_info(data_cfg) -> DatasetInfo:
-    """Shape and classes of the data set's items; reads no files except to list a folder's classes."""
+    """Shape and classes of the data set's items; reads no files except a folder's listing and headers."""
     name, size = data_cfg.dataset, data_cfg.image_size
     if name == "toy2d":
         return DatasetInfo(channels=2, image_size=0, num_classes=0, class_names=[])
-    if name == "folder":
-        class_names = scan_image_folder(Path(data_cfg.root))[2]
-        return DatasetInfo(3, size, len(class_names), class_names)
+    if name == "folder":  # the files' modes give the channels (headers only, remembered per file)
+        files, _, class_names = scan_image_folder(Path(data_cfg.root))
+        return DatasetInfo(folder_channels(files, data_cfg.channels), size, len(class_names), class_names)
     class_names = {"cifar10": CIFAR10_CLASSES, "digits": DIGIT_CLASSES}.get(name) or IDX_DATASETS[name][1]
     return DatasetInfo(3 if name == "cifar10" else 1, size, len(class_names), list(class_names))
 
@@ -377,8 +545,11 @@ def check_data(cfg: Config, dataset: Dataset) -> None:
     name = f"data.dataset={cfg.data.dataset}"
     channels = x.shape[0] if x.ndim == 3 else x.shape[-1]
     if info.channels != cfg.model.in_channels or channels != cfg.model.in_channels:
+        wanted = cfg.model.in_channels
+        rgb = (f" (or data.channels={wanted} to read the images as {'RGB' if wanted == 3 else 'grey'})"
+               if cfg.data.dataset == "folder" and wanted in (1, 3) else "")
         raise ConfigError(f"{name} has {channels} channels but model.in_channels={cfg.model.in_channels}: "
-                          f"set model.in_channels={channels}")
+                          f"set model.in_channels={channels}{rgb}")
     if x.ndim == 3 and tuple(x.shape[1:]) != (cfg.data.image_size, cfg.data.image_size):
         raise ConfigError(f"{name} gives {x.shape[1]}x{x.shape[2]} images but data.image_size="
                           f"{cfg.data.image_size}: set data.image_size to match the data set")

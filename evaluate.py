@@ -55,8 +55,18 @@ PR_MAX_REF = 10_000  # reference features kept for precision/recall (10k x 2048 
 
 # ============================================================================= reference statistics
 def reference_key(dataset: str, split: str, image_size: int, extractor_name: str, num_images: int) -> str:
-    """Cache file stem: everything the reference statistics depend on."""
-    return f"{dataset}-{split}-{image_size}px-{extractor_name}-n{num_images}"
+    """Cache file stem: everything the reference statistics depend on. "noflip": of the un-augmented images
+    (caches written before that, of randomly flipped images when data.random_flip was on, are not reused)."""
+    return f"{dataset}-{split}-{image_size}px-{extractor_name}-n{num_images}-noflip"
+
+
+def reference_source(data_cfg: DataConfig) -> str:
+    """The data set part of the key: an image folder is named by a hash of its absolute path (two folders are
+    two data sets), the other data sets by their name (their files are the official ones)."""
+    if data_cfg.dataset != "folder":
+        return data_cfg.dataset
+    import hashlib
+    return f"folder{hashlib.sha256(str(Path(data_cfg.root).resolve()).encode()).hexdigest()[:8]}"
 
 
 def _save_npz_atomic(path: Path, **arrays) -> None:
@@ -73,7 +83,7 @@ def reference_stats(data_cfg: DataConfig, split: str, extractor, num_ref: Option
     once and cached as <cache_dir>/<reference_key>.npz (plain arrays, loaded without pickle)."""
     dataset = split_dataset(data_cfg, split)
     n = len(dataset) if num_ref is None else min(num_ref, len(dataset))
-    key = reference_key(data_cfg.dataset, split, data_cfg.image_size, extractor.name, n)
+    key = reference_key(reference_source(data_cfg), split, data_cfg.image_size, extractor.name, n)
     path = Path(cache_dir) / f"{key}.npz"
     if not path.is_file():
         images, _ = load_split_uint8(data_cfg, split, limit=n, seed=seed, dataset=dataset)

@@ -57,9 +57,11 @@ def uint8_to_unit(images: torch.Tensor) -> torch.Tensor:
 
 
 def split_dataset(data_cfg: DataConfig, split: str):
-    """The named split (build_dataset's training set is the split that data.split names)."""
+    """The named split as stored: never augmented (data.random_flip is a training setting; reference statistics
+    and classifier data are of the images themselves, and deterministic). build_dataset's training set is the
+    split that data.split names."""
     from dataset import build_dataset
-    return build_dataset(dataclasses.replace(data_cfg, split=split), train=True)
+    return build_dataset(dataclasses.replace(data_cfg, split=split, random_flip=False), train=True)
 
 
 def load_split_uint8(data_cfg: DataConfig, split: str, limit: Optional[int] = None, seed: int = 0,

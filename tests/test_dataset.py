@@ -3,11 +3,14 @@
 No test touches the network: every config has download=False (the CLI gets --no-download).
 """
 import gzip
+import os
 import pickle
 import struct
 import subprocess
 import sys
 import tarfile
+import warnings
+import zlib
 from pathlib import Path
 
 import numpy as np
@@ -15,9 +18,9 @@ import pytest
 import torch
 from PIL import Image
 
-from config import DataConfig
-from dataset import (CIFAR10_CLASSES, DatasetMissingError, build_dataset, dataset_info, read_idx,
-                     sample_toy2d)
+from config import Config, ConfigError, DataConfig
+from dataset import (CIFAR10_CLASSES, BadDataError, DatasetMissingError, build_dataset, check_data, dataset_info,
+                     read_idx, sample_toy2d)
 
 REPO = Path(__file__).resolve().parents[1]
 SHARED_MNIST = REPO.parent / "shared" / "data" / "mnist"
@@ -72,6 +75,46 @@ def write_image(path: Path, size=(40, 24), color=(255, 0, 0), mode="RGB") -> Non
     Image.new(mode, size, color).save(path)
 
 
+class RunsCommand:
+    """A pickle that runs a shell command when loaded (what a hostile 'CIFAR-10 batch' would hold)."""
+
+    def __init__(self, command: str):
+        self.command = command
+
+    def __reduce__(self):
+        return os.system, (self.command,)
+
+
+def write_hostile_batch(path: Path, marker: Path) -> None:
+    """A data batch whose b'data' entry, when unpickled with plain pickle, touches `marker`."""
+    entry = {b"batch_label": b"x", b"labels": [0], b"data": RunsCommand(f"touch '{marker}'")}
+    path.write_bytes(pickle.dumps(entry, protocol=2))
+
+
+def png_chunk(kind: bytes, data: bytes) -> bytes:
+    return struct.pack(">I", len(data)) + kind + data + struct.pack(">I", zlib.crc32(kind + data))
+
+
+def write_bad_image(path: Path, kind: str) -> None:
+    """Files that end in an image extension but are not readable images."""
+    path.parent.mkdir(parents=True, exist_ok=True)
+    if kind == "text":
+        path.write_text("not an image, despite its name")
+        return
+    if kind in ("bomb", "big"):  # a tiny PNG claiming 20000^2 (PIL: error) or 10000^2 pixels (PIL: a warning)
+        side = 20000 if kind == "bomb" else 10000
+        header = struct.pack(">IIBBBBB", side, side, 8, 0, 0, 0, 0)
+        path.write_bytes(b"\x89PNG\r\n\x1a\n" + png_chunk(b"IHDR", header) + png_chunk(b"IDAT", zlib.compress(b""))
+                         + png_chunk(b"IEND", b""))
+        return
+    noise = np.random.default_rng(0).integers(0, 256, size=(32, 32, 3), dtype=np.uint8)  # incompressible
+    Image.fromarray(noise).save(path, format="PNG" if kind != "cut_jpeg" else "JPEG", quality=95)
+    raw = bytearray(path.read_bytes())
+    if kind == "corrupt":
+        raw[len(raw) // 2] ^= 0xFF   # a flipped byte in the pixel data: the chunk's CRC no longer matches
+    path.write_bytes(bytes(raw[: len(raw) // 2]) if kind in ("truncated", "cut_jpeg") else bytes(raw))
+
+
 # ----------------------------------------------------------------------------- CIFAR-10
 @pytest.mark.parametrize("str_keys", [False, True])
 def test_cifar10_reads_pickled_batches(tmp_path, str_keys):
@@ -90,6 +133,47 @@ def test_cifar10_reads_pickled_batches(tmp_path, str_keys):
     expected = torch.from_numpy(data[3].reshape(3, 32, 32)).float() / 127.5 - 1
     torch.testing.assert_close(x, expected)
     assert [test_set[i][1].item() for i in range(10)] == batches["test_batch"][1]
+
+
+def test_cifar10_reads_numpy_1_and_protocol_5_pickles_without_running_anything(tmp_path):
+    batches = write_cifar10(tmp_path, per_batch=4)
+    folder = tmp_path / "cifar-10-batches-py"
+    data, labels = batches["test_batch"]
+    entry = {b"labels": labels, b"data": data}
+    # The official files name numpy.core.multiarray._reconstruct (numpy < 2); protocol 5 uses _frombuffer.
+    old_numpy = pickle.dumps(entry, protocol=2).replace(b"numpy._core.multiarray", b"numpy.core.multiarray")
+    assert b"cnumpy.core.multiarray\n_reconstruct" in old_numpy
+    for raw in (old_numpy, pickle.dumps(entry, protocol=5)):
+        (folder / "test_batch").write_bytes(raw)
+        with warnings.catch_warnings():
+            warnings.simplefilter("error")  # no DeprecationWarning for numpy.core either
+            test_set = build_dataset(data_cfg("cifar10", tmp_path), train=False)
+        torch.testing.assert_close(test_set[2][0], torch.from_numpy(data[2].reshape(3, 32, 32)).float() / 127.5 - 1)
+
+
+@pytest.mark.parametrize("name", ["test_batch", "batches.meta"])
+def test_cifar10_hostile_pickle_is_refused_and_runs_nothing(tmp_path, name):
+    write_cifar10(tmp_path, per_batch=2)
+    marker = tmp_path / "ran"
+    write_hostile_batch(tmp_path / "cifar-10-batches-py" / name, marker)
+    with pytest.raises(BadDataError, match=rf"{name}'.*posix.system.*refused.*delete the folder"):
+        build_dataset(data_cfg("cifar10", tmp_path), train=False)
+    assert not marker.exists()
+
+
+def test_cifar10_truncated_or_wrong_batches_name_the_file(tmp_path):
+    batches = write_cifar10(tmp_path, per_batch=3)
+    batch = tmp_path / "cifar-10-batches-py" / "data_batch_3"
+    raw = batch.read_bytes()
+    batch.write_bytes(raw[: len(raw) // 2])
+    with pytest.raises(BadDataError, match="data_batch_3' is not a readable CIFAR-10 batch"):
+        build_dataset(data_cfg("cifar10", tmp_path), train=True)
+    batch.write_bytes(pickle.dumps({b"data": batches["data_batch_3"][0][:, :100], b"labels": [1, 2, 3]}, protocol=2))
+    with pytest.raises(BadDataError, match=r"data_batch_3' holds data \(3, 100\)"):
+        build_dataset(data_cfg("cifar10", tmp_path), train=True)
+    batch.write_bytes(pickle.dumps([1, 2], protocol=2))
+    with pytest.raises(BadDataError, match="not a CIFAR-10 batch"):
+        build_dataset(data_cfg("cifar10", tmp_path), train=True)
 
 
 def test_cifar10_extremes_map_to_minus_one_and_one(tmp_path):
@@ -167,6 +251,30 @@ def test_idx_magic_numbers_and_bad_files(tmp_path):
         read_idx(tmp_path / "junk")
 
 
+def test_idx_with_wrong_length_is_refused(tmp_path):
+    write_mnist(tmp_path, n=3)
+    path = tmp_path / "train-images-idx3-ubyte"
+    raw = path.read_bytes()
+    for cut, expected in [(raw[:-1], "truncated or corrupt: its header says"), (raw + b"\0", "holds 2369 bytes"),
+                          (raw[:10], "shorter than its 16-byte header")]:
+        path.write_bytes(cut)
+        with pytest.raises(ValueError, match=expected):
+            read_idx(path)
+    compressed = gzip.compress(raw)
+    path.write_bytes(compressed[: len(compressed) // 2])
+    with pytest.raises(ValueError, match="truncated or corrupt gzip"):
+        read_idx(path)
+
+
+@pytest.mark.parametrize("compress", [False, True])
+def test_truncated_mnist_file_names_it_and_the_fix(tmp_path, compress):
+    write_mnist(tmp_path / "MNIST" / "raw", n=5, compress=compress, split="t10k")
+    path = tmp_path / "MNIST" / "raw" / f"t10k-labels-idx1-ubyte{'.gz' if compress else ''}"
+    path.write_bytes(path.read_bytes()[:-3])
+    with pytest.raises(BadDataError, match=rf"'{path}' is (a )?truncated.*delete it and run again"):
+        build_dataset(data_cfg("mnist", tmp_path, image_size=28), train=False)
+
+
 def test_real_mnist_test_split_loads_when_present():
     if not (SHARED_MNIST / "t10k-images-idx3-ubyte.gz").is_file():
         pytest.skip(f"real MNIST test split not found in {SHARED_MNIST}")
@@ -214,6 +322,122 @@ def test_missing_or_empty_folder_names_it(tmp_path):
         build_dataset(data_cfg("folder", tmp_path / "nowhere"))
     with pytest.raises(DatasetMissingError, match="holds no images"):
         build_dataset(data_cfg("folder", tmp_path))
+
+
+@pytest.mark.parametrize("kind", ["corrupt", "text", "truncated", "bomb", "big"])
+def test_folder_refuses_bad_files_at_build_time(tmp_path, kind):
+    for i in range(3):
+        write_image(tmp_path / "good" / f"{i}.png")
+    write_bad_image(tmp_path / "bad" / ("x.jpg" if kind == "text" else "x.png"), kind)
+    with pytest.raises(BadDataError, match=r"1 of 4 files in image folder .*: bad/x\.(jpg|png) \(.*move them out"):
+        build_dataset(data_cfg("folder", tmp_path, image_size=8), train=True)
+    assert dataset_info(data_cfg("folder", tmp_path)).channels == 3  # the good files are RGB; building refuses
+
+
+def test_folder_error_lists_a_few_bad_files_and_their_count(tmp_path):
+    write_image(tmp_path / "ok.png")
+    for i in range(7):
+        write_bad_image(tmp_path / f"bad{i}.jpg", "text")
+    with pytest.raises(BadDataError) as caught:
+        build_dataset(data_cfg("folder", tmp_path))
+    message = str(caught.value)
+    assert "7 of 8 files" in message and "bad4.jpg" in message and "bad5.jpg" not in message
+    assert "and 2 more" in message and "\n" not in message
+
+
+def test_folder_file_that_fails_to_decode_later_is_replaced_with_a_warning(tmp_path):
+    write_image(tmp_path / "a.png", color=(0, 0, 255))
+    write_bad_image(tmp_path / "b.jpg", "cut_jpeg")   # passes the header check (verify does not decode JPEG)
+    write_image(tmp_path / "c.png", color=(0, 255, 0))
+    dataset = build_dataset(data_cfg("folder", tmp_path, image_size=8), train=True)
+    assert len(dataset) == 3
+    with pytest.warns(UserWarning, match="b.jpg' cannot be decoded"):
+        x, _ = dataset[1]
+    torch.testing.assert_close(x[:, 4, 4], torch.tensor([-1.0, 1.0, -1.0]))  # c.png, the next image
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")  # warned once per file
+        dataset[1]
+
+
+def test_folder_16_bit_grey_png_is_scaled_not_clipped(tmp_path):
+    values = np.array([[0, 257 * 100, 65535, 32896]] * 4, dtype=np.uint16)  # 8-bit: 0, 100, 255, 128
+    Image.fromarray(values).save(tmp_path / "deep.png")
+    with Image.open(tmp_path / "deep.png") as image:
+        assert image.mode == "I;16"
+    for channels in (1, 3):
+        dataset = build_dataset(data_cfg("folder", tmp_path, image_size=4, channels=channels), train=False)
+        x, _ = dataset[0]
+        assert x.shape == (channels, 4, 4)
+        expected = torch.tensor([0, 100, 255, 128]) / 127.5 - 1
+        torch.testing.assert_close(x[:, 2], expected.expand(channels, 4))
+
+
+def test_grey_folder_gives_one_channel_and_mixed_gives_three(tmp_path):
+    write_image(tmp_path / "grey" / "a.png", color=200, mode="L")
+    write_image(tmp_path / "grey" / "b.png", color=(10, 255), mode="LA")
+    write_image(tmp_path / "grey" / "c.png", color=1, mode="1")
+    grey = build_dataset(data_cfg("folder", tmp_path / "grey", image_size=8), train=True)
+    assert dataset_info(data_cfg("folder", tmp_path / "grey")).channels == 1
+    assert grey[0][0].shape == (1, 8, 8)
+    torch.testing.assert_close(grey[0][0][0, 4, 4], torch.tensor(200 / 127.5 - 1))
+    assert grey[1][0][0, 4, 4].item() == pytest.approx(10 / 127.5 - 1)  # the alpha channel is dropped
+    forced = build_dataset(data_cfg("folder", tmp_path / "grey", image_size=8, channels=3), train=True)
+    assert forced[0][0].shape == (3, 8, 8) and dataset_info(data_cfg("folder", tmp_path / "grey", channels=3)).channels == 3
+    write_image(tmp_path / "grey" / "d.png", color=(1, 2, 3))
+    assert dataset_info(data_cfg("folder", tmp_path / "grey")).channels == 3   # one RGB file: RGB
+    assert build_dataset(data_cfg("folder", tmp_path / "grey", image_size=8))[0][0].shape == (3, 8, 8)
+    assert build_dataset(data_cfg("folder", tmp_path / "grey", image_size=8, channels=1))[3][0].shape == (1, 8, 8)
+    with pytest.raises(ConfigError, match="data.channels"):
+        dataset_info(data_cfg("folder", tmp_path / "grey", channels=2))
+
+
+def test_rgb_folder_info_reads_one_header(tmp_path, monkeypatch):
+    import dataset
+    for i in range(5):
+        write_image(tmp_path / f"{i}.png", color=(i, 0, 0))
+    seen = []
+    monkeypatch.setattr(dataset, "_image_mode", lambda path: seen.append(path) or "RGB")
+    assert dataset_info(data_cfg("folder", tmp_path)).channels == 3 and len(seen) == 1
+
+
+def test_grey_folder_against_an_rgb_model_says_both_fixes(tmp_path):
+    write_image(tmp_path / "a.png", color=20, mode="L")
+    cfg = Config(data=data_cfg("folder", tmp_path, image_size=8))
+    cfg.model.in_channels = 3
+    with pytest.raises(ConfigError, match="has 1 channels.*model.in_channels=1 .or data.channels=3"):
+        check_data(cfg, build_dataset(cfg.data))
+    cfg.model.in_channels = 1
+    check_data(cfg, build_dataset(cfg.data))
+
+
+# ----------------------------------------------------------------------------- reference statistics
+def test_reference_stats_are_of_unflipped_images_and_deterministic(tmp_path):
+    import evaluate as ev
+
+    class Pixels:
+        name = "pixels"
+
+        def __call__(self, images):
+            x = images.flatten(1).float()
+            return x, x[:, :10]
+
+    batches = write_cifar10(tmp_path / "data", per_batch=6)
+    cfg = data_cfg("cifar10", tmp_path / "data", random_flip=True, split="test")
+    refs = []
+    for seed in (0, 1):
+        torch.manual_seed(seed)
+        refs.append(ev.reference_stats(cfg, "test", Pixels(), cache_dir=tmp_path / f"cache{seed}"))
+    unflipped = batches["test_batch"][0].astype(np.float64)  # (6, 3072), exactly the stored pixels
+    np.testing.assert_allclose(refs[0]["mu"], unflipped.mean(0), rtol=1e-6)
+    for name in ("mu", "sigma", "features"):
+        np.testing.assert_array_equal(refs[0][name], refs[1][name])
+    assert refs[0]["key"].endswith("-noflip")  # caches of flipped images (older keys) are not reused
+
+
+def test_reference_key_names_the_image_folder(tmp_path):
+    import evaluate as ev
+    one, two = (ev.reference_source(data_cfg("folder", tmp_path / name)) for name in ("one", "two"))
+    assert one != two and one.startswith("folder") and ev.reference_source(data_cfg("mnist", tmp_path)) == "mnist"
 
 
 # ----------------------------------------------------------------------------- digits

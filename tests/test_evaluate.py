@@ -216,7 +216,7 @@ def test_reference_stats_are_computed_once_and_cached(tmp_path):
     extractor = CountingExtractor()
     ref = ev.reference_stats(digits_cfg(8), "train", extractor, num_ref=300, cache_dir=tmp_path, batch_size=100)
     assert extractor.calls == 3 and ref["features"].shape == (300, 64) and ref["num_images"] == 300
-    assert Path(ref["path"]).name == "digits-train-8px-pixels-n300.npz"
+    assert Path(ref["path"]).name == "digits-train-8px-pixels-n300-noflip.npz"
     digits = {row.tobytes() for row in digits_pixels_by_hand()}
     assert all(row.astype(np.float64).tobytes() in digits for row in ref["features"])  # real digit images
     mu, sigma = mean_and_unbiased_cov_by_hand(ref["features"])
