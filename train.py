@@ -22,7 +22,11 @@ a changed seed, model.*, diffusion.* or other data.* key is refused with the lis
 run never overwrites an existing checkpoints/<run_name>/ unless --overwrite is given.
 
 A step whose loss or gradient is non-finite is skipped (no weight, optimizer or EMA change), counted and
-logged; train.max_nonfinite of them in a row stop the run (exit 1), leaving the last checkpoint intact.
+logged. A finite loss that explodes (above max(10 x its running level, 1): train_utils.LossWatch) is
+trained on but, like a non-finite one, unhealthy: train.max_nonfinite unhealthy steps in a row stop the run
+(exit 1), and the message names the last good checkpoint (the one whose next step still had a normal
+loss), which checkpoint rotation never deletes. checkpoints/<run>/.lock keeps a second train.py off a run
+in progress (it exits 1 naming the PID); a lock left by a dead process is taken over.
 """
 from __future__ import annotations
 
@@ -83,7 +87,7 @@ class Trainer:
         self.dist, self.device = setup_distributed(cfg.device)
         if self.device.type == "cpu" and (threads := cpu_threads(cfg.model.kind)) is not None:
             torch.set_num_threads(threads)  # restored in close()
-        self.run_dir = CHECKPOINT_ROOT / cfg.run_name
+        self.run_dir, self.resume_path = CHECKPOINT_ROOT / cfg.run_name, resume
         self.images_dir = RESULTS_ROOT / "images" / cfg.run_name
         self._resolve_amp()
         if resume is not None and checkpoint is None:
@@ -477,18 +481,34 @@ class Trainer:
     def _last_good_hint(self) -> str:
         good, advice = self._good_step(), "lower train.lr or set train.grad_clip (and use train.amp=bf16 or off " \
                                           "rather than fp16)"
-        path = self.run_dir / f"step_{good:07d}.pt" if good is not None else None
-        if path is not None and path.is_file():
+        path = self._good_path(good)
+        if path is not None:
             after = [s for s in self.saved_steps if s > good]
             later = (f"; the checkpoints saved after it (step {after[0]}{f'-{after[-1]}' if len(after) > 1 else ''}, "
                      f"and so last.pt) hold weights of the unhealthy steps" if after else "")
             return (f"The last good checkpoint is {path} (step {good}: the step after it still had a normal "
                     f"loss){later}. To continue from it, {advice}, then run with --resume {path}.")
+        if good is not None:
+            return f"The last good checkpoint (step {good}) is no longer on disk: {advice} and start again."
         if self.saved_steps:
             return (f"No checkpoint of this run is known to be good: the step after each one saved "
                     f"({', '.join(map(str, self.saved_steps[-5:]))}) already had a non-finite or exploding loss. "
                     f"{advice[0].upper() + advice[1:]} and start again.")
         return f"No checkpoint was written yet: {advice} and start again."
+
+    def _good_path(self, good: Optional[int]) -> Optional[Path]:
+        """The file holding step `good`: its step file, or the file this run resumed from if that was not
+        overwritten since (a last.pt is rewritten by every save)."""
+        if good is None:
+            return None
+        step_file = self.run_dir / f"step_{good:07d}.pt"
+        if step_file.is_file():
+            return step_file
+        resumed = self.resume_path
+        if good == self.start_step and resumed is not None and resumed.is_file() and (
+                self.last_saved == good or resumed.resolve() != (self.run_dir / "last.pt").resolve()):
+            return resumed
+        return None
 
     # -- the loop ------------------------------------------------------------------------------------
     def stop_code(self) -> int:

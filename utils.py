@@ -83,7 +83,7 @@ def unwrap(model: torch.nn.Module) -> torch.nn.Module:
             return model
 
 
-TEMP_GLOB = ".*.tmp"  # save_checkpoint's temp files: .<name>.<random hex>.tmp next to the target
+TEMP_GLOB = ".*.pt.*.tmp"  # save_checkpoint's temp files: .<name>.<random hex>.tmp next to the target
 
 
 def _create_temp(folder: Path, name: str) -> tuple[int, Path]:
@@ -136,7 +136,7 @@ def remove_temp_files(folder: str | Path) -> list[Path]:
     that pattern, only that folder). The caller must own the folder (train.py holds its run lock)."""
     removed = []
     for tmp in Path(folder).glob(TEMP_GLOB):
-        if tmp.is_file() and re.fullmatch(r"\..+\.[0-9a-z_]{6,12}\.tmp", tmp.name):
+        if tmp.is_file() and re.fullmatch(r"\..+\.pt\.[0-9a-z_]{6,12}\.tmp", tmp.name):
             tmp.unlink(missing_ok=True)
             removed.append(tmp)
     return removed
