@@ -211,7 +211,10 @@ class RunLock:
         self.path, self.fd, self.created_folder = Path(folder) / self.NAME, None, not Path(folder).exists()
 
     def acquire(self) -> "RunLock":
-        import fcntl
+        try:
+            import fcntl
+        except ImportError:  # not POSIX (Windows): no lock, as before
+            return self
         self.path.parent.mkdir(parents=True, exist_ok=True)
         fd = os.open(self.path, os.O_RDWR | os.O_CREAT, 0o666)
         try:

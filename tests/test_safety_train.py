@@ -33,6 +33,7 @@ def hold_lock(run: str):
         folder = root / "checkpoints" / run
         folder.mkdir(parents=True)
         (folder / "last.pt").write_bytes(b"the other run's checkpoint")
+        (folder / ".step_0000009.pt.0123456789ab.tmp").write_bytes(b"the other run's save in progress")
         (root / "results" / "logs" / run).mkdir(parents=True)
         (root / "results" / "logs" / run / "events.out").write_bytes(b"the other run's log")
         fd = os.open(folder / ".lock", os.O_RDWR | os.O_CREAT)
@@ -81,7 +82,7 @@ TRAIN = ["train.py", "--config", DIGITS, *TINY]
 CASES = [
     Case("second-run-refused-while-locked", TRAIN + ["run_name=lk", "train.max_steps=2"], 1,
          rf"checkpoints/lk/ is in use by another train\.py \(PID {os.getpid()} on otherhost\)", hold_lock("lk"),
-         keep=("checkpoints/lk/*", "results/logs/lk/*"), absent=("results/images/lk",)),
+         keep=("checkpoints/lk/*", "checkpoints/lk/.*.tmp", "results/logs/lk/*"), absent=("results/images/lk",)),
     Case("stale-lock-taken-over-temp-files-cleaned", TRAIN + ["run_name=stale", "train.max_steps=1"], 0,
          r"removed 2 temp file", stale_lock_and_temp_files, keep=("checkpoints/stale/notes.tmp", ".*.tmp"),
          absent=("checkpoints/stale/.*.pt.*.tmp",)),
