@@ -7,6 +7,7 @@ a resumed run continues exactly there, replaying or skipping nothing.
 from __future__ import annotations
 
 import math
+import signal
 
 import torch
 from torch.utils.data import DataLoader, Dataset
@@ -73,6 +74,15 @@ class KeyedItems(Dataset):
             return self.base[index]
 
 
+def ignore_stop_signals(worker_id: int) -> None:
+    """worker_init_fn: SIGTERM/SIGINT are for the main process, which finishes the step and saves. torchrun,
+    SLURM and Ctrl-C signal the whole process group; a worker killed by one would make the main process
+    raise "DataLoader worker ... is killed by signal" in the middle of that save. The workers still exit
+    when the main process shuts the loader down (or dies: they watch their parent)."""
+    signal.signal(signal.SIGTERM, signal.SIG_IGN)
+    signal.signal(signal.SIGINT, signal.SIG_IGN)
+
+
 class DataStream:
     """Endless batches over epochs. (epoch, position) counts batches CONSUMED, not prefetched."""
 
@@ -80,7 +90,7 @@ class DataStream:
         # A private generator for the loader's base seed: iterators then never draw from the global RNG,
         # which a resumed run (new iterator mid-epoch) would otherwise consume differently.
         self.loader = DataLoader(dataset, batch_sampler=sampler, num_workers=num_workers, pin_memory=pin_memory,
-                                 persistent_workers=num_workers > 0,
+                                 persistent_workers=num_workers > 0, worker_init_fn=ignore_stop_signals,
                                  generator=torch.Generator().manual_seed(derive_seed(seed, DATA_ORDER)))
         self.sampler, self.epoch, self.position, self._it = sampler, 0, 0, None
 

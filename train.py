@@ -22,7 +22,11 @@ a changed seed, model.*, diffusion.* or other data.* key is refused with the lis
 run never overwrites an existing checkpoints/<run_name>/ unless --overwrite is given.
 
 A step whose loss or gradient is non-finite is skipped (no weight, optimizer or EMA change), counted and
-logged; train.max_nonfinite of them in a row stop the run (exit 1), leaving the last checkpoint intact.
+logged. A finite loss that explodes (above max(10 x its running level, 1): train_utils.LossWatch) is
+trained on but, like a non-finite one, unhealthy: train.max_nonfinite unhealthy steps in a row stop the run
+(exit 1), and the message names the last good checkpoint (the one whose next step still had a normal
+loss), which checkpoint rotation never deletes. checkpoints/<run>/.lock keeps a second train.py off a run
+in progress (it exits 1 naming the PID); a lock left by a dead process is taken over.
 """
 from __future__ import annotations
 
@@ -45,17 +49,22 @@ from data_order import NOISE, DataStream, EpochBatches, KeyedItems
 from dataset import DatasetMissingError, build_dataset, check_data
 from diffusion import build_diffusion
 from model import build_model, count_parameters
-from train_utils import (EMA, LaggedRead, RunLogger, StepStats, StopSignals, build_optimizer, config_for_resume,
-                         cpu_threads, load_resume_checkpoint, lr_factor, resume_differences, setup_distributed)
-from utils import (CheckpointError, derive_seed, get_rng_state, list_checkpoints, resolve_amp, resolve_channels_last,
-                   save_checkpoint, save_image_grid, save_scatter_plot, seed_everything, set_rng_state)
+from train_utils import (EMA, LaggedRead, LossWatch, RunLock, RunLockedError, RunLogger, StepStats, StopSignals,
+                         build_optimizer, config_for_resume, cpu_threads, load_resume_checkpoint, lr_factor,
+                         resume_differences, setup_distributed)
+from utils import (CheckpointError, copy_checkpoint, derive_seed, get_rng_state, list_checkpoints, remove_temp_files,
+                   resolve_amp, resolve_channels_last, save_checkpoint, save_image_grid, save_scatter_plot,
+                   seed_everything, set_rng_state)
 
 CHECKPOINT_ROOT, RESULTS_ROOT = Path("checkpoints"), Path("results")  # relative to the working directory
 STOP_AT, NONFINITE = 1, 1000                 # stop codes next to signal numbers (largest wins across ranks)
+# What --resume needs besides config/model (load_checkpoint checks those): weights-only files lack them.
+RESUME_KEYS = ("step", "ema", "ema_num_updates", "optimizer", "lr_scheduler", "rng", "data_state")
 
 
 class NonFiniteLossError(RuntimeError):
-    """Training diverged: too many non-finite steps in a row; the message names the last good checkpoint."""
+    """Training diverged: too many unhealthy steps (non-finite or exploding loss) in a row; the message names
+    the last good checkpoint."""
 
 
 # ----------------------------------------------------------------------------- the trainer
@@ -65,7 +74,7 @@ class Trainer:
     def __init__(self, cfg: Config, resume: Optional[Path], checkpoint: Optional[dict], overwrite: bool,
                  stop_at: Optional[int]):
         self.cfg, self.tcfg, self.stop_at = cfg, cfg.train, stop_at
-        self.data = self.logger = self.signals = self.dist = None
+        self.data = self.logger = self.signals = self.dist = self.lock = None
         self._threads = torch.get_num_threads()
         try:
             self._setup(resume, checkpoint, overwrite)
@@ -78,13 +87,14 @@ class Trainer:
         self.dist, self.device = setup_distributed(cfg.device)
         if self.device.type == "cpu" and (threads := cpu_threads(cfg.model.kind)) is not None:
             torch.set_num_threads(threads)  # restored in close()
-        self.run_dir = CHECKPOINT_ROOT / cfg.run_name
+        self.run_dir, self.resume_path = CHECKPOINT_ROOT / cfg.run_name, resume
         self.images_dir = RESULTS_ROOT / "images" / cfg.run_name
         self._resolve_amp()
         if resume is not None and checkpoint is None:
             checkpoint = load_resume_checkpoint(resume)
         if checkpoint is not None:
             self._check_resume_config(checkpoint, resume)
+        self._lock_run_dir()
         self._prepare_run_dir(resuming=checkpoint is not None, overwrite=overwrite)
         self._setup_data()
         self._setup_model()
@@ -102,11 +112,36 @@ class Trainer:
                               f"the device is {self.device}: use train.amp=bf16 (fast on recent CPUs) or off")
 
     def _check_resume_config(self, ckpt: dict, resume: Optional[Path]) -> None:
+        missing = [key for key in RESUME_KEYS if key not in ckpt]
+        if missing:
+            raise CheckpointError(f"cannot resume from {resume or 'the checkpoint'}: it has no {', '.join(missing)} "
+                                  f"entr{'y' if len(missing) == 1 else 'ies'} (a weights-only or edited file, not "
+                                  f"one train.py wrote): sample from it with sample.py, or resume from a "
+                                  f"checkpoints/<run>/last.pt or step_*.pt that train.py saved")
         diffs = resume_differences(ckpt["config"], self.cfg)
         if diffs:
             raise ConfigError(f"cannot resume from {resume or 'the checkpoint'}: these settings differ from the "
                               "checkpoint's (old -> new):\n" + "\n".join(diffs) + "\nUse the checkpoint's values, "
                               "or start a separate run with run_name=NEW_NAME (without --resume).")
+
+    def _lock_run_dir(self) -> None:
+        """Rank 0 locks the run folder (RunLock), so a second train.py of the same run refuses instead of
+        overwriting this one's files; then it clears temp files that killed saves left there."""
+        error = None
+        if self.dist.is_main:
+            try:
+                self.lock = RunLock(self.run_dir).acquire()
+            except RunLockedError as err:
+                error = err
+        if self.dist.enabled:  # every rank stops if rank 0 could not lock
+            flag = torch.tensor([float(error is not None)])
+            dist.all_reduce(flag, op=dist.ReduceOp.MAX, group=self.dist.control)
+            if flag.item() and error is None:
+                error = RunLockedError(f"{self.run_dir}/ is in use by another train.py (see rank 0's message)")
+        if error is not None:
+            raise error
+        if self.dist.is_main and (removed := remove_temp_files(self.run_dir)):
+            tqdm.write(f"note: removed {len(removed)} temp file(s) of interrupted saves from {self.run_dir}/")
 
     def _prepare_run_dir(self, resuming: bool, overwrite: bool) -> None:
         existing = list_checkpoints(self.run_dir) + [p for p in [self.run_dir / "last.pt"] if p.is_file()]
@@ -157,21 +192,27 @@ class Trainer:
         self.step, self.history, self.last_saved = 0, [], None
         self.skipped_total, self.streak, self.worst_streak = zero(), zero(), zero()
         self.stats = StepStats(self.tcfg.log_every, self.device)
+        # Health of the checkpoints (rank 0): the loss of the step after a checkpoint is the verdict on its
+        # weights. saved_steps: steps saved by this process (and the one resumed from).
+        self.saved_steps, self.bad_steps, self.logged_through = [], set(), 0
         if ckpt is None:
             seed_everything(derive_seed(self.cfg.seed, NOISE, self.dist.rank))  # per-rank noise streams
         else:
             self._restore(ckpt)
+            self.saved_steps, self.logged_through = [self.step], self.step
+        log_state = (ckpt or {}).get("log_state") or {}
+        self.loss_watch = LossWatch(self.device, log_state.get("loss_level",
+                                                               LossWatch.level_from_history(self.history)))
         self.start_step = self.step
 
     def _restore(self, ckpt: dict) -> None:
-        self.net.load_state_dict(ckpt["model"])
-        self.ema.model.load_state_dict(ckpt["ema"])
-        self.ema.num_updates.fill_(float(ckpt["ema_num_updates"]))
         # Hyper-parameters (lr, betas, weight decay, fused) come from the current config, state from the file.
         fresh = [{k: v for k, v in g.items() if k != "params"} for g in self.optimizer.param_groups]
-        self.optimizer.load_state_dict(ckpt["optimizer"])
+        self._load_weights(ckpt)
         for group, values in zip(self.optimizer.param_groups, fresh):
             group.update(values)
+        self._match_state_layout()
+        self.ema.num_updates.fill_(float(ckpt["ema_num_updates"]))
         self.scheduler.load_state_dict(ckpt["lr_scheduler"])
         self.scheduler.base_lrs = [self.tcfg.lr] * len(self.optimizer.param_groups)
         for group in self.optimizer.param_groups:  # the same expression LambdaLR uses: bitwise equal
@@ -191,6 +232,37 @@ class Trainer:
             seed_everything(derive_seed(self.cfg.seed, NOISE, self.dist.rank, self.step))
             tqdm.write(f"note: rank {self.dist.rank} has no saved RNG state (the checkpoint was written by "
                        f"{len(rng['ranks'])} process(es)): it starts a fresh noise stream")
+
+    def _load_weights(self, ckpt: dict) -> None:
+        """Model, EMA and optimizer state; weights that do not fit the network the stored config describes
+        (an edited or foreign file) are one CheckpointError, not torch's multi-line RuntimeError."""
+        try:
+            self.net.load_state_dict(ckpt["model"])
+            self.ema.model.load_state_dict(ckpt["ema"])
+            saved = ckpt["optimizer"]["state"]
+            for index, param in enumerate(self.optimizer.param_groups[0]["params"]):
+                for key, value in saved.get(index, {}).items():
+                    if isinstance(value, torch.Tensor) and value.dim() and value.shape != param.shape:
+                        raise ValueError(f"size mismatch for optimizer {key} of parameter {index}: "
+                                         f"{tuple(value.shape)} in the file, {tuple(param.shape)} in the model")
+            self.optimizer.load_state_dict(ckpt["optimizer"])
+        except (RuntimeError, ValueError, KeyError, TypeError, AttributeError) as err:
+            lines = [line.strip() for line in str(err).splitlines() if line.strip()] or [type(err).__name__]
+            detail = next((line for line in lines if "mismatch" in line or "Missing" in line), lines[-1])
+            raise CheckpointError(f"cannot resume: the weights in the checkpoint do not fit the model its stored "
+                                  f"config describes ({detail[:300]}); the file was edited or not written by "
+                                  f"this train.py: resume from another checkpoint of the run, or start over "
+                                  f"without --resume") from None
+
+    def _match_state_layout(self) -> None:
+        """Optimizer state tensors in their parameter's memory layout. load_state_dict keeps the strides they
+        were saved with, so after a resume that toggles train.channels_last (or moves CPU -> GPU) the fused
+        AdamW kernel would pair moments with the wrong elements (CPU) or refuse to run (CUDA)."""
+        for param, state in self.optimizer.state.items():
+            for key, value in state.items():
+                if (isinstance(value, torch.Tensor) and value.shape == param.shape
+                        and value.stride() != param.stride()):
+                    state[key] = torch.empty_like(param, dtype=value.dtype).copy_(value)
 
     def _wrap(self, net: torch.nn.Module) -> torch.nn.Module:
         model = net
@@ -240,20 +312,22 @@ class Trainer:
             q_sum.index_add_(0, quartile, losses.detach())
             q_count.index_add_(0, quartile, torch.ones_like(losses))
         grad_norm = self._unscale_and_clip()
-        flags = torch.stack([~torch.isfinite(step_loss), ~torch.isfinite(grad_norm)]).float()
+        finite = torch.isfinite(step_loss)
+        flags = torch.stack([~finite, ~torch.isfinite(grad_norm)]).float()
+        flags = torch.cat([flags, self.loss_watch(step_loss, finite).unsqueeze(0)])  # + exploding loss
         if self.dist.enabled:  # a NaN on any rank skips the step on all ranks
             dist.all_reduce(flags, op=dist.ReduceOp.MAX)
-        skip = flags.max()
+        skip = flags[:2].max()  # an exploding but finite loss is trained on, and counts as unhealthy
         self._optimizer_step(skip)
         self.scheduler.step()
         self.ema.update(self.net, skip)
         self.optimizer.zero_grad(set_to_none=True)
         # fp16: gradient overflows are the GradScaler's normal way to find its scale; only losses count.
-        bad = flags[0] if self.scaler is not None else skip
+        bad = torch.maximum(flags[0] if self.scaler is not None else skip, flags[2])
         self.streak = (self.streak + 1) * bad
         self.worst_streak = torch.maximum(self.worst_streak, self.streak)
         self.skipped_total += skip
-        self.stats.record(step_loss, q_sum, q_count, grad_norm, skip)
+        self.stats.record(step_loss, q_sum, q_count, grad_norm, skip, bad)
         self.step += 1
 
     def _unscale_and_clip(self) -> torch.Tensor:
@@ -281,7 +355,7 @@ class Trainer:
         st, n = self.stats, self.stats.n
         if n == 0:
             return
-        packed = torch.cat([st.loss[:n], st.q_sum, st.q_count])
+        packed = torch.cat([st.loss[:n], st.q_sum, st.q_count, st.bad[:n]])  # bad: agreed by all ranks
         if self.dist.enabled:
             dist.all_reduce(packed, op=dist.ReduceOp.SUM)
             packed[:n] /= self.dist.world_size
@@ -292,8 +366,10 @@ class Trainer:
         self._interval_start, self._paused = time.perf_counter(), 0.0
         if not self.dist.is_main:
             return
-        losses, q_sum, q_count = values[:n], values[n:n + 4], values[n + 4:]
+        losses, q_sum, q_count = values[:n], values[n:n + 4], values[n + 4:n + 8]
         self.history.extend(losses)
+        self.bad_steps.update(self.step - n + 1 + i for i, flag in enumerate(values[n + 8:]) if flag)
+        self.logged_through = self.step
         finite = [v for v in losses if math.isfinite(v)]
         ok = n - int(extra[2])
         images = n * self.tcfg.batch_size * self.tcfg.grad_accum * self.dist.world_size
@@ -355,7 +431,8 @@ class Trainer:
                 "rng": {"world_size": self.dist.world_size, "ranks": rng_states},
                 "data_state": self.data.state_dict(),
                 "log_state": {"skipped_total": int(self.skipped_total),
-                              "loss_history": torch.tensor(self.history, dtype=torch.float32)}}
+                              "loss_history": torch.tensor(self.history, dtype=torch.float32),
+                              "loss_level": float(self.loss_watch.level)}}
 
     def save(self) -> Optional[Path]:
         """step_XXXXXXX.pt and last.pt (atomic writes), then prune to train.keep_last step files.
@@ -375,22 +452,63 @@ class Trainer:
         if not bool(torch.stack([torch.isfinite(p).all() for p in tensors]).all()):
             raise NonFiniteLossError(f"the weights became non-finite at step {self.step}; nothing was saved. "
                                      f"{self._last_good_hint()}")
-        state = self.checkpoint_state(rng_states)
-        save_checkpoint(state, self.run_dir / f"step_{self.step:07d}.pt")
-        save_checkpoint(state, self.run_dir / "last.pt")
-        ours = [p for p in list_checkpoints(self.run_dir) if int(p.stem.split("_")[1]) <= self.step]
-        for old in ours[:-self.tcfg.keep_last]:
-            old.unlink(missing_ok=True)
+        step_file = self.run_dir / f"step_{self.step:07d}.pt"
+        save_checkpoint(self.checkpoint_state(rng_states), step_file)
+        copy_checkpoint(step_file, self.run_dir / "last.pt")  # the same bytes, serialised once
+        self.saved_steps.append(self.step)
+        self._rotate()
         self._paused += time.perf_counter() - start
         return self.run_dir / "last.pt"
 
+    def _rotate(self) -> None:
+        """Keep the train.keep_last newest step files, and always the newest good one (see _good_step):
+        a diverging run must not rotate away the last checkpoint it could be resumed from."""
+        ours = [p for p in list_checkpoints(self.run_dir) if int(p.stem.split("_")[1]) <= self.step]
+        good = self._good_step()
+        keep = set(ours[-self.tcfg.keep_last:])
+        if good is not None:
+            keep.add(self.run_dir / f"step_{good:07d}.pt")
+        for old in ours:
+            if old not in keep:
+                old.unlink(missing_ok=True)
+
+    def _good_step(self) -> Optional[int]:
+        """The newest step saved (or resumed from) whose weights are known to be good: the step after it had
+        a finite, non-exploding loss (that loss is computed with exactly these weights)."""
+        return next((s for s in reversed(self.saved_steps) if s < self.logged_through and s + 1 not in self.bad_steps),
+                    None)
+
     def _last_good_hint(self) -> str:
-        last = self.run_dir / "last.pt"
-        if self.last_saved is not None and last.is_file():
-            return (f"The last good checkpoint is {last} (step {self.last_saved}); to continue from it, lower "
-                    f"train.lr or set train.grad_clip (and use train.amp=bf16 or off rather than fp16), then "
-                    f"run with --resume {last}.")
-        return "No checkpoint was written yet: lower train.lr or set train.grad_clip and start again."
+        good, advice = self._good_step(), "lower train.lr or set train.grad_clip (and use train.amp=bf16 or off " \
+                                          "rather than fp16)"
+        path = self._good_path(good)
+        if path is not None:
+            after = [s for s in self.saved_steps if s > good]
+            later = (f"; the checkpoints saved after it (step {after[0]}{f'-{after[-1]}' if len(after) > 1 else ''}, "
+                     f"and so last.pt) hold weights of the unhealthy steps" if after else "")
+            return (f"The last good checkpoint is {path} (step {good}: the step after it still had a normal "
+                    f"loss){later}. To continue from it, {advice}, then run with --resume {path}.")
+        if good is not None:
+            return f"The last good checkpoint (step {good}) is no longer on disk: {advice} and start again."
+        if self.saved_steps:
+            return (f"No checkpoint of this run is known to be good: the step after each one saved "
+                    f"({', '.join(map(str, self.saved_steps[-5:]))}) already had a non-finite or exploding loss. "
+                    f"{advice[0].upper() + advice[1:]} and start again.")
+        return f"No checkpoint was written yet: {advice} and start again."
+
+    def _good_path(self, good: Optional[int]) -> Optional[Path]:
+        """The file holding step `good`: its step file, or the file this run resumed from if that was not
+        overwritten since (a last.pt is rewritten by every save)."""
+        if good is None:
+            return None
+        step_file = self.run_dir / f"step_{good:07d}.pt"
+        if step_file.is_file():
+            return step_file
+        resumed = self.resume_path
+        if good == self.start_step and resumed is not None and resumed.is_file() and (
+                self.last_saved == good or resumed.resolve() != (self.run_dir / "last.pt").resolve()):
+            return resumed
+        return None
 
     # -- the loop ------------------------------------------------------------------------------------
     def stop_code(self) -> int:
@@ -446,8 +564,9 @@ class Trainer:
             self.log()
             raise NonFiniteLossError(
                 f"stopping at step {self.step}: {self.tcfg.max_nonfinite} steps in a row had a non-finite "
-                f"loss or gradient (train.max_nonfinite={self.tcfg.max_nonfinite}); they were skipped and "
-                f"nothing was saved since. {self._last_good_hint()}")
+                f"loss or gradient, or an exploding loss (above max({LossWatch.FACTOR:g} x its running level, "
+                f"{LossWatch.FLOOR:g})) (train.max_nonfinite={self.tcfg.max_nonfinite}); the non-finite ones "
+                f"were skipped. {self._last_good_hint()}")
         if code and self.step > self.start_step:
             self.save()
         interrupted = None if not code else ("stop_at" if code == STOP_AT else signal.Signals(code).name)
@@ -489,6 +608,9 @@ class Trainer:
             self.logger = None
         if self.dist and self.dist.owner and dist.is_initialized():
             dist.destroy_process_group()
+        if self.lock:  # last: the data workers (forked with the lock's descriptor) are gone by now
+            self.lock.release()
+            self.lock = None
 
 
 # ----------------------------------------------------------------------------- entry points

@@ -7,6 +7,7 @@ import copy
 import math
 import os
 import signal
+import socket
 import time
 from pathlib import Path
 from typing import Callable, Optional
@@ -194,6 +195,55 @@ def config_for_resume(ckpt: dict, overrides: list[str]) -> Config:
     return validate(from_dict(merge(to_dict(from_dict(ckpt["config"])), parse_overrides(overrides))))
 
 
+# ----------------------------------------------------------------------------- run lock
+class RunLockedError(ConfigError):
+    """Another live process trains the same run folder."""
+
+
+class RunLock:
+    """An exclusive fcntl.flock on <run folder>/.lock, which holds "PID host" for the message. The kernel
+    drops the lock when its process dies (even by kill -9), so a lock file left by a dead process is simply
+    taken over. The file itself stays: deleting it could let two processes lock two different files."""
+
+    NAME = ".lock"
+
+    def __init__(self, folder: Path):
+        self.path, self.fd, self.created_folder = Path(folder) / self.NAME, None, not Path(folder).exists()
+
+    def acquire(self) -> "RunLock":
+        try:
+            import fcntl
+        except ImportError:  # not POSIX (Windows): no lock, as before
+            return self
+        self.path.parent.mkdir(parents=True, exist_ok=True)
+        fd = os.open(self.path, os.O_RDWR | os.O_CREAT, 0o666)
+        try:
+            fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+        except OSError:
+            holder = os.pread(fd, 200, 0).decode(errors="replace").split()
+            os.close(fd)
+            pid, host = (holder + ["?", "?"])[:2]
+            raise RunLockedError(f"{self.path.parent}/ is in use by another train.py (PID {pid} on {host}), "
+                                 f"which holds {self.path}: wait for it to finish or stop it, or train under "
+                                 f"another name with run_name=NEW_NAME") from None
+        os.ftruncate(fd, 0)
+        os.pwrite(fd, f"{os.getpid()} {socket.gethostname()}\n".encode(), 0)
+        self.fd = fd
+        return self
+
+    def release(self) -> None:
+        """Unlock; a folder this lock created and nothing else filled is removed again (a run that failed
+        during setup leaves no trace)."""
+        if self.fd is None:
+            return
+        folder = self.path.parent
+        if self.created_folder and [p.name for p in folder.iterdir()] == [self.NAME]:
+            self.path.unlink(missing_ok=True)
+            folder.rmdir()
+        os.close(self.fd)  # closing the last descriptor drops the flock
+        self.fd = None
+
+
 # ----------------------------------------------------------------------------- signals
 class StopSignals:
     """First Ctrl-C / SIGTERM: finish the current step, save, exit. A second Ctrl-C aborts at once."""
@@ -282,6 +332,33 @@ class LaggedRead:
         return self.value
 
 
+class LossWatch:
+    """Flags a loss that explodes while staying finite (divergence that the NaN guard alone sees too late):
+    loss > max(FACTOR x its running level, FLOOR). The running level is an EMA of the healthy losses only,
+    so a diverging run cannot drag it up; it lags above a falling loss, which makes the rule conservative.
+    FLOOR: an epsilon-prediction model that outputs zeros has loss 1, so no healthy run stays above it
+    for long. Device-side (no host sync); `level` 0 = no healthy loss seen yet (nothing is flagged)."""
+
+    FACTOR, FLOOR, ALPHA = 10.0, 1.0, 0.05
+
+    def __init__(self, device: torch.device, level: float = 0.0):
+        self.level = torch.full((), float(level), device=device)
+
+    def __call__(self, loss: torch.Tensor, finite: torch.Tensor) -> torch.Tensor:
+        """1.0 if `loss` (0-dim) explodes, else 0.0; a finite, healthy loss updates the level."""
+        exploded = (self.level > 0) & (loss > torch.clamp(self.level * self.FACTOR, min=self.FLOOR))
+        healthy = finite & ~exploded
+        start = torch.where(self.level > 0, self.level + self.ALPHA * (loss - self.level), loss)
+        self.level = torch.where(healthy, start, self.level)
+        return exploded.float()
+
+    @staticmethod
+    def level_from_history(history: list[float]) -> float:
+        """A level for runs resumed from checkpoints that did not store one: the median of recent losses."""
+        recent = [v for v in history[-50:] if math.isfinite(v)]
+        return sorted(recent)[len(recent) // 2] if recent else 0.0
+
+
 class StepStats:
     """Per-step numbers kept on the device between two log points (reading them is a host sync)."""
 
@@ -290,9 +367,11 @@ class StepStats:
         self.q_sum, self.q_count = torch.zeros(4, device=device), torch.zeros(4, device=device)
         self.grad_norm_sum, self.grad_norm_max = torch.zeros((), device=device), torch.zeros((), device=device)
         self.skipped, self.n = torch.zeros((), device=device), 0
+        self.bad = torch.zeros(capacity, device=device)  # 1 = an unhealthy step (non-finite or exploding loss)
 
-    def record(self, loss, q_sum, q_count, grad_norm, skip) -> None:
+    def record(self, loss, q_sum, q_count, grad_norm, skip, bad) -> None:
         ok = skip == 0
+        self.bad[self.n] = bad
         self.loss[self.n] = torch.where(ok, loss, float("nan"))
         self.q_sum += torch.where(ok, q_sum, 0.0)
         self.q_count += torch.where(ok, q_count, 0.0)
@@ -306,5 +385,6 @@ class StepStats:
         for t in (self.q_sum, self.q_count, self.grad_norm_sum, self.grad_norm_max, self.skipped):
             t.zero_()
         self.loss.fill_(float("nan"))
+        self.bad.zero_()
         self.n = 0
 

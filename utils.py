@@ -11,8 +11,12 @@ Checkpoint format (a dict saved with torch.save, loaded with weights_only=True):
 from __future__ import annotations
 
 import os
+import pickle
 import random
-import tempfile
+import re
+import secrets
+import shutil
+import zipfile
 from pathlib import Path
 from typing import Optional
 
@@ -79,12 +83,26 @@ def unwrap(model: torch.nn.Module) -> torch.nn.Module:
             return model
 
 
+TEMP_GLOB = ".*.pt.*.tmp"  # save_checkpoint's temp files: .<name>.<random hex>.tmp next to the target
+
+
+def _create_temp(folder: Path, name: str) -> tuple[int, Path]:
+    """A new file `.<name>.<random>.tmp` in folder, created with mode 0o666 so that the umask applies as for
+    any other file the user writes (tempfile.mkstemp would force 0o600)."""
+    while True:
+        tmp = folder / f".{name}.{secrets.token_hex(6)}.tmp"
+        try:
+            return os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_EXCL | getattr(os, "O_BINARY", 0), 0o666), tmp
+        except FileExistsError:
+            continue
+
+
 def save_checkpoint(state: dict, path: str | Path) -> None:
     """Write atomically: a temp file in the same folder, fsync, then rename over `path`.
-    A crash mid-write leaves the previous file intact."""
+    A crash mid-write leaves the previous file intact (and a temp file, see remove_temp_files)."""
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
+    fd, tmp = _create_temp(path.parent, path.name)
     try:
         with os.fdopen(fd, "wb") as f:
             torch.save({"format_version": CHECKPOINT_VERSION, **state}, f)
@@ -92,8 +110,54 @@ def save_checkpoint(state: dict, path: str | Path) -> None:
             os.fsync(f.fileno())
         os.replace(tmp, path)
     except BaseException:
-        Path(tmp).unlink(missing_ok=True)
+        tmp.unlink(missing_ok=True)
         raise
+
+
+def copy_checkpoint(source: str | Path, path: str | Path) -> None:
+    """Make `path` a copy of the checkpoint file `source` without serialising the state again (a byte copy
+    under a temp name, fsync, atomic rename). Not a hard link: the two files stay independent, so damage to
+    one (a truncating write, a bad sector) leaves the other loadable."""
+    source, path = Path(source), Path(path)
+    fd, tmp = _create_temp(path.parent, path.name)
+    try:
+        with os.fdopen(fd, "wb") as f, open(source, "rb") as src:
+            shutil.copyfileobj(src, f, 1 << 20)
+            f.flush()
+            os.fsync(f.fileno())
+        os.replace(tmp, path)
+    except BaseException:
+        tmp.unlink(missing_ok=True)
+        raise
+
+
+def remove_temp_files(folder: str | Path) -> list[Path]:
+    """Delete the temp files save_checkpoint left in `folder` when a process was killed mid-write (only
+    that pattern, only that folder). The caller must own the folder (train.py holds its run lock)."""
+    removed = []
+    for tmp in Path(folder).glob(TEMP_GLOB):
+        if tmp.is_file() and re.fullmatch(r"\..+\.pt\.[0-9a-z_]{6,12}\.tmp", tmp.name):
+            tmp.unlink(missing_ok=True)
+            removed.append(tmp)
+    return removed
+
+
+def _load_failure(path: Path, err: Exception) -> str:
+    """Why torch.load refused `path`, in words that never suggest turning the weights-only safety off."""
+    size = path.stat().st_size
+    if size == 0:
+        return f"checkpoint '{path}' is empty (0 bytes): its write was cut off (a full disk or a killed process)"
+    if not zipfile.is_zipfile(path):
+        return (f"checkpoint '{path}' is corrupt or truncated ({size} bytes that are not a complete "
+                f"torch.save archive)")
+    if isinstance(err, pickle.UnpicklingError) and "weights only" in str(err).lower():
+        found = re.search(r"Unsupported global: GLOBAL ([\w.]+)", str(err))
+        what = f" (it holds a {found.group(1)} object)" if found else ""
+        return (f"'{path}' is not a ddpm-lab checkpoint and may be unsafe to load{what}: ddpm-lab checkpoints "
+                f"hold only tensors and plain values, and files with other objects are refused, as they could "
+                f"run code when loaded")
+    first = (str(err).strip().splitlines() or [""])[0][:200]
+    return f"checkpoint '{path}' is corrupt or truncated ({type(err).__name__}: {first})"
 
 
 def load_checkpoint(path: str | Path, map_location: str | torch.device = "cpu") -> dict:
@@ -104,13 +168,12 @@ def load_checkpoint(path: str | Path, map_location: str | torch.device = "cpu") 
                               f"`python train.py --config configs/digits.yaml`, or pass --checkpoint PATH")
     try:
         ckpt = torch.load(path, map_location=map_location, weights_only=True)
-    except Exception as e:  # truncated zip, garbage bytes, disallowed pickle globals
+    except Exception as e:  # empty or truncated file, garbage bytes, disallowed pickle globals
         others = loadable_checkpoints(path.parent, exclude=path)  # never offer a broken or hostile file
         hint = (f" Other checkpoints in {path.parent}: {', '.join(others)} - pass one of them instead "
                 f"(train.py --resume {path.parent / others[-1]}, or --checkpoint for sample.py)."
                 if others else "")
-        raise CheckpointError(f"checkpoint '{path}' is corrupt or truncated "
-                              f"({type(e).__name__}: {str(e).splitlines()[0][:200]}).{hint}") from None
+        raise CheckpointError(f"{_load_failure(path, e)}.{hint}") from None
     if not isinstance(ckpt, dict) or "config" not in ckpt or "model" not in ckpt:
         raise CheckpointError(f"'{path}' is not a ddpm-lab checkpoint (no config/model inside)")
     version = ckpt.get("format_version")

@@ -4,6 +4,7 @@ Every run is a tiny CPU config (8x8 digits, an 8-channel U-Net, T=20) in a tempo
 so checkpoints/ and results/ of the repository are never touched.
 """
 import os
+import re
 import signal
 import subprocess
 import sys
@@ -19,7 +20,7 @@ from config import ConfigError, load_config
 from data_order import EpochBatches, KeyedItems
 from dataset import build_dataset
 from train import NonFiniteLossError, main, train
-from train_utils import EMA, lr_factor
+from train_utils import EMA, LossWatch, lr_factor
 from utils import CheckpointError, load_checkpoint
 
 REPO = Path(__file__).resolve().parents[1]
@@ -263,13 +264,89 @@ def test_nonfinite_streak_stops_with_message_and_keeps_last_good_checkpoint(monk
     monkeypatch.setattr(train_mod, "build_model", lambda cfg: NaNAt(build(cfg), {-1, 3}))  # NaN from step 3 on
     with pytest.raises(NonFiniteLossError, match=r"train.max_nonfinite=3") as err:
         train(tiny("div", "train.max_steps=50", "train.ckpt_every=2", "train.max_nonfinite=3"))
-    assert "stopping at step 5" in str(err.value) and "checkpoints/div/last.pt" in str(err.value)
+    # Steps 3-5 had NaN losses, so the weights of steps 2 and 4 (the ones saved) are not known to be good.
+    assert "stopping at step 5" in str(err.value) and "is known to be good" in str(err.value)
+    assert "saved (2, 4) already had a non-finite" in str(err.value)
     good, last = ckpt("div", "step_0000002.pt"), ckpt("div")
     assert last["step"] == 4 and not Path("checkpoints/div/step_0000005.pt").exists()
     assert_same_state(good["model"], last["model"])  # steps 3-4 were skipped: the weights are step 2's
     assert all(torch.isfinite(v).all() for v in last["model"].values())
     assert main(["--config", DIGITS, *TINY, "run_name=div2", "train.max_steps=50", "train.max_nonfinite=2"]) == 1
     assert "non-finite" in capsys.readouterr().err
+
+
+class ExplodeAt(NaNAt):
+    """Its output is 1000x too large (a finite, exploding loss) from the given training forward call on."""
+
+    def forward(self, x, t, y=None):
+        out = self.inner(x, t, y)
+        if self.training:
+            self.calls += 1
+            if self.calls >= min(self.bad_calls):
+                out = out * 1000.0
+        return out
+
+
+def test_loss_watch_flags_losses_far_above_their_running_level():
+    watch, finite = LossWatch(torch.device("cpu")), torch.tensor(True)
+    flags = [float(watch(torch.tensor(v), finite)) for v in (0.5, 0.4, 6.0, 3.9, 0.3)]
+    assert flags == [0, 0, 1, 0, 0]  # 6 > 10 x ~0.5; 3.9 is below it
+    level = float(watch.level)
+    assert float(watch(torch.tensor(50.0), finite)) == 1 and float(watch.level) == level  # not dragged up
+    assert float(watch(torch.tensor(float("nan")), torch.tensor(False))) == 0 and float(watch.level) == level
+    low = LossWatch(torch.device("cpu"), level=0.01)
+    assert float(low(torch.tensor(0.9), finite)) == 0 and float(low(torch.tensor(1.1), finite)) == 1  # the floor
+
+
+def test_exploding_loss_stops_and_rotation_keeps_the_last_good_checkpoint(monkeypatch):
+    build = train_mod.build_model
+    monkeypatch.setattr(train_mod, "build_model", lambda cfg: ExplodeAt(build(cfg), {5}))  # from step 5 on
+    with pytest.raises(NonFiniteLossError) as err:
+        train(tiny("boom", "train.max_steps=50", "train.ckpt_every=1", "train.keep_last=2", "train.max_nonfinite=3"))
+    message = str(err.value)
+    assert "stopping at step 7" in message and "exploding loss" in message
+    # Step 5's loss was computed with step 4's weights: step 3 is the last checkpoint known to be good.
+    assert "last good checkpoint is checkpoints/boom/step_0000003.pt (step 3" in message
+    assert "--resume checkpoints/boom/step_0000003.pt" in message
+    names = sorted(p.name for p in Path("checkpoints/boom").glob("*.pt"))
+    assert names == ["last.pt", "step_0000003.pt", "step_0000006.pt", "step_0000007.pt"]
+    assert ckpt("boom", "step_0000003.pt")["step"] == 3
+
+
+def test_resume_of_a_weights_file_that_does_not_fit_its_config_is_one_error(capsys):
+    train(tiny("fit", "train.max_steps=1"))
+    state = ckpt("fit")
+    state["model"]["conv_in.weight"] = state["model"]["conv_in.weight"][:4]
+    torch.save(state, "edited.pt")
+    assert main(["--resume", "edited.pt"]) == 1
+    err = capsys.readouterr().err.strip().splitlines()[-1]
+    assert err.startswith("error: cannot resume: the weights in the checkpoint do not fit") and "conv_in.weight" in err
+
+
+def test_resume_with_channels_last_toggled_restores_the_optimizer_state_in_each_layout():
+    extra = ["train.max_steps=3", "train.lr=3e-3", "model.dropout=0.0"]  # dropout masks follow the layout
+    first = train(tiny("cl", *extra, "train.channels_last=true", "train.ckpt_every=2"), stop_at=2)
+    assert first["step"] == 2
+    moments = ckpt("cl", "step_0000002.pt")["optimizer"]["state"]
+    assert any(v.dim() == 4 and not v.is_contiguous() for s in moments.values() for v in s.values())
+    for run, flag in (("same", "true"), ("toggled", "false")):
+        trainer = train_mod.Trainer(tiny(run, *extra, f"train.channels_last={flag}"),
+                                    Path("checkpoints/cl/step_0000002.pt"), None, False, None)
+        try:
+            assert trainer.fused  # the fused kernel is the one that pairs moments by memory position
+            for param, state in trainer.optimizer.state.items():
+                assert all(v.stride() == param.stride() for v in state.values() if v.dim())
+            trainer.run()
+        finally:
+            trainer.close()
+    # Adam's moments after the resumed step (the weights themselves are no test: Adam's m / sqrt(v) turns
+    # the tiny NCHW vs channels_last rounding differences of near-zero gradients into lr-sized steps).
+    same, toggled = ckpt("same")["optimizer"]["state"], ckpt("toggled")["optimizer"]["state"]
+    assert ckpt("toggled")["step"] == 3 and same.keys() == toggled.keys()
+    for index in same:
+        for key in ("exp_avg", "exp_avg_sq"):
+            scale = same[index][key].abs().max().item()
+            torch.testing.assert_close(toggled[index][key], same[index][key], rtol=1e-3, atol=1e-3 * scale)
 
 
 # ----------------------------------------------------------------------------- signals, logs, outputs
@@ -292,6 +369,31 @@ def test_sigterm_finishes_the_step_saves_and_prints_the_resume_command(workdir):
     assert step >= 1 and Path(f"checkpoints/sig/step_{step:07d}.pt").is_file()
     assert main(["--resume", "checkpoints/sig/last.pt", f"train.max_steps={step + 2}"]) == 0
     assert ckpt("sig")["step"] == step + 2
+
+
+def test_sigterm_to_the_process_group_with_data_workers_still_saves(workdir):
+    """torchrun / SLURM signal the whole process group: the data workers must leave shutdown to the main
+    process, which finishes the step and saves (before, a worker died first and the save never happened)."""
+    out = workdir / "out.txt"
+    cmd = [sys.executable, str(REPO / "train.py"), "--config", DIGITS, *TINY, "run_name=pg",
+           "train.max_steps=100000", "data.num_workers=2"]
+    with open(out, "w") as f:
+        proc = subprocess.Popen(cmd, stdout=f, stderr=subprocess.STDOUT, cwd=workdir, start_new_session=True,
+                                env={**os.environ, "OMP_NUM_THREADS": "1"})
+    try:
+        deadline = time.monotonic() + 120
+        while not re.search(r"\| [1-9]\d*/100000", out.read_text()) and proc.poll() is None \
+                and time.monotonic() < deadline:  # steps are running, so the workers are up
+            time.sleep(0.2)
+        os.killpg(proc.pid, signal.SIGTERM)
+        assert proc.wait(timeout=120) == 128 + signal.SIGTERM, out.read_text()[-3000:]
+    finally:
+        if proc.poll() is None:
+            os.killpg(proc.pid, signal.SIGKILL)
+    text = out.read_text()
+    assert "killed by signal" not in text and "resume with: python train.py --resume checkpoints/pg/last.pt" in text
+    step = ckpt("pg")["step"]
+    assert step >= 1 and load_checkpoint(Path(f"checkpoints/pg/step_{step:07d}.pt"))["step"] == step
 
 
 def test_tensorboard_scalars_loss_plot_and_sample_grid_are_written():
