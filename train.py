@@ -162,7 +162,14 @@ class Trainer:
 
     def _setup_data(self) -> None:
         cfg = self.cfg
-        base = build_dataset(cfg.data, train=True)
+        first = not self.dist.enabled or self.dist.local_rank == 0
+        if not first:  # local rank 0 downloads / unpacks alone; the others then read what it wrote
+            dist.barrier(group=self.dist.control)
+        try:
+            base = build_dataset(cfg.data, train=True)
+        finally:  # also when it failed: the others then fail with the same error instead of waiting
+            if first and self.dist.enabled:
+                dist.barrier(group=self.dist.control)
         check_data(cfg, base)
         self.base_dataset = base
         sampler = EpochBatches(len(base), self.tcfg.batch_size, cfg.seed, self.dist.rank, self.dist.world_size)
@@ -445,13 +452,16 @@ class Trainer:
         if self.dist.enabled:
             rng_states = [None] * self.dist.world_size
             dist.all_gather_object(rng_states, get_rng_state(), group=self.dist.control)
+        tensors = list(self.net.parameters()) + list(self.ema.model.parameters())
+        finite = torch.stack([torch.isfinite(p).all() for p in tensors]).all().float().reshape(1).cpu()
+        if self.dist.enabled:  # every rank raises, or none: no rank may wait in a collective for one that did
+            dist.all_reduce(finite, op=dist.ReduceOp.MIN, group=self.dist.control)
+        if not bool(finite):
+            raise NonFiniteLossError(f"the weights became non-finite at step {self.step}; nothing was saved. "
+                                     f"{self._last_good_hint()}")
         self.last_saved = self.step
         if not self.dist.is_main:
             return None
-        tensors = list(self.net.parameters()) + list(self.ema.model.parameters())
-        if not bool(torch.stack([torch.isfinite(p).all() for p in tensors]).all()):
-            raise NonFiniteLossError(f"the weights became non-finite at step {self.step}; nothing was saved. "
-                                     f"{self._last_good_hint()}")
         step_file = self.run_dir / f"step_{self.step:07d}.pt"
         save_checkpoint(self.checkpoint_state(rng_states), step_file)
         copy_checkpoint(step_file, self.run_dir / "last.pt")  # the same bytes, serialised once

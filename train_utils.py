@@ -17,7 +17,7 @@ import torch.distributed as dist
 from tqdm.auto import tqdm
 
 from config import Config, ConfigError, from_dict, parse_overrides, to_dict, validate
-from utils import CheckpointError, get_device, list_checkpoints, load_checkpoint, save_loss_plot
+from utils import CheckpointError, check_cuda_index, get_device, list_checkpoints, load_checkpoint, save_loss_plot
 
 # Resuming may change these; any other change under seed/data/model/diffusion means another experiment.
 RESUME_FIXED = ("seed", "data.", "model.", "diffusion.")
@@ -55,6 +55,7 @@ def setup_distributed(device_name: str) -> tuple[DistInfo, torch.device]:
         return DistInfo(), device
     rank, local_rank = int(os.environ["RANK"]), int(os.environ.get("LOCAL_RANK", "0"))
     if device.type == "cuda":
+        check_cuda_index(local_rank, f"LOCAL_RANK={local_rank}")
         device = torch.device("cuda", local_rank)
         torch.cuda.set_device(device)
     owner = not dist.is_initialized()

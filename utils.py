@@ -23,6 +23,8 @@ from typing import Optional
 import numpy as np
 import torch
 
+from config import ConfigError
+
 CHECKPOINT_VERSION = 1
 
 
@@ -30,13 +32,30 @@ class CheckpointError(RuntimeError):
     """A missing, corrupt or incompatible checkpoint; the message says what to do."""
 
 
+class DeviceError(ConfigError, RuntimeError):
+    """A device this machine does not have (a ConfigError for the scripts, a RuntimeError for older callers)."""
+
+
 def get_device(name: str = "auto") -> torch.device:
+    """The torch device for a name; an explicit cuda:N also becomes the current CUDA device, so kernels,
+    autocast and cuDNN handles of this process go to GPU N rather than GPU 0."""
     if name == "auto":
         return torch.device("cuda" if torch.cuda.is_available() else "cpu")
     device = torch.device(name)
     if device.type == "cuda" and not torch.cuda.is_available():
-        raise RuntimeError(f"device '{name}' was asked for but CUDA is not available: use device=cpu")
+        raise DeviceError(f"device '{name}' was asked for but CUDA is not available: use device=cpu")
+    if device.type == "cuda" and device.index is not None:
+        check_cuda_index(device.index, f"device '{name}'")
+        torch.cuda.set_device(device)
     return device
+
+
+def check_cuda_index(index: int, what: str) -> None:
+    """One clear error instead of CUDA's "invalid device ordinal" traceback."""
+    count = torch.cuda.device_count()
+    if not 0 <= index < count:
+        raise DeviceError(f"{what} names GPU {index}, but this machine has {count} CUDA device(s) "
+                          f"(cuda:0 to cuda:{count - 1}): pick one of them, or launch fewer processes per node")
 
 
 def cpu_has_fast_bf16() -> bool:
@@ -51,8 +70,10 @@ def resolve_amp(mode: str, device: torch.device) -> str:
     support it (no loss scaler needed), fp16 on older GPUs, bf16 on CPUs with native bf16, else off."""
     if mode != "auto":
         return mode
-    if device.type == "cuda":
-        return "bf16" if torch.cuda.is_bf16_supported() else "fp16"
+    if device.type == "cuda":  # is_bf16_supported() alone counts emulation; cuDNN has no bf16 conv below sm_80
+        native = (torch.cuda.get_device_capability(device) >= (8, 0)
+                  and torch.cuda.is_bf16_supported(including_emulation=False))
+        return "bf16" if native else "fp16"
     if device.type == "cpu" and cpu_has_fast_bf16():
         return "bf16"
     return "off"

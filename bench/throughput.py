@@ -179,8 +179,8 @@ class Net:
     check: str
 
 
-def build_net(name: str, seed: int, with_diffusers: bool) -> Net:
-    cfg = load_config(REPO / "configs" / f"{name}.yaml")
+def build_net(name: str, seed: int, with_diffusers: bool, overrides: tuple = ()) -> Net:
+    cfg = load_config(REPO / "configs" / f"{name}.yaml", list(overrides))
     torch.manual_seed(seed)
     ours = randomized(build_model(cfg), seed)
     theirs, check = None, "diffusers not timed"
@@ -250,6 +250,7 @@ class Variant:
     dtype: str
     fmt: str           # nchw | cl
     compiled: bool
+    backend: str = "inductor"  # torch.compile backend ("eager": tracing only, for quick CPU dry runs)
 
     @property
     def label(self) -> str:
@@ -273,7 +274,7 @@ def make_runner(model: torch.nn.Module, cfg, v: Variant, batch: int, timed_steps
     net = copy.deepcopy(model).to(v.device)
     if v.fmt == "cl":
         net = net.to(memory_format=torch.channels_last)
-    call = torch.compile(net) if v.compiled else net
+    call = torch.compile(net, backend=v.backend) if v.compiled else net
     g = torch.Generator().manual_seed(seed)
     size, ch = cfg.data.image_size, cfg.model.in_channels
     xt, noise, x_T = (v.memory(torch.randn(batch, ch, size, size, generator=g)).to(v.device) for _ in range(3))
@@ -512,12 +513,12 @@ def report(rows: list[Row], info: dict, peaks: dict, convs: dict, nets: list[Net
     return "\n".join(lines)
 
 
-def write_section(section: str, path: Path) -> None:
-    """Replace the text between our markers (or append the section); other sections are left as they are."""
+def write_section(section: str, path: Path, start: str = START, end: str = END) -> None:
+    """Replace the text between the markers (or append the section); other sections are left as they are."""
     text = path.read_text() if path.exists() else ""
-    if START in text and END in text:
-        head, rest = text.split(START, 1)
-        text = head + section + rest.split(END, 1)[1]
+    if start in text and end in text:
+        head, rest = text.split(start, 1)
+        text = head + section + rest.split(end, 1)[1]
     else:
         text = (text.rstrip() + "\n\n" if text.strip() else "") + section + "\n"
     tmp = path.with_suffix(".tmp")

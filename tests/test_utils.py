@@ -19,6 +19,7 @@ def test_auto_amp_on_cpu_is_bf16_only_with_native_bf16(monkeypatch, fast_bf16, e
 @pytest.mark.parametrize("bf16_gpu, expected", [(True, "bf16"), (False, "fp16")])
 def test_auto_amp_on_cuda_prefers_bf16_then_fp16(monkeypatch, bf16_gpu, expected):
     monkeypatch.setattr(torch.cuda, "is_bf16_supported", lambda *a, **k: bf16_gpu)
+    monkeypatch.setattr(torch.cuda, "get_device_capability", lambda device=None: (8, 0))
     assert resolve_amp("auto", CUDA) == expected
 
 
