@@ -115,7 +115,7 @@ class Trainer:
         """CPU results depend on the thread count (reduction order): a different one is worth a warning."""
         saved, now = ckpt.get("cpu_threads"), torch.get_num_threads()
         if self.device.type == "cpu" and saved is not None and saved != now:
-            tqdm.write(f"warning: the checkpoint was trained with {saved} CPU threads, this run uses {now}: the "
+            tqdm.write(f"warning: the checkpoint was trained with {saved} CPU thread(s), this run uses {now}: the "
                        f"resume is not bitwise exact (set train.cpu_threads={saved} to match)", file=sys.stderr)
 
     def _prepare_run_dir(self, resuming: bool, overwrite: bool) -> None:
@@ -524,7 +524,7 @@ def resume_path(resume: bool | str | Path, run_name: str) -> Path:
     step file when last.pt is missing; a file as given. Nothing there: a CheckpointError naming the runs
     that exist under checkpoints/ and the command that resumes each."""
     path = CHECKPOINT_ROOT / run_name if resume is True else Path(resume)
-    if path.is_dir():
+    if resume is True or path.is_dir():
         steps = list_checkpoints(path)
         path = path / "last.pt" if (path / "last.pt").is_file() or not steps else steps[-1]
     if path.is_file():
