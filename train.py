@@ -64,7 +64,7 @@ class NonFiniteLossError(RuntimeError):
 class Trainer:
     """Setup, one step, logging, sampling and checkpoints of one run; `run()` drives the loop."""
 
-    def __init__(self, cfg: Config, resume: Optional[Path], checkpoint: Optional[dict], overwrite: bool,
+    def __init__(self, cfg: Config, resume: Optional[bool | str | Path], checkpoint: Optional[dict], overwrite: bool,
                  stop_at: Optional[int]):
         self.cfg, self.tcfg, self.stop_at = cfg, cfg.train, stop_at
         self.data = self.logger = self.signals = self.dist = None
@@ -75,7 +75,7 @@ class Trainer:
             self.close()  # a failed setup must not leave threads, workers or a process group behind
             raise
 
-    def _setup(self, resume: Optional[Path], checkpoint: Optional[dict], overwrite: bool) -> None:
+    def _setup(self, resume: Optional[bool | str | Path], checkpoint: Optional[dict], overwrite: bool) -> None:
         cfg = self.cfg
         self.dist, self.device = setup_distributed(cfg.device)
         if self.device.type == "cpu" and self.tcfg.cpu_threads:
@@ -83,7 +83,8 @@ class Trainer:
         self.run_dir = CHECKPOINT_ROOT / cfg.run_name
         self.images_dir = RESULTS_ROOT / "images" / cfg.run_name
         self._resolve_amp()
-        if resume is not None and checkpoint is None:
+        if resume is not None and checkpoint is None:  # after the DDP rendezvous: rank 0 may just have written it
+            resume = resume_path(resume, cfg.run_name)
             checkpoint = load_resume_checkpoint(resume)
         if checkpoint is not None:
             self._check_resume_config(checkpoint, resume)
@@ -510,9 +511,7 @@ def train(cfg: Config, resume: Optional[bool | str | Path] = None, *, checkpoint
     images_per_sec, skipped_steps, final_loss, and the bare `model` and `ema` modules.
     `checkpoint`: an already loaded resume checkpoint; `stop_at`: stop (saving, like a signal) once this
     step is reached. Under torchrun (WORLD_SIZE > 1) every process calls this."""
-    if resume and checkpoint is None:
-        resume = resume_path(resume, cfg.run_name)
-    trainer = Trainer(cfg, Path(resume) if resume else None, checkpoint, overwrite, stop_at)
+    trainer = Trainer(cfg, resume or None, checkpoint, overwrite, stop_at)
     try:
         return trainer.run()
     finally:
