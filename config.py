@@ -51,6 +51,13 @@ def _yaml_load(text: str):
     return yaml.load(text, Loader=_Loader)
 
 
+def _yaml_problem(err: yaml.YAMLError) -> str:
+    """'line N: what' from a YAML error (the line only when YAML knows it)."""
+    mark = getattr(err, "problem_mark", None) or getattr(err, "context_mark", None)
+    what = getattr(err, "problem", None) or getattr(err, "context", None) or str(err).splitlines()[0]
+    return f"line {mark.line + 1}: {what}" if mark is not None else what
+
+
 class ConfigError(ValueError):
     """A bad configuration: the message names the key and how to fix it."""
 
@@ -120,13 +127,16 @@ class TrainConfig:
     channels_last: Optional[bool] = None  # None (null) = auto: on for CUDA, off on CPU (measured)
     compile: bool = False
     cond_drop_prob: float = 0.1        # class-conditional models: label dropout for CFG
-    max_nonfinite: int = 10            # stop after this many non-finite losses in a row
+    max_nonfinite: int = 10            # stop after this many non-finite losses in a row (>= 1)
     log_every: int = 100
     sample_every: int = 5000
     ckpt_every: int = 5000
     keep_last: int = 3
-    num_sample_images: int = 64        # grid size for the periodic samples
+    num_sample_images: int = 64        # grid size for the periodic samples; 0 = no sample grids
     sample_steps: int = 50             # DDIM steps for the periodic samples
+    # CPU intra-op threads; 0 or null = torch's default (OMP_NUM_THREADS when set, else the cores).
+    # Bitwise-exact resume assumes the same count: it is stored in checkpoints, a resume warns if it differs.
+    cpu_threads: Optional[int] = None
 
 
 @dataclass
@@ -215,7 +225,11 @@ def parse_overrides(overrides: list[str]) -> dict:
         if "=" not in item:
             raise ConfigError(f"override '{item}' must look like section.key=value (e.g. train.lr=1e-4)")
         key, raw = item.split("=", 1)
-        value = _yaml_load(raw) if raw.strip() else ""
+        try:
+            value = _yaml_load(raw) if raw.strip() else ""
+        except yaml.YAMLError as err:
+            raise ConfigError(f"override '{item}': the value is not valid YAML ({_yaml_problem(err)}): fix its "
+                              f"syntax, e.g. model.channel_mult=[1,2] or quote a string: key='a: b'") from None
         _set_dotted(out, key.strip(), value)
     return out
 
@@ -235,12 +249,28 @@ def load_config(path: Optional[str | Path] = None, overrides: Optional[list[str]
     if not path.is_file():
         presets = sorted(p.stem for p in DEFAULT_CONFIG.parent.glob("*.yaml"))
         raise ConfigError(f"config file '{path}' not found (presets in configs/: {', '.join(presets)})")
-    with open(path) as f:
-        raw = _yaml_load(f.read()) or {}
+    raw = _read_yaml_file(path)
     merged = _merge(to_dict(from_dict(raw)), parse_overrides(overrides or []))
     cfg = from_dict(merged)
     validate(cfg)
     return cfg
+
+
+def _read_yaml_file(path: Path) -> dict:
+    """The mapping in a YAML file; unreadable text or bad syntax is a ConfigError naming file and line."""
+    try:
+        raw = _yaml_load(path.read_text(encoding="utf-8")) or {}
+    except UnicodeDecodeError as err:
+        raise ConfigError(f"config file '{path}' is not UTF-8 text (byte {err.start}): save it as UTF-8") from None
+    except yaml.YAMLError as err:
+        raise ConfigError(f"config file '{path}' is not valid YAML ({_yaml_problem(err)}): fix the syntax "
+                          f"there (compare with configs/digits.yaml)") from None
+    except OSError as err:
+        raise ConfigError(f"cannot read config file '{path}': {err.strerror or err}") from None
+    if not isinstance(raw, dict):
+        raise ConfigError(f"config file '{path}' must hold a mapping of sections (data:, model:, train:, ...), "
+                          f"got {type(raw).__name__}")
+    return raw
 
 
 def save_config(cfg: Config, path: str | Path) -> None:
@@ -257,6 +287,35 @@ def _choice(key: str, value: str, choices: tuple) -> None:
 def _positive(key: str, value: float, allow_zero: bool = False) -> None:
     if value < 0 or (value == 0 and not allow_zero):
         raise ConfigError(f"config key '{key}' must be {'>= 0' if allow_zero else '> 0'}, got {value}")
+
+
+def _check_run_name(name: str) -> None:
+    # run_name becomes checkpoints/<run_name>/ and results/*/<run_name>/: a path would write (and with
+    # --overwrite delete) outside them.
+    if not re.fullmatch(r"[A-Za-z0-9._-]+", name) or name in (".", ".."):
+        raise ConfigError(f"config key 'run_name' = {name!r} is not a plain name (it names the folders "
+                          f"checkpoints/<run_name>/ and results/*/<run_name>/): use only letters, digits, '.', "
+                          f"'_' and '-', e.g. run_name=digits_2")
+
+
+def _check_unet_levels(cfg: Config) -> None:
+    """channel_mult entries >= 1; attention_resolutions must name levels the U-Net has (it matches them exactly)."""
+    m, size = cfg.model, cfg.data.image_size
+    if not m.channel_mult:
+        raise ConfigError("config key 'model.channel_mult' must not be empty")
+    for i, mult in enumerate(m.channel_mult):
+        if mult < 1:
+            raise ConfigError(f"config key 'model.channel_mult' = {m.channel_mult}: every entry must be >= 1 "
+                              f"(level widths are model.channels x entry), got {mult} at index {i}")
+    if m.kind != "unet":
+        return
+    levels = [size // 2 ** i for i in range(len(m.channel_mult))]  # model.UNet halves after each level
+    unknown = [r for r in m.attention_resolutions if r not in levels]
+    if unknown:
+        raise ConfigError(f"config key 'model.attention_resolutions' = {m.attention_resolutions}: {unknown[0]} is "
+                          f"not a resolution of this U-Net; with data.image_size={size} and "
+                          f"{len(m.channel_mult)} levels in model.channel_mult the valid values are "
+                          f"{', '.join(map(str, levels))} (or [] for attention in the middle block only)")
 
 
 def validate(cfg: Config) -> Config:
@@ -282,17 +341,24 @@ def validate(cfg: Config) -> Config:
                      ("train.sample_every", tr.sample_every), ("train.ckpt_every", tr.ckpt_every),
                      ("train.keep_last", tr.keep_last), ("sample.num_samples", s.num_samples),
                      ("sample.batch_size", s.batch_size), ("diffusion.min_snr_gamma", df.min_snr_gamma),
-                     ("model.norm_eps", m.norm_eps)]:
+                     ("model.norm_eps", m.norm_eps), ("train.max_nonfinite", tr.max_nonfinite),
+                     ("model.mlp_hidden", m.mlp_hidden), ("model.mlp_layers", m.mlp_layers),
+                     ("model.mlp_emb_size", m.mlp_emb_size)]:
         _positive(key, val)
     for key, val in [("train.warmup_steps", tr.warmup_steps), ("model.num_classes", m.num_classes),
                      ("data.num_workers", d.num_workers), ("sample.eta", s.eta),
-                     ("train.weight_decay", tr.weight_decay), ("train.cond_drop_prob", tr.cond_drop_prob)]:
+                     ("train.weight_decay", tr.weight_decay), ("train.cond_drop_prob", tr.cond_drop_prob),
+                     ("train.num_sample_images", tr.num_sample_images), ("train.cpu_threads", tr.cpu_threads or 0)]:
         _positive(key, val, allow_zero=True)
+    _check_run_name(cfg.run_name)
     if not 0 < df.beta_start < df.beta_end < 1:
         raise ConfigError(f"need 0 < diffusion.beta_start < diffusion.beta_end < 1, "
                           f"got {df.beta_start} and {df.beta_end}")
     if not 0 <= tr.ema_decay < 1:
         raise ConfigError(f"config key 'train.ema_decay' must be in [0, 1), got {tr.ema_decay}")
+    if not 0 <= tr.min_lr_ratio <= 1:
+        raise ConfigError(f"config key 'train.min_lr_ratio' must be in [0, 1] (the cosine floor as a fraction of "
+                          f"train.lr), got {tr.min_lr_ratio}")
     if not 0 <= m.dropout < 1:
         raise ConfigError(f"config key 'model.dropout' must be in [0, 1), got {m.dropout}")
     if s.steps is not None and not 1 <= s.steps <= df.num_timesteps:
@@ -301,8 +367,7 @@ def validate(cfg: Config) -> Config:
     if not 1 <= tr.sample_steps <= df.num_timesteps:
         raise ConfigError(f"config key 'train.sample_steps' = {tr.sample_steps} must be between 1 and "
                           f"diffusion.num_timesteps = {df.num_timesteps}")
-    if not m.channel_mult:
-        raise ConfigError("config key 'model.channel_mult' must not be empty")
+    _check_unet_levels(cfg)
     if (d.dataset == "toy2d") != (m.kind == "mlp"):
         raise ConfigError("data.dataset=toy2d goes with model.kind=mlp (and images with model.kind=unet); "
                           f"got data.dataset={d.dataset!r}, model.kind={m.kind!r}")

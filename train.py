@@ -16,10 +16,11 @@ and saved a checkpoint, so `python train.py && python sample.py` does not go on 
 
 Resume is exact (bitwise on CPU): the data order and random flips continue exactly where the run
 stopped (see data_order.py); every rank's python/numpy/torch/CUDA RNG state is saved and restored
-(dropout, t, noise). (Same hardware and CPU thread count assumed: see train_utils.cpu_threads.) A resume
-may change train.* (max_steps, lr, intervals, ...), device, run_name and data.num_workers/root/download;
-a changed seed, model.*, diffusion.* or other data.* key is refused with the list of differences. A fresh
-run never overwrites an existing checkpoints/<run_name>/ unless --overwrite is given.
+(dropout, t, noise). (Same hardware and CPU thread count assumed: train.cpu_threads pins the count, and a
+resume warns when it differs.) A resume may change train.* (max_steps, lr, intervals, ...), device, run_name
+and data.num_workers/root/download; a changed seed, model.*, diffusion.* or other data.* key is refused with
+the list of differences. A fresh run never overwrites an existing checkpoints/<run_name>/ unless --overwrite
+is given.
 
 A step whose loss or gradient is non-finite is skipped (no weight, optimizer or EMA change), counted and
 logged. A finite loss that explodes (above max(10 x its running level, 1): train_utils.LossWatch) is
@@ -36,6 +37,7 @@ import shutil
 import signal
 import sys
 import time
+import zipfile
 from contextlib import nullcontext
 from pathlib import Path
 from typing import Optional
@@ -50,8 +52,8 @@ from dataset import DatasetMissingError, build_dataset, check_data
 from diffusion import build_diffusion
 from model import build_model, count_parameters
 from train_utils import (EMA, LaggedRead, LossWatch, RunLock, RunLockedError, RunLogger, StepStats, StopSignals,
-                         build_optimizer, config_for_resume, cpu_threads, load_resume_checkpoint, lr_factor,
-                         resume_differences, setup_distributed)
+                         build_optimizer, config_for_resume, load_resume_checkpoint, lr_factor, resume_differences,
+                         setup_distributed)
 from utils import (CheckpointError, copy_checkpoint, derive_seed, get_rng_state, list_checkpoints, remove_temp_files,
                    resolve_amp, resolve_channels_last, save_checkpoint, save_image_grid, save_scatter_plot,
                    seed_everything, set_rng_state)
@@ -71,7 +73,7 @@ class NonFiniteLossError(RuntimeError):
 class Trainer:
     """Setup, one step, logging, sampling and checkpoints of one run; `run()` drives the loop."""
 
-    def __init__(self, cfg: Config, resume: Optional[Path], checkpoint: Optional[dict], overwrite: bool,
+    def __init__(self, cfg: Config, resume: Optional[bool | str | Path], checkpoint: Optional[dict], overwrite: bool,
                  stop_at: Optional[int]):
         self.cfg, self.tcfg, self.stop_at = cfg, cfg.train, stop_at
         self.data = self.logger = self.signals = self.dist = self.lock = None
@@ -82,18 +84,21 @@ class Trainer:
             self.close()  # a failed setup must not leave threads, workers or a process group behind
             raise
 
-    def _setup(self, resume: Optional[Path], checkpoint: Optional[dict], overwrite: bool) -> None:
+    def _setup(self, resume: Optional[bool | str | Path], checkpoint: Optional[dict], overwrite: bool) -> None:
         cfg = self.cfg
         self.dist, self.device = setup_distributed(cfg.device)
-        if self.device.type == "cpu" and (threads := cpu_threads(cfg.model.kind)) is not None:
-            torch.set_num_threads(threads)  # restored in close()
-        self.run_dir, self.resume_path = CHECKPOINT_ROOT / cfg.run_name, resume
+        if self.device.type == "cpu" and self.tcfg.cpu_threads:
+            torch.set_num_threads(self.tcfg.cpu_threads)  # restored in close()
+        self.run_dir = CHECKPOINT_ROOT / cfg.run_name
         self.images_dir = RESULTS_ROOT / "images" / cfg.run_name
         self._resolve_amp()
-        if resume is not None and checkpoint is None:
+        if resume is not None and checkpoint is None:  # after the DDP rendezvous: rank 0 may just have written it
+            resume = resume_path(resume, cfg.run_name)
             checkpoint = load_resume_checkpoint(resume)
+        self.resume_path = Path(resume) if isinstance(resume, (str, Path)) else None  # the file, for _last_good_file
         if checkpoint is not None:
             self._check_resume_config(checkpoint, resume)
+            self._check_resume_threads(checkpoint)
         self._lock_run_dir()
         self._prepare_run_dir(resuming=checkpoint is not None, overwrite=overwrite)
         self._setup_data()
@@ -142,6 +147,13 @@ class Trainer:
             raise error
         if self.dist.is_main and (removed := remove_temp_files(self.run_dir)):
             tqdm.write(f"note: removed {len(removed)} temp file(s) of interrupted saves from {self.run_dir}/")
+
+    def _check_resume_threads(self, ckpt: dict) -> None:
+        """CPU results depend on the thread count (reduction order): a different one is worth a warning."""
+        saved, now = ckpt.get("cpu_threads"), torch.get_num_threads()
+        if self.device.type == "cpu" and saved is not None and saved != now:
+            tqdm.write(f"warning: the checkpoint was trained with {saved} CPU thread(s), this run uses {now}: the "
+                       f"resume is not bitwise exact (set train.cpu_threads={saved} to match)", file=sys.stderr)
 
     def _prepare_run_dir(self, resuming: bool, overwrite: bool) -> None:
         existing = list_checkpoints(self.run_dir) + [p for p in [self.run_dir / "last.pt"] if p.is_file()]
@@ -405,7 +417,7 @@ class Trainer:
     def sample(self) -> Optional[Path]:
         """EMA samples with DDIM (train.sample_steps) from a FIXED generator, so grids are comparable over
         time; forked RNG, so sampling never changes the training streams (resume stays exact)."""
-        if not self.dist.is_main:
+        if not self.dist.is_main or self.tcfg.num_sample_images == 0:  # 0: no sample grids
             return None
         start, cfg, n = time.perf_counter(), self.cfg, self.tcfg.num_sample_images
         toy = cfg.model.kind == "mlp"
@@ -437,6 +449,7 @@ class Trainer:
                 "grad_scaler": self.scaler.state_dict() if self.scaler is not None else None,
                 "rng": {"world_size": self.dist.world_size, "ranks": rng_states},
                 "data_state": self.data.state_dict(),
+                "cpu_threads": torch.get_num_threads() if self.device.type == "cpu" else None,
                 "log_state": {"skipped_total": int(self.skipped_total),
                               "loss_history": torch.tensor(self.history, dtype=torch.float32),
                               "loss_level": float(self.loss_watch.level)}}
@@ -547,10 +560,10 @@ class Trainer:
             done = self.step == tcfg.max_steps
             if self.step % tcfg.log_every == 0 or done:
                 self.log()
+            if self.step % tcfg.ckpt_every == 0 or done:
+                self.save()  # before sampling: a failure there must not lose the run
             if self.step % tcfg.sample_every == 0 or done:
                 self.sample()
-            if self.step % tcfg.ckpt_every == 0 or done:
-                self.save()
             code = self.stop_code()
         if self.step >= tcfg.max_steps and code != NONFINITE:
             code = 0  # a signal during the last step: the run is complete anyway
@@ -631,13 +644,38 @@ def train(cfg: Config, resume: Optional[bool | str | Path] = None, *, checkpoint
     images_per_sec, skipped_steps, final_loss, and the bare `model` and `ema` modules.
     `checkpoint`: an already loaded resume checkpoint; `stop_at`: stop (saving, like a signal) once this
     step is reached. Under torchrun (WORLD_SIZE > 1) every process calls this."""
-    if resume is True:
-        resume = CHECKPOINT_ROOT / cfg.run_name / "last.pt"
-    trainer = Trainer(cfg, Path(resume) if resume else None, checkpoint, overwrite, stop_at)
+    trainer = Trainer(cfg, resume or None, checkpoint, overwrite, stop_at)
     try:
         return trainer.run()
     finally:
         trainer.close()
+
+
+def resume_path(resume: bool | str | Path, run_name: str) -> Path:
+    """The checkpoint --resume means: True = the config's run folder; a folder = its last.pt, or its newest
+    step file when last.pt is missing; a file as given. Nothing there: a CheckpointError naming the runs
+    that exist under checkpoints/ and the command that resumes each."""
+    path = CHECKPOINT_ROOT / run_name if resume is True else Path(resume)
+    if resume is True or path.is_dir():
+        steps = list_checkpoints(path)
+        path = path / "last.pt" if (path / "last.pt").is_file() or not steps else steps[-1]
+    if path.is_file():
+        return path
+    raise CheckpointError(f"cannot resume: no checkpoint at {path}; {_existing_runs_hint()}")
+
+
+def _existing_runs_hint() -> str:
+    """'; '-joined resume commands for the runs under checkpoints/ that hold a checkpoint (a zip: torch.save's
+    format; checked without loading, so this stays fast for big files)."""
+    runs = []
+    for folder in sorted(p for p in CHECKPOINT_ROOT.glob("*") if p.is_dir()):
+        files = [f for f in [folder / "last.pt", *reversed(list_checkpoints(folder))] if zipfile.is_zipfile(f)]
+        if files:
+            runs.append(f"run '{folder.name}': python train.py --resume {files[0]}")
+    if not runs:
+        return (f"{CHECKPOINT_ROOT}/ holds no run: start one without --resume, "
+                f"e.g. python train.py --config configs/digits.yaml")
+    return "runs that exist: " + "; ".join(runs)
 
 
 def parse_args(argv: Optional[list[str]] = None) -> argparse.Namespace:
@@ -646,11 +684,12 @@ def parse_args(argv: Optional[list[str]] = None) -> argparse.Namespace:
     p.add_argument("--config", help="YAML preset (default configs/cifar10.yaml; with --resume PATH the "
                                     "checkpoint's own config)")
     p.add_argument("--resume", nargs="?", const=True, metavar="PATH",
-                   help="continue checkpoints/<run_name>/last.pt of the config, or the checkpoint PATH")
+                   help="continue checkpoints/<run_name>/last.pt of the config, or the checkpoint PATH, or a "
+                        "run folder PATH (its last.pt, else its newest step file)")
     p.add_argument("--overwrite", action="store_true",
                    help="start over even if checkpoints/<run_name>/ holds a run (deletes its checkpoints and logs)")
     p.add_argument("overrides", nargs="*", metavar="key=value", help="dotted overrides, e.g. train.lr=1e-4")
-    args = p.parse_args(argv)
+    args = p.parse_intermixed_args(argv)  # flags and key=value overrides in any order
     # `--resume train.lr=1e-4` means a bare --resume followed by an override, not a file named so.
     if isinstance(args.resume, str) and "=" in args.resume and not Path(args.resume).exists():
         args.overrides.insert(0, args.resume)
@@ -665,9 +704,10 @@ def main(argv: Optional[list[str]] = None) -> int:
         if resume is None or resume is True:
             cfg = load_config(args.config, args.overrides)
         if resume is True:  # the run of the given config
-            resume = CHECKPOINT_ROOT / cfg.run_name / "last.pt"
+            resume = resume_path(True, cfg.run_name)
             checkpoint = load_resume_checkpoint(resume)
-        elif resume is not None:  # a file: its own config unless --config is given
+        elif resume is not None:  # a file or run folder: its own config unless --config is given
+            resume = resume_path(resume, "")
             checkpoint = load_resume_checkpoint(resume)
             cfg = (load_config(args.config, args.overrides) if args.config
                    else config_for_resume(checkpoint, args.overrides))

@@ -1,5 +1,5 @@
-"""Building blocks of train.py's training loop, apart from the Trainer itself: process layout (DDP), CPU
-threads, EMA, optimizer and LR schedule, resume checks, stop signals, logging and device-side step statistics.
+"""Building blocks of train.py's training loop, apart from the Trainer itself: process layout (DDP), EMA,
+optimizer and LR schedule, resume checks, stop signals, logging and device-side step statistics.
 """
 from __future__ import annotations
 
@@ -63,22 +63,6 @@ def setup_distributed(device_name: str) -> tuple[DistInfo, torch.device]:
         dist.init_process_group("nccl" if device.type == "cuda" else "gloo")
     control = dist.new_group(backend="gloo") if device.type == "cuda" else dist.group.WORLD
     return DistInfo(rank, world, local_rank, control, owner), device
-
-
-def cpu_threads(model_kind: str) -> Optional[int]:
-    """Intra-op threads for CPU training; None = leave torch's setting (OMP_NUM_THREADS is set).
-    Every op waits for all of its threads, so one thread queueing for a core another process holds stalls
-    the whole step: on a 2-core machine kept busy by other processes, 2 threads ran the digits U-Net 3-10x
-    slower than 1 (toy2d 7x). So take the cores the 1-minute load average leaves free (at least 1, at most
-    torch's setting); the 2-D MLP always gets 1, its matmuls are too small to split.
-    Bitwise-exact resume assumes the same thread count: pin it with OMP_NUM_THREADS when that matters."""
-    if "OMP_NUM_THREADS" in os.environ:
-        return None
-    if model_kind == "mlp":
-        return 1
-    cores = len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else os.cpu_count() or 1
-    free = cores - os.getloadavg()[0]
-    return max(1, min(torch.get_num_threads(), int(free + 0.5)))
 
 
 # ----------------------------------------------------------------------------- model helpers
