@@ -23,6 +23,11 @@ KNOWN = torch.tensor([True, False, True, False])          # the coordinates inpa
 X_KNOWN = torch.tensor([1.2, 0.0, -0.4, 0.0], dtype=torch.float64)  # their values (the others are ignored)
 
 
+def posterior_gain(a: torch.Tensor, cov: torch.Tensor) -> torch.Tensor:
+    """G with E[x0 | x_t] = mu + G (x_t - a mu) for x0 ~ N(mu, cov), x_t = a x0 + s eps: a cov (a^2 cov + s^2 I)^-1."""
+    return a * cov @ torch.linalg.inv(a ** 2 * cov + (1 - a ** 2) * torch.eye(len(cov), dtype=torch.float64))
+
+
 class GaussianOracle:
     """The exact denoiser for x0 ~ N(mu, cov), as tests/test_diffusion.py's Oracle but with a full covariance:
     x_t = a x0 + s eps is jointly Gaussian with x0, so E[x0 | x_t] = mu + a cov (a^2 cov + s^2 I)^-1 (x_t - a mu).
@@ -30,16 +35,16 @@ class GaussianOracle:
 
     def __init__(self, d: Diffusion, mu=MU, cov=COV, watch=None):
         self.d, self.mu, self.cov, self.calls = d, mu, cov, 0
-        self.watch, self.seen = watch, []  # the (t, mean, std) of the coordinates `watch` at each call
+        self.watch, self.seen, self.timesteps = watch, [], []  # seen: (t, mean, std) of the coordinates `watch`
 
     def __call__(self, xt, t, y=None):
         self.calls += 1
+        self.timesteps.append(int(t[0]))
         if self.watch is not None:
             self.seen.append((int(t[0]), xt[:, self.watch].double().mean(0), xt[:, self.watch].double().std(0)))
         assert bool((t == t[0]).all())
         a, s = self.d.sqrt_abar[t[0]].double(), self.d.sqrt_one_minus_abar[t[0]].double()
-        gain = a * self.cov @ torch.linalg.inv(a ** 2 * self.cov + s ** 2 * torch.eye(len(self.mu), dtype=torch.float64))
-        x0 = self.mu + (xt.double() - a * self.mu) @ gain.T
+        x0 = self.mu + (xt.double() - a * self.mu) @ posterior_gain(a, self.cov).T
         eps = (xt.double() - a * x0) / s
         return {"eps": eps, "x0": x0, "v": a * eps - s * x0}[self.d.objective].float()
 
@@ -167,7 +172,13 @@ def test_sdedit_keeps_the_data_distribution(sampler, steps, strength):
     assert oracle.calls == len(editing.sdedit_timesteps(d, strength, sampler, steps))
     z_mean, z_cov = z_scores(x.double(), MU, COV)
     assert z_mean < 5 and z_cov < 5, (z_mean, z_cov)
-    assert (x - x0).pow(2).mean() > 0.01
+    if sampler == "ddpm":  # ancestral sampling draws x ~ p(x0 | x_t): Cov(x0, x) = a G cov, G at t_start
+        a = d.sqrt_abar[oracle.timesteps[0]].double()
+        cross = torch.cov(torch.cat([x0, x], 1).double().T)[:4, 4:]
+        expected = a * posterior_gain(a, COV) @ COV
+        se = ((COV.diagonal()[:, None] * COV.diagonal()[None] + expected ** 2) / x.shape[0]).sqrt()
+        assert ((cross - expected) / se).abs().max() < 5, (cross, expected)
+    assert (x - x0).pow(2).mean() > 0.01  # an edit, not a copy
 
 
 # ----------------------------------------------------------------------------- DDIM inversion
@@ -180,6 +191,8 @@ def test_inversion_round_trips_and_the_error_shrinks_with_steps(spacing):
         oracle = GaussianOracle(d)
         x_T = d.invert(oracle, x0, steps=steps, progress=False, timestep_spacing=spacing)
         assert oracle.calls == steps
+        grid = d.sampling_timesteps("ddim", steps, spacing)
+        assert oracle.timesteps == grid[::-1]  # the sampler's grid, upwards
         back = d.sample(oracle, x0.shape, "ddim", steps=steps, x_T=x_T, clip_x0=False, progress=False,
                         timestep_spacing=spacing)
         errors.append((back - x0).abs().max().item())
