@@ -12,6 +12,7 @@ References (equation and algorithm numbers are the papers'):
 """
 from __future__ import annotations
 
+import numbers
 from typing import TYPE_CHECKING, Callable, Optional
 
 import torch
@@ -101,22 +102,24 @@ def _with_known(diffusion: "Diffusion", x: torch.Tensor, t: int, x_known: torch.
 
 
 def _inpaint_checks(diffusion, model, x_known, mask, sampler, steps, eta, resample, jump, y, spacing):
-    """Every argument of inpaint, checked before any work: (mask as bool, eta, the decreasing grid)."""
+    """Every argument of inpaint, checked before any work. Returns x_known (float32, on the diffusion's device),
+    the mask (bool, its shape), eta and the decreasing grid."""
     eta = diffusion.check_eta(sampler, eta)
     if sampler not in INPAINT_SAMPLERS:
         raise ConfigError(f"inpainting cannot use sampler {sampler}: its multistep history assumes one continuous "
                           f"trajectory, which the known pixels' re-noising and the jumps break; use "
                           f"{' or '.join(INPAINT_SAMPLERS)}")
     for name, value in (("resample", resample), ("jump", jump)):
-        if not isinstance(value, int) or value < 1:
+        if not isinstance(value, numbers.Integral) or value < 1:
             raise ConfigError(f"{name} must be an integer >= 1, got {value!r} (1 = no {name})")
     _check_input(model, x_known, "the image to inpaint", y)
+    x_known = x_known.to(diffusion.betas.device).float()
     mask = _check_mask(x_known, mask)
     timesteps = diffusion.sampling_timesteps(sampler, steps, spacing)
     if resample > 1 and jump >= len(timesteps):
         raise ConfigError(f"jump={jump} leaves no block to resample on a grid of {len(timesteps)} steps; "
                           f"use a jump below {len(timesteps)}")
-    return mask, eta, timesteps
+    return x_known, mask, eta, timesteps
 
 
 @torch.no_grad()
@@ -128,7 +131,7 @@ def inpaint(diffusion: "Diffusion", model: Callable, x_known: torch.Tensor, mask
     """RePaint ([RePaint] Algorithm 1 with the jump schedule of Sec. 4.2, `repaint_schedule`): fill in the
     pixels of x_known where mask == 0. MASK CONVENTION: here mask == 1 marks the KNOWN pixels, which are kept
     (the command line reads diffusers' PNG masks, white = generate, and converts). mask broadcasts to
-    x_known, e.g. (B, 1, H, W); values 0/1 only. The result equals x_known exactly where mask == 1.
+    x_known, e.g. (B, 1, H, W); values 0/1 only. The result equals x_known (as float32) exactly where mask == 1.
 
     At every reverse step the known pixels are re-noised from x_known to the step's level and the unknown
     ones come from the sampler step; with resample > 1 each block of `jump` steps is repeated after jumping
@@ -137,13 +140,12 @@ def inpaint(diffusion: "Diffusion", model: Callable, x_known: torch.Tensor, mask
     or ddim with any eta. Not dpmpp2m: its second-order step extrapolates from the previous step's x0
     along one ODE trajectory, which the re-noised known pixels and the jumps break at every step. One
     progress bar counts the model evaluations: len(grid) + (resample - 1) * jump * blocks."""
-    mask, eta, timesteps = _inpaint_checks(diffusion, model, x_known, mask, sampler, steps, eta, resample, jump,
-                                           y, timestep_spacing)
+    x_known, mask, eta, timesteps = _inpaint_checks(diffusion, model, x_known, mask, sampler, steps, eta, resample,
+                                                    jump, y, timestep_spacing)
     from diffusion import DATA_T  # the data, below the grid's lowest timestep
     levels = [*reversed(timesteps), DATA_T]  # position s on the grid -> timestep (-1 -> the data)
     path = repaint_schedule(len(timesteps), resample, jump)
     model_fn = diffusion._model_fn(model, y, guidance_scale)
-    x_known = x_known.to(diffusion.betas.device)
     # x_T, with the known pixels already at their level (the authors' code replaces them before every step)
     x = _with_known(diffusion, diffusion._randn(x_known.shape, generator), levels[path[0]], x_known, mask, generator)
     bar = tqdm(total=sum(b < a for a, b in zip(path, path[1:])), desc=f"{sampler} inpainting", leave=False,
@@ -183,9 +185,9 @@ def invert(diffusion: "Diffusion", model: Callable, x0: torch.Tensor, steps: Opt
     sample(model, ..., sampler="ddim", steps=steps, x_T=x_T) gives back x0, on that same grid walked
     upwards, from the data to the grid's top, one model evaluation per step (`_ddim_up`). The model is
     evaluated at each step's target timestep, with x one step behind, so the reconstruction error falls
-    like 1 / steps (first order; about half the error of evaluating at the step's start, measured on a
-    Gaussian). Deterministic: DDIM with eta = 0 only; with y, the conditional model (guidance makes the
-    inversion drift)."""
+    like 1 / steps (first order; smaller than evaluating at the step's start: measured on a Gaussian, max
+    error 0.26 instead of 0.51 at 10 steps, 0.017 instead of 0.025 at 250). Deterministic: DDIM with
+    eta = 0 only; with y, the conditional model (guidance makes the inversion drift)."""
     from diffusion import DATA_T
     _check_input(model, x0, "the image to invert", y)
     levels = [DATA_T, *reversed(diffusion.sampling_timesteps("ddim", steps, timestep_spacing))]
@@ -205,7 +207,7 @@ def sdedit_timesteps(diffusion: "Diffusion", strength: float, sampler: str, step
     t_start = round(strength * T) - 1 (the level of noise strength * T of T; strength 1 -> T - 1). x0 is
     noised to the first grid point at or below t_start (on the ddpm grid t_start itself), so the walk
     is the tail of sample()'s, as in diffusers' img2img (which keeps the last int(strength * steps) steps)."""
-    if isinstance(strength, bool) or not isinstance(strength, (int, float)) or not 0 < strength <= 1:
+    if isinstance(strength, bool) or not isinstance(strength, numbers.Real) or not 0 < strength <= 1:
         raise ConfigError(f"strength must be in (0, 1] (the fraction of the noise levels to redo; 1 = plain "
                           f"sampling), got {strength!r}")
     grid = diffusion.sampling_timesteps(sampler, steps, spacing)
