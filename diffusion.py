@@ -20,6 +20,7 @@ import torch
 import torch.nn as nn
 from tqdm.auto import tqdm
 
+import editing
 from config import LOSS_WEIGHTINGS, OBJECTIVES, SAMPLERS, SCHEDULES, SPACINGS, VAR_TYPES, ConfigError
 
 
@@ -381,6 +382,9 @@ class Diffusion(nn.Module):
         if t_prev < 0:
             return torch.ones(x.shape[0], *[1] * (x.ndim - 1), device=x.device, dtype=self.alphas_cumprod.dtype)
         return self.gather(self.alphas_cumprod, self._t(t_prev, x), x.ndim)
+
+    # Editing (issue #14): RePaint inpainting, DDIM inversion, SDEdit as methods; the algorithms live in editing.py
+    inpaint, invert, edit = editing.inpaint, editing.invert, editing.edit
 
     @staticmethod
     def _t(t: int, x: torch.Tensor) -> torch.Tensor:
