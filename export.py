@@ -425,7 +425,7 @@ def _read_weights(unet_dir: Path) -> dict:
 def _describe(cfg: Config, name_or_path: str) -> None:
     """run_name from the model's name; a dataset guess from name and shape (e.g. for FID statistics)."""
     name = ([p for p in re.split(r"[/\\]", name_or_path) if p not in ("", ".", "unet")] or ["model"])[-1]
-    cfg.run_name = f"pretrained_{name}"
+    cfg.run_name = "pretrained_" + re.sub(r"[^A-Za-z0-9._-]+", "_", name)  # a name, never a path (config.validate)
     shape, guesses = (cfg.model.in_channels, cfg.data.image_size), [
         ("cifar", "cifar10", (3, 32)), ("fashion", "fashion_mnist", (1, 28)), ("mnist", "mnist", (1, 28))]
     cfg.data.dataset = next((d for key, d, want in guesses if key in name.lower() and shape == want), "folder")
