@@ -38,7 +38,7 @@ from features import CLASSIFIER_DATASETS, INCEPTION_FILE, build_extractor, class
 from generation import SampleError, check_eta, generate, random_labels, sampling_settings
 from loading import load_for_sampling
 from metrics import EvalError
-from paths import CLASSIFIERS, EVAL_RECORDS, FID_REFS, INCEPTION, eval_records_file
+from paths import CLASSIFIERS, DATA, EVAL_RECORDS, FID_REFS, INCEPTION, eval_records_file
 from scoring import reference_stats, score_images
 from utils import CheckpointError, get_device, output_folder_problem, resolve_amp, save_checkpoint, to_uint8_images
 
@@ -245,7 +245,7 @@ def train_classifier_main(argv: list[str]) -> int:
                                 description="Train and cache the digit classifier whose features give "
                                             "--features classifier FIDs.")
     p.add_argument("--dataset", choices=CLASSIFIER_DATASETS, required=True)
-    p.add_argument("--root", default="data")
+    p.add_argument("--root", default=str(DATA))
     p.add_argument("--split", choices=("train", "test"), default="train")
     p.add_argument("--image-size", type=int, help="default: the preset's (mnist/fashion_mnist 28, digits 16)")
     p.add_argument("--steps", type=int, default=2000)

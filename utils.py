@@ -20,6 +20,8 @@ from typing import Optional
 import numpy as np
 import torch
 
+from paths import CHECKPOINTS
+
 CHECKPOINT_VERSION = 1
 
 
@@ -157,7 +159,7 @@ def output_folder_problem(path: str | Path) -> Optional[str]:
     return None
 
 
-def find_latest_checkpoint(root: str | Path = "checkpoints") -> Optional[Path]:
+def find_latest_checkpoint(root: str | Path = CHECKPOINTS) -> Optional[Path]:
     """Newest last.pt (or step file) anywhere under `root`, by modification time."""
     candidates = list(Path(root).glob("*/last.pt")) or list(Path(root).glob("*/step_*.pt"))
     return max(candidates, key=lambda p: p.stat().st_mtime) if candidates else None
