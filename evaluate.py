@@ -6,8 +6,9 @@ against cached statistics of the training set.
     python evaluate.py train-classifier --dataset mnist          # the digit classifier behind --features classifier
 
 Protocol (each result is one JSON line in results/eval/<run_name>.jsonl, with everything below in it):
-  - samples are drawn with a seeded generator, quantized to uint8 (utils.to_uint8_images) like saved PNGs,
-    and only then fed to the feature extractor; the reference images go through the same quantization;
+  - samples are drawn with per-sample seeds (sample i of a seed is the same at any batch size), quantized to
+    uint8 (utils.to_uint8_images) like saved PNGs, and only then fed to the feature extractor; the reference
+    images go through the same quantization;
   - features: Inception-v3 pool3 (2048-d, the TTUR pt_inception-2015-12-05 weights, run by torch-fidelity,
     which resizes to 299 exactly as the original TensorFlow FID code), or for grey digit-like data the
     128-d penultimate layer of a small CNN trained on that data set ("classifier FID");

@@ -8,6 +8,8 @@
 
 Model, diffusion and sampling defaults come from the config stored inside the checkpoint, so no model
 flags are needed. Outputs go to results/images/<run_name>/<sampler>_<steps>_<seed>/ (see --out).
+Every sample has its own seeded noise (generation.py): sample i of a seed is the same image at any
+--batch-size, in sample.py and evaluate.py alike.
 
 Output folders never lose a file sample.py did not write in the same call: each run lists its files in
 ddpm-lab-samples.json there. A non-empty --out is refused without --overwrite, which then replaces only the
