@@ -1,5 +1,6 @@
-"""diffusers interop (export.py): our UNet vs diffusers' UNet2DModel in both directions, schedules vs
-DDPMScheduler, and the refusals. Models are built locally with random weights: no network."""
+"""diffusers interop (interop.py, pretrained.py, export.py): our UNet vs diffusers' UNet2DModel in both
+directions, schedules vs DDPMScheduler, and the refusals. Models are built locally with random weights: no
+network."""
 import inspect
 import json
 import os

@@ -69,3 +69,14 @@ def test_the_walk_finds_imports_inside_functions(tmp_path):
     f = tmp_path / "x.py"
     f.write_text("def f():\n    from sample import generate\n    import bench.quality\n")
     assert scripts_imported(f) == {"sample", "bench.quality"}
+
+
+def test_run_paths_name_the_folders_the_scripts_always_used():
+    """paths.py is the one place the output folders are spelled (relative to the working directory)."""
+    from paths import CLASSIFIERS, FID_REFS, INCEPTION, RunPaths
+    run = RunPaths("mnist")
+    assert (run.checkpoints, run.images, run.plots, run.logs, run.eval_records) == (
+        Path("checkpoints/mnist"), Path("results/images/mnist"), Path("results/plots/mnist"),
+        Path("results/logs/mnist"), Path("results/eval/mnist.jsonl"))
+    assert (FID_REFS, CLASSIFIERS, INCEPTION) == (Path("data/fid_refs"), Path("data/classifiers"),
+                                                  Path("data/inception"))
