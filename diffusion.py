@@ -392,6 +392,8 @@ class Diffusion(nn.Module):
         return torch.full((x.shape[0],), t, device=x.device, dtype=torch.long)
 
     def _randn(self, shape, generator: Optional[torch.Generator]) -> torch.Tensor:
+        if hasattr(generator, "randn"):  # per-sample noise streams (generation.SampleNoise)
+            return generator.randn(shape, device=self.betas.device)
         # Draw on the generator's device (a CPU generator gives the same numbers on any device).
         gen_device = generator.device if generator is not None else self.betas.device
         return torch.randn(shape, generator=generator, device=gen_device).to(self.betas.device)

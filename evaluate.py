@@ -6,8 +6,9 @@ against cached statistics of the training set.
     python evaluate.py train-classifier --dataset mnist          # the digit classifier behind --features classifier
 
 Protocol (each result is one JSON line in results/eval/<run_name>.jsonl, with everything below in it):
-  - samples are drawn with a seeded generator, quantized to uint8 (utils.to_uint8_images) like saved PNGs,
-    and only then fed to the feature extractor; the reference images go through the same quantization;
+  - samples are drawn with per-sample seeds (sample i of a seed is the same at any batch size), quantized to
+    uint8 (utils.to_uint8_images) like saved PNGs, and only then fed to the feature extractor; the reference
+    images go through the same quantization;
   - features: Inception-v3 pool3 (2048-d, the TTUR pt_inception-2015-12-05 weights, run by torch-fidelity,
     which resizes to 299 exactly as the original TensorFlow FID code), or for grey digit-like data the
     128-d penultimate layer of a small CNN trained on that data set ("classifier FID");
@@ -34,113 +35,25 @@ import numpy as np
 import torch
 
 from config import SAMPLERS, SPACINGS, ConfigError, DataConfig
-from features import (
-    CLASSIFIER_DATASETS,
-    CLASSIFIER_DIR,
-    INCEPTION_DIR,
-    INCEPTION_FILE,
-    build_extractor,
-    classifier_path,
-    extract,
-    load_split_uint8,
-    split_dataset,
-    train_classifier,
-)
-from metrics import EvalError, classifier_scores, frechet_distance, gaussian_stats, precision_recall
+from features import CLASSIFIER_DATASETS, INCEPTION_FILE, build_extractor, classifier_path, train_classifier
+from generation import SampleError, check_eta, generate, random_labels, sampling_settings
+from loading import load_for_sampling
+from metrics import EvalError
+from paths import CLASSIFIERS, DATA, EVAL_RECORDS, FID_REFS, INCEPTION, eval_records_file
+from scoring import reference_stats, score_images
 from utils import CheckpointError, get_device, output_folder_problem, resolve_amp, save_checkpoint, to_uint8_images
-
-REF_DIR = Path("data/fid_refs")            # caches, relative to the working directory like train.py's outputs
-PR_MAX_REF = 10_000  # reference features kept for precision/recall (10k x 2048 float32 = 80 MB for Inception)
-
-
-# ============================================================================= reference statistics
-def reference_key(dataset: str, split: str, image_size: int, extractor_name: str, num_images: int) -> str:
-    """Cache file stem: everything the reference statistics depend on. "noflip": of the un-augmented images
-    (caches written before that, of randomly flipped images when data.random_flip was on, are not reused)."""
-    return f"{dataset}-{split}-{image_size}px-{extractor_name}-n{num_images}-noflip"
-
-
-def reference_source(data_cfg: DataConfig) -> str:
-    """The data set part of the key: an image folder is named by a hash of its absolute path (two folders are
-    two data sets), the other data sets by their name (their files are the official ones)."""
-    if data_cfg.dataset != "folder":
-        return data_cfg.dataset
-    import hashlib
-    return f"folder{hashlib.sha256(str(Path(data_cfg.root).resolve()).encode()).hexdigest()[:8]}"
-
-
-def _save_npz_atomic(path: Path, **arrays) -> None:
-    path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = path.with_name(f".{path.name}.tmp.npz")
-    np.savez(tmp, **arrays)
-    tmp.replace(path)
-
-
-def reference_stats(data_cfg: DataConfig, split: str, extractor, num_ref: Optional[int] = None,
-                    cache_dir: Path = REF_DIR, batch_size: int = 250, seed: int = 0) -> dict:
-    """Mean and covariance of the features of a data split (all of it, or a seeded subset of num_ref images),
-    classifier scores, and the features of at most PR_MAX_REF of its images for precision/recall; computed
-    once and cached as <cache_dir>/<reference_key>.npz (plain arrays, loaded without pickle)."""
-    dataset = split_dataset(data_cfg, split)
-    n = len(dataset) if num_ref is None else min(num_ref, len(dataset))
-    key = reference_key(reference_source(data_cfg), split, data_cfg.image_size, extractor.name, n)
-    path = Path(cache_dir) / f"{key}.npz"
-    if not path.is_file():
-        images, _ = load_split_uint8(data_cfg, split, limit=n, seed=seed, dataset=dataset)
-        feats, logits = extract(extractor, images, batch_size, desc="reference features")
-        mu, sigma = gaussian_stats(feats)
-        scores = classifier_scores(logits)
-        keep = torch.randperm(n, generator=torch.Generator().manual_seed(seed))[:PR_MAX_REF].sort().values.numpy()
-        _save_npz_atomic(path, features=feats[keep], mu=mu, sigma=sigma, ref_is=scores["is"],
-                         ref_label_entropy=scores["label_entropy"], root=str(data_cfg.root))
-        print(f"cached reference statistics of {n} {data_cfg.dataset} {split} images in {path}")
-    with np.load(path, allow_pickle=False) as z:
-        ref = {name: z[name] for name in z.files}
-    ref.update(key=key, path=str(path), dataset=data_cfg.dataset, split=split, image_size=data_cfg.image_size,
-               num_images=n, extractor=extractor.name)
-    return ref
-
-
-def feature_metrics(feats: np.ndarray, logits: np.ndarray, ref: dict, k: int = 3, seed: int = 0) -> dict:
-    """FID, precision/recall (N samples vs N seeded reference features) and classifier scores."""
-    fid = frechet_distance(*gaussian_stats(feats), ref["mu"], ref["sigma"])
-    n = min(len(feats), len(ref["features"]))  # equal set sizes for k-NN precision/recall
-    pick = torch.randperm(len(ref["features"]), generator=torch.Generator().manual_seed(seed))[:n].numpy()
-    precision, recall = precision_recall(ref["features"][np.sort(pick)], feats[:n], k)
-    return {"fid": fid, "precision": precision, "recall": recall, "pr_k": k, "pr_num": n,
-            **classifier_scores(logits), "ref_is": float(ref["ref_is"]),
-            "ref_label_entropy": float(ref["ref_label_entropy"])}
-
-
-def score_images(images: torch.Tensor, ref: dict, extractor, k: int = 3, batch_size: int = 250,
-                 seed: int = 0, also_at: tuple[int, ...] = ()) -> dict:
-    """Metrics of uint8 images (N, C, H, W) against reference statistics; with also_at, the metrics of the
-    first n images for each n as well (under "at_n"), to compare with runs of n samples."""
-    feats, logits = extract(extractor, images, batch_size, desc="sample features")
-    metrics = feature_metrics(feats, logits, ref, k, seed)
-    smaller = sorted({n for n in also_at if k < n < len(feats)})
-    if smaller:
-        metrics["at_n"] = {str(n): feature_metrics(feats[:n], logits[:n], ref, k, seed) for n in smaller}
-    return metrics
 
 
 # ============================================================================= samples
-def draw_samples(model, diffusion, cfg, args) -> tuple[torch.Tensor, Optional[int], float, float]:
-    """Samples as uint8 (N, C, S, S) through sample.generate: one seeded CPU generator, so a seed gives the
-    same samples on any device for a given batch size. Returns (images, steps, guidance, seconds)."""
-    from sample import generate
-    steps = args.steps if args.steps is not None else (None if args.sampler == "ddpm" else cfg.sample.steps)
-    guidance = cfg.sample.guidance_scale if args.guidance_scale is None else args.guidance_scale
-    labels = None
-    if cfg.model.num_classes > 0:  # class-conditional: uniform labels from their own seeded generator
-        label_gen = torch.Generator().manual_seed(args.seed + 1)
-        labels = torch.randint(cfg.model.num_classes, (args.num_samples,), generator=label_gen).tolist()
+def draw_samples(model, diffusion, cfg, args, kw: dict) -> tuple[torch.Tensor, float]:
+    """Samples as uint8 (N, C, S, S) through generation.generate with the settings `kw`: every sample has its
+    own seeded noise, so a seed gives the same samples on any device and at any batch size. Class-conditional
+    models get uniform labels (generation.random_labels). Returns (images, seconds)."""
+    labels = random_labels(cfg.model.num_classes, args.num_samples, args.seed)
     start = time.perf_counter()
     x0 = generate(model, diffusion, cfg, num_samples=args.num_samples, batch_size=args.batch_size, seed=args.seed,
-                  sampler=args.sampler, steps=steps, eta=args.eta or 0.0, timestep_spacing=args.timestep_spacing,
-                  labels=labels, guidance_scale=guidance, clip_x0=cfg.sample.clip_x0, amp=args.amp,
-                  progress=not args.quiet)
-    return to_uint8_images(x0), steps, guidance, time.perf_counter() - start
+                  labels=labels, amp=args.amp, progress=not args.quiet, **kw)
+    return to_uint8_images(x0), time.perf_counter() - start
 
 
 def load_png_folder(folder: str | Path, channels: int) -> torch.Tensor:
@@ -164,9 +77,9 @@ def load_png_folder(folder: str | Path, channels: int) -> torch.Tensor:
 
 
 # ============================================================================= results
-def write_result(record: dict, run_name: str, results_dir: Path = Path("results/eval")) -> Path:
+def write_result(record: dict, run_name: str, results_dir: Path = EVAL_RECORDS) -> Path:
     """Append one JSON line to <results_dir>/<run_name>.jsonl."""
-    path = Path(results_dir) / f"{run_name}.jsonl"
+    path = eval_records_file(run_name, results_dir)
     path.parent.mkdir(parents=True, exist_ok=True)
     with open(path, "a") as f:
         f.write(json.dumps(record, sort_keys=False) + "\n")
@@ -209,7 +122,8 @@ def _eval_parser() -> argparse.ArgumentParser:
                    "PNGs to read); FIDs are only comparable at equal N")
     p.add_argument("--sampler", choices=SAMPLERS, default=None, help="default: the checkpoint's sample.sampler")
     p.add_argument("--steps", type=int, default=None, help="sampling steps (default: config; ddpm uses all T)")
-    p.add_argument("--eta", type=float, default=None, help="DDIM noise in [0, 1] (default 0 = deterministic)")
+    p.add_argument("--eta", type=float, default=None, help="DDIM noise in [0, 1] (default: the checkpoint's "
+                   "sample.eta, 0 = deterministic)")
     p.add_argument("--timestep-spacing", choices=SPACINGS, help="default: the checkpoint's diffusion config")
     p.add_argument("--amp", choices=("auto", "off", "bf16", "fp16"), default="auto",
                    help="sampling autocast; auto = bf16 on GPUs and on CPUs with native bf16, else off")
@@ -220,7 +134,7 @@ def _eval_parser() -> argparse.ArgumentParser:
     p.add_argument("--device", default="auto")
     p.add_argument("--features", choices=("auto", "classifier", "inception"), default="auto",
                    help="auto: the digit classifier for mnist/fashion_mnist/digits, Inception-v3 otherwise")
-    p.add_argument("--inception-weights", help=f"local {INCEPTION_FILE} (default: {INCEPTION_DIR}/ or download)")
+    p.add_argument("--inception-weights", help=f"local {INCEPTION_FILE} (default: {INCEPTION}/ or download)")
     p.add_argument("--dataset", help="reference data set (default: the checkpoint's)")
     p.add_argument("--root", help="reference data folder (default: the checkpoint's data.root)")
     p.add_argument("--split", choices=("train", "test"), help="reference split (default: the training split)")
@@ -230,9 +144,9 @@ def _eval_parser() -> argparse.ArgumentParser:
     p.add_argument("--also-at", type=int, nargs="*", default=[], metavar="N",
                    help="also score the first N samples (to compare with a run of N samples)")
     p.add_argument("--run-name", help="results/eval/<run-name>.jsonl (default: the checkpoint's run_name)")
-    p.add_argument("--results-dir", default="results/eval")
-    p.add_argument("--ref-dir", default=str(REF_DIR))
-    p.add_argument("--classifier-dir", default=str(CLASSIFIER_DIR))
+    p.add_argument("--results-dir", default=str(EVAL_RECORDS))
+    p.add_argument("--ref-dir", default=str(FID_REFS))
+    p.add_argument("--classifier-dir", default=str(CLASSIFIERS))
     p.add_argument("--quiet", action="store_true", help="no per-step progress bars")
     return p
 
@@ -247,7 +161,6 @@ def _reference_config(args, cfg=None) -> DataConfig:
 
 def check_arguments(args) -> torch.device:
     """Every check that needs no checkpoint, before anything big is loaded: counts, device, output folders."""
-    from sample import check_eta
     for flag, value in [("--num-samples", args.num_samples), ("--batch-size", args.batch_size),
                         ("--num-ref", args.num_ref), ("--k", args.k)]:
         if value is not None and value < 1:
@@ -263,29 +176,49 @@ def check_arguments(args) -> torch.device:
         raise EvalError(f"--device {args.device}: {str(e).splitlines()[0]}") from None
 
 
+def png_source(args) -> tuple[torch.Tensor, str]:
+    """--samples: (uint8 images of the PNG folder, run name)."""
+    if not args.dataset:
+        raise EvalError("--samples needs --dataset (and --root where the data lives) to pick the reference")
+    images = load_png_folder(args.samples, 3 if args.dataset in ("cifar10", "folder") else 1)
+    images = images[: args.num_samples]
+    args.png_size = images.shape[-1]
+    return images, args.run_name or Path(args.samples).name
+
+
+def checkpoint_source(args, device: torch.device) -> tuple[tuple, dict, str]:
+    """--checkpoint: ((model, diffusion, cfg, ckpt), sampling settings, run name); flags checked before
+    anything is sampled, with the defaults sample.py uses (generation.sampling_settings)."""
+    model, diffusion, cfg, ckpt = load_for_sampling(args.checkpoint, device, use_ema=not args.no_ema)
+    if cfg.data.dataset == "toy2d":
+        raise EvalError("FID and precision/recall here are for images; toy2d checkpoints are 2-D points")
+    kw = sampling_settings(cfg, diffusion.num_timesteps, args.sampler, args.steps, args.eta,
+                           args.timestep_spacing, args.guidance_scale)
+    args.sampler = kw["sampler"]
+    return (model, diffusion, cfg, ckpt), kw, args.run_name or cfg.run_name
+
+
+def print_summary(run_name: str, what: str, images, extractor, ref: dict, metrics: dict, path: Path,
+                  sampling: Optional[dict]) -> None:
+    print(f"{run_name} ({what}, N={len(images)}, features {extractor.name}, reference {ref['key']}):")
+    for label, values in [(f"N={len(images)}", metrics), *[(f"N={n}", m) for n, m in metrics.get("at_n", {}).items()]]:
+        print(f"  {label}: " + "  ".join(f"{k}={v:.4g}" if isinstance(v, float) else f"{k}={v}"
+                                         for k, v in values.items() if k != "at_n"))
+    took = f"sampling took {sampling['sampling_wall_s']:.1f} s; " if sampling else ""
+    print(f"  {took}result appended to {path}")
+
+
 def evaluate_main(argv: list[str]) -> int:
     args = _eval_parser().parse_args(argv)
     device = check_arguments(args)
     args.device = str(device)
     cfg = ckpt = images = None
     if args.samples is not None:
-        if not args.dataset:
-            raise EvalError("--samples needs --dataset (and --root where the data lives) to pick the reference")
-        images = load_png_folder(args.samples, 3 if args.dataset in ("cifar10", "folder") else 1)
-        images = images[: args.num_samples]
-        args.png_size = images.shape[-1]
-        run_name = args.run_name or Path(args.samples).name
+        images, run_name = png_source(args)
     else:
-        from sample import check_sampling_flags, load_for_sampling
-        model, diffusion, cfg, ckpt = load_for_sampling(args.checkpoint, device, use_ema=not args.no_ema)
-        if cfg.data.dataset == "toy2d":
-            raise EvalError("FID and precision/recall here are for images; toy2d checkpoints are 2-D points")
-        args.sampler = args.sampler or cfg.sample.sampler
-        check_sampling_flags(args.sampler, args.eta, args.timestep_spacing, args.guidance_scale,
-                             cfg.model.num_classes)
-        run_name = args.run_name or cfg.run_name
-    if (Path(args.results_dir) / f"{run_name}.jsonl").is_dir():
-        raise EvalError(f"'{Path(args.results_dir) / run_name}.jsonl' is a folder, not a results file: pass "
+        (model, diffusion, cfg, ckpt), kw, run_name = checkpoint_source(args, device)
+    if eval_records_file(run_name, args.results_dir).is_dir():
+        raise EvalError(f"'{eval_records_file(run_name, args.results_dir)}' is a folder, not a results file: pass "
                         "another --run-name or --results-dir")
     data_cfg = _reference_config(args, cfg)
     # Extractor and reference first: a missing classifier or weights file fails before minutes of sampling.
@@ -294,9 +227,9 @@ def evaluate_main(argv: list[str]) -> int:
     ref = reference_stats(data_cfg, data_cfg.split, extractor, args.num_ref, Path(args.ref_dir), args.batch_size)
     sampling = None
     if images is None:
-        images, steps, guidance, seconds = draw_samples(model, diffusion, cfg, args)
-        sampling = {"sampler": args.sampler, "steps": steps, "eta": args.eta or 0.0, "seed": args.seed,
-                    "guidance_scale": guidance, "timestep_spacing": args.timestep_spacing or
+        images, seconds = draw_samples(model, diffusion, cfg, args, kw)
+        sampling = {"sampler": kw["sampler"], "steps": kw["steps"], "eta": kw["eta"], "seed": args.seed,
+                    "guidance_scale": kw["guidance_scale"], "timestep_spacing": args.timestep_spacing or
                     cfg.diffusion.timestep_spacing, "amp": resolve_amp(args.amp, device), "sampling_wall_s": seconds}
     start = time.perf_counter()
     metrics = score_images(images, ref, extractor, args.k, args.batch_size, args.seed, tuple(args.also_at))
@@ -304,12 +237,7 @@ def evaluate_main(argv: list[str]) -> int:
                              time.perf_counter() - start)
     path = write_result(record, run_name, Path(args.results_dir))
     what = f"{args.sampler} steps={sampling['steps']}" if sampling else f"PNGs in {args.samples}"
-    print(f"{run_name} ({what}, N={len(images)}, features {extractor.name}, reference {ref['key']}):")
-    for label, values in [(f"N={len(images)}", metrics), *[(f"N={n}", m) for n, m in metrics.get("at_n", {}).items()]]:
-        print(f"  {label}: " + "  ".join(f"{k}={v:.4g}" if isinstance(v, float) else f"{k}={v}"
-                                         for k, v in values.items() if k != "at_n"))
-    took = f"sampling took {sampling['sampling_wall_s']:.1f} s; " if sampling else ""
-    print(f"  {took}result appended to {path}")
+    print_summary(run_name, what, images, extractor, ref, metrics, path, sampling)
     return 0
 
 
@@ -318,7 +246,7 @@ def train_classifier_main(argv: list[str]) -> int:
                                 description="Train and cache the digit classifier whose features give "
                                             "--features classifier FIDs.")
     p.add_argument("--dataset", choices=CLASSIFIER_DATASETS, required=True)
-    p.add_argument("--root", default="data")
+    p.add_argument("--root", default=str(DATA))
     p.add_argument("--split", choices=("train", "test"), default="train")
     p.add_argument("--image-size", type=int, help="default: the preset's (mnist/fashion_mnist 28, digits 16)")
     p.add_argument("--steps", type=int, default=2000)
@@ -327,7 +255,7 @@ def train_classifier_main(argv: list[str]) -> int:
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--device", default="auto")
     p.add_argument("--no-download", action="store_true", help="never touch the network")
-    p.add_argument("--classifier-dir", default=str(CLASSIFIER_DIR))
+    p.add_argument("--classifier-dir", default=str(CLASSIFIERS))
     args = p.parse_args(argv)
     size = args.image_size or DEFAULT_SIZES[args.dataset]
     data_cfg = DataConfig(dataset=args.dataset, root=args.root, split=args.split, image_size=size,
@@ -344,7 +272,6 @@ def train_classifier_main(argv: list[str]) -> int:
 
 def main(argv: Optional[list[str]] = None) -> int:
     from dataset import DatasetMissingError
-    from sample import SampleError  # the sampling checks evaluate.py shares with sample.py
     argv = sys.argv[1:] if argv is None else argv
     try:
         if argv[:1] == ["train-classifier"]:

@@ -17,10 +17,11 @@ from tqdm.auto import tqdm
 
 from config import DataConfig
 from metrics import EvalError
+from paths import CLASSIFIERS, INCEPTION
 from utils import load_checkpoint, to_uint8_images
 
-CLASSIFIER_DIR = Path("data/classifiers")  # caches, relative to the working directory like train.py's outputs
-INCEPTION_DIR = Path("data/inception")
+CLASSIFIER_DIR = CLASSIFIERS  # caches under data/ (paths.py)
+INCEPTION_DIR = INCEPTION
 CLASSIFIER_DATASETS = ("mnist", "fashion_mnist", "digits")
 # torch-fidelity's copy of the TTUR FID Inception (pytorch-fid's pt_inception-2015-12-05-6726825d.pth is the
 # same file): torch.hub names files <name>-<first 8 hex digits of the sha256>.

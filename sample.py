@@ -8,6 +8,8 @@
 
 Model, diffusion and sampling defaults come from the config stored inside the checkpoint, so no model
 flags are needed. Outputs go to results/images/<run_name>/<sampler>_<steps>_<seed>/ (see --out).
+Every sample has its own seeded noise (generation.py): sample i of a seed is the same image at any
+--batch-size, in sample.py and evaluate.py alike.
 
 Output folders never lose a file sample.py did not write in the same call: each run lists its files in
 ddpm-lab-samples.json there. A non-empty --out is refused without --overwrite, which then replaces only the
@@ -18,34 +20,27 @@ the earlier run's files there).
 from __future__ import annotations
 
 import argparse
-import contextlib
 import json
-import math
 import re
 import sys
 from pathlib import Path
-from typing import Callable, Optional
+from typing import Optional
 
 import numpy as np
 import torch
 from PIL import Image, ImageDraw, ImageFont
-from tqdm.auto import tqdm
 
-from config import AMP_MODES, SAMPLERS, SPACINGS, ConfigError, from_dict, load_config, validate
+from config import AMP_MODES, SAMPLERS, SPACINGS, ConfigError, load_config
 from dataset import DatasetMissingError
 from diffusion import Diffusion, build_diffusion
-from model import build_model
-from utils import (CheckpointError, find_latest_checkpoint, get_device, list_checkpoints, load_checkpoint,
-                   output_folder_problem, resolve_amp, save_image_grid, save_scatter_plot, to_uint8_images)
+from generation import SampleError, check_eta, generate, parse_class_labels, plan_labels, sampling_settings
+from loading import load_for_sampling, resolve_checkpoint
+from paths import RunPaths
+from utils import (CheckpointError, get_device, image_grid, output_folder_problem, save_image_grid,
+                   save_scatter_plot, to_uint8_images)
 
-CHECKPOINT_ROOT = Path("checkpoints")
-TRAIN_HINT = "Train one first: `python train.py --config configs/digits.yaml`, or pass --checkpoint PATH."
 FORWARD_TIMESTEPS = (0, 100, 250, 500, 750, 999)  # for T = 1000; scaled to other T
 MANIFEST = "ddpm-lab-samples.json"  # in every output folder: the files sample.py wrote there
-
-
-class SampleError(ValueError):
-    """A bad sample.py argument; the message says what to change."""
 
 
 def parse_args(argv: Optional[list[str]] = None) -> argparse.Namespace:
@@ -84,128 +79,6 @@ def parse_args(argv: Optional[list[str]] = None) -> argparse.Namespace:
     return p.parse_args(argv)
 
 
-# ----------------------------------------------------------------------------- loading
-def resolve_checkpoint(checkpoint: Optional[str], config_path: Optional[str]) -> Path:
-    """--checkpoint, else checkpoints/<run_name>/last.pt (or its newest step file), else the newest run."""
-    if checkpoint:
-        return Path(checkpoint)
-    if config_path:
-        run_dir = CHECKPOINT_ROOT / load_config(config_path).run_name
-        found = run_dir / "last.pt" if (run_dir / "last.pt").is_file() else (list_checkpoints(run_dir) or [None])[-1]
-        if found is None:
-            raise CheckpointError(f"no checkpoint found: looked for {run_dir / 'last.pt'} (and step_*.pt there). "
-                                  f"{TRAIN_HINT.replace('configs/digits.yaml', config_path)}")
-        return found
-    found = find_latest_checkpoint(CHECKPOINT_ROOT)
-    if found is None:
-        raise CheckpointError(f"no checkpoint found: looked for {CHECKPOINT_ROOT}/*/last.pt and "
-                              f"{CHECKPOINT_ROOT}/*/step_*.pt under {Path.cwd()}. {TRAIN_HINT}")
-    return found
-
-
-def load_for_sampling(checkpoint: str | Path, device: str | torch.device = "cpu", use_ema: bool = True):
-    """(model in eval mode, diffusion, cfg, ckpt), all rebuilt from the config stored in the checkpoint."""
-    if Path(checkpoint).is_file() and Path(checkpoint).stat().st_size == 0:  # utils may not say so itself yet
-        raise CheckpointError(f"checkpoint '{checkpoint}' is empty (0 bytes), e.g. an interrupted copy or a full "
-                              "disk: pass another checkpoint")
-    ckpt = load_checkpoint(checkpoint, map_location="cpu")
-    try:
-        cfg = validate(from_dict(ckpt["config"]))
-    except ConfigError as e:
-        raise CheckpointError(f"the config stored in '{checkpoint}' is not valid for this ddpm-lab: {e}") from None
-    weights = ckpt.get("ema") if use_ema else ckpt["model"]
-    if weights is None:
-        print(f"note: '{checkpoint}' has no EMA weights; using the raw model weights")
-        weights = ckpt["model"]
-    model = build_model(cfg)
-    mismatch = first_mismatch(model.state_dict(), weights)
-    if mismatch:
-        raise CheckpointError(f"the weights in '{checkpoint}' do not fit the model its config describes: the "
-                              f"checkpoint does not match its stored config ({mismatch})")
-    model.load_state_dict(weights)
-    return model.to(device).eval(), build_diffusion(cfg).to(device), cfg, ckpt
-
-
-def first_mismatch(expected: dict, weights) -> Optional[str]:
-    """The first difference between a model's state_dict and a checkpoint's weights, in words, or None
-    (load_state_dict's own message lists every key over many lines)."""
-    if not isinstance(weights, dict):
-        return f"the weights are a {type(weights).__name__}, not a state dict"
-    for key, tensor in expected.items():
-        if key not in weights:
-            return f"{key} is missing from the checkpoint"
-        shape = tuple(weights[key].shape) if torch.is_tensor(weights[key]) else None
-        if shape != tuple(tensor.shape):
-            return f"{key} has shape {shape} in the checkpoint but {tuple(tensor.shape)} in the model"
-    extra = sorted(set(weights) - set(expected))
-    return f"the checkpoint has {len(extra)} keys the model lacks, first {extra[0]}" if extra else None
-
-
-# ----------------------------------------------------------------------------- labels and sampling
-def parse_class_labels(text: Optional[str], num_classes: int, class_names=()) -> Optional[list[int]]:
-    """'3', '1,4,7', '1 4 7' or class names ('cat,dog') -> list of ints; None when no labels given."""
-    if text is None:
-        return None
-    if num_classes == 0:
-        raise SampleError("--class-label was given, but this model is unconditional (model.num_classes = 0): "
-                          "drop --class-label, or train with model.num_classes > 0")
-    labels = []
-    for item in re.split(r"[,\s]+", text.strip()):
-        if item in class_names:
-            labels.append(list(class_names).index(item))
-        elif re.fullmatch(r"-?\d+", item) and 0 <= int(item) < num_classes:
-            labels.append(int(item))
-        else:
-            names = f" or a name ({', '.join(class_names)})" if class_names else ""
-            raise SampleError(f"class label {item!r} is out of range: this model has {num_classes} classes, "
-                              f"use 0..{num_classes - 1}{names}")
-    return labels
-
-
-def plan_labels(num_classes: int, labels: Optional[list[int]], num_samples: int):
-    """(per-sample labels or None, images per grid row): exactly num_samples labels cycling over the classes
-    (or over the listed labels), so the grid has one class per column, like train.py's sample grids."""
-    if num_classes == 0:
-        return None, None
-    labels = labels if labels is not None else list(range(num_classes))
-    nrow = len(labels) if 1 < len(labels) <= num_samples else None
-    return [labels[i % len(labels)] for i in range(num_samples)], nrow
-
-
-def autocast(device: torch.device, amp: str):
-    amp = resolve_amp(amp, device)
-    if amp == "off":
-        return contextlib.nullcontext()
-    if amp == "fp16" and device.type != "cuda":
-        raise SampleError("--amp fp16 needs a CUDA device; on CPU use --amp bf16 (or off)")
-    return torch.autocast(device.type, dtype=torch.bfloat16 if amp == "bf16" else torch.float16)
-
-
-def generate(model: Callable, diffusion: Diffusion, cfg, num_samples: int, batch_size: int, seed: int,
-             sampler: str, steps: Optional[int], eta: float = 0.0, timestep_spacing: Optional[str] = None,
-             labels: Optional[list[int]] = None, guidance_scale: float = 1.0, clip_x0: bool = True,
-             amp: str = "auto", callback: Optional[Callable] = None, progress: bool = True) -> torch.Tensor:
-    """num_samples samples (N, *sample_shape) on the CPU. The batches draw their noise in sequence from one
-    CPU generator seeded with `seed`, so a seed gives the same noise on any device. `callback(i, t, x_t,
-    x0_pred)` sees the first batch only (enough for an animation)."""
-    device, generator = diffusion.betas.device, torch.Generator().manual_seed(seed)
-    size = cfg.data.image_size
-    shape = (2,) if cfg.model.kind == "mlp" else (cfg.model.in_channels, size, size)  # one sample
-    y_all = torch.tensor(labels, dtype=torch.long) if labels is not None else None
-    out = []
-    starts = range(0, num_samples, batch_size)
-    for b, start in enumerate(tqdm(starts, desc="batches", disable=not progress or len(starts) == 1)):
-        n = min(batch_size, num_samples - start)
-        y = y_all[start:start + n].to(device) if y_all is not None else None
-        with autocast(device, amp):
-            x = diffusion.sample(model, (n, *shape), sampler=sampler, steps=steps, eta=eta,
-                                 generator=generator, y=y, guidance_scale=guidance_scale, clip_x0=clip_x0,
-                                 progress=progress, callback=callback if b == 0 else None,
-                                 timestep_spacing=timestep_spacing)
-        out.append(x.float().cpu())
-    return torch.cat(out)
-
-
 # ----------------------------------------------------------------------------- image outputs
 def save_samples(x: torch.Tensor, out_dir: Path, nrow: Optional[int] = None) -> list[Path]:
     """grid.png plus one exact-size PNG per sample (000000.png ...): 'L' for 1 channel, RGB for 3."""
@@ -239,11 +112,7 @@ class Recorder:
 
 def _grid_image(x: torch.Tensor, min_cell: int = 64) -> Image.Image:
     """(B, C, H, W) in [-1, 1] -> square-ish RGB grid, small images upscaled (nearest)."""
-    import torchvision.utils as vutils
-    scale = max(1, -(-min_cell // x.shape[-1]))
-    x = torch.nn.functional.interpolate(x.clamp(-1, 1), scale_factor=scale, mode="nearest")
-    grid = vutils.make_grid(to_uint8_images(x), nrow=max(1, round(len(x) ** 0.5)), padding=2, pad_value=255)
-    return Image.fromarray(grid.permute(1, 2, 0).numpy()).convert("RGB")
+    return image_grid(x.clamp(-1, 1), min_cell=min_cell).convert("RGB")
 
 
 def save_gif(frames: list[Image.Image], path: Path, ms: int = 80, hold_ms: int = 2000) -> Path:
@@ -357,7 +226,7 @@ def forward_figure(cfg, diffusion: Diffusion, num_images: int = 4, seed: int = 0
     T, diffusion = diffusion.num_timesteps, diffusion.cpu()
     ts = sorted({min(T - 1, round(t * T / 1000)) for t in FORWARD_TIMESTEPS})
     dataset, g = build_dataset(cfg.data, train=False), torch.Generator().manual_seed(seed)
-    path = Path("results/plots") / cfg.run_name / "forward_noise.png"
+    path = RunPaths(cfg.run_name).plots / "forward_noise.png"
     path.parent.mkdir(parents=True, exist_ok=True)
     if cfg.model.kind == "mlp":
         x0 = torch.stack([dataset[i][0] for i in range(len(dataset))])  # (N, 2)
@@ -376,15 +245,14 @@ def forward_figure(cfg, diffusion: Diffusion, num_images: int = 4, seed: int = 0
 def load_source(args, device: torch.device):
     """(model, diffusion, cfg, run folder name) from --pretrained (export.py, optional) or a checkpoint."""
     if args.pretrained:
+        import pretrained  # the diffusers conversion (export.py's too); looked up here so tests can patch it
         try:
-            from export import load_pretrained
-            model, diffusion, cfg = load_pretrained(args.pretrained, device)
-        except ImportError as e:
-            raise SampleError(f"--pretrained needs export.py (load_pretrained), which failed to import: {e}") from None
+            model, diffusion, cfg = pretrained.load_pretrained(args.pretrained, device)
         except (OSError, ValueError, RuntimeError) as e:  # unknown name, offline hub, unconvertible folder
             raise SampleError(f"could not load pretrained model '{args.pretrained}': {e}") from None
         name = Path(args.pretrained).resolve().name if Path(args.pretrained).exists() else args.pretrained
-        return model.to(device).eval(), diffusion.to(device), cfg, "pretrained_" + re.sub(r"[^\w.-]+", "_", name)
+        run_name = "pretrained_" + re.sub(r"[^A-Za-z0-9._-]+", "_", name)  # a name, never a path
+        return model.to(device).eval(), diffusion.to(device), cfg, run_name
     path = resolve_checkpoint(args.checkpoint, args.config)
     model, diffusion, cfg, ckpt = load_for_sampling(path, device, use_ema=args.ema)
     print(f"checkpoint {path}: step {ckpt.get('step')}, {'EMA' if args.ema else 'raw'} weights")
@@ -392,39 +260,12 @@ def load_source(args, device: torch.device):
 
 
 def settings(args, cfg, diffusion: Diffusion) -> dict:
-    """Sampling keyword arguments: flags over the checkpoint's `sample` section."""
-    s, T = cfg.sample, diffusion.num_timesteps
-    sampler = args.sampler or s.sampler
-    steps = args.steps if args.steps is not None else (None if sampler == "ddpm" else s.steps)
-    if steps is not None and steps > T:
-        raise SampleError(f"--steps {steps} is more than this model's T = {T} diffusion steps: use --steps <= {T}")
+    """Sampling keyword arguments: flags over the checkpoint's `sample` section (generation.sampling_settings,
+    shared with evaluate.py), plus the class labels and --amp."""
     labels = parse_class_labels(args.class_label, cfg.model.num_classes, _class_names(cfg))
-    check_sampling_flags(sampler, args.eta, args.timestep_spacing, args.guidance_scale, cfg.model.num_classes)
-    return dict(sampler=sampler, steps=steps, eta=s.eta if args.eta is None else args.eta,
-                timestep_spacing=args.timestep_spacing, labels=labels, clip_x0=s.clip_x0, amp=args.amp,
-                guidance_scale=s.guidance_scale if args.guidance_scale is None else args.guidance_scale)
-
-
-def check_eta(eta: Optional[float]) -> None:
-    if eta is not None and not 0 <= eta <= 1:  # NaN fails too (it gave all-black images)
-        raise SampleError(f"--eta {eta} is outside [0, 1]: use 0 (deterministic DDIM) up to 1 (ancestral-like)")
-
-
-def check_sampling_flags(sampler: str, eta: Optional[float], spacing: Optional[str],
-                         guidance_scale: Optional[float], num_classes: int) -> None:
-    """Refuse explicit flags (None = not given) that are out of range or that this sampler or model would
-    silently ignore. Shared with evaluate.py."""
-    check_eta(eta)
-    if eta is not None and sampler != "ddim":
-        raise SampleError(f"--eta is used only by the ddim sampler; {sampler} ignores it: drop --eta, or pass "
-                          "--sampler ddim")
-    if spacing is not None and sampler == "ddpm":
-        raise SampleError("--timestep-spacing is used only by ddim and dpmpp2m; ddpm visits all T steps: drop "
-                          "--timestep-spacing, or pass --sampler ddim or dpmpp2m")
-    if guidance_scale is not None and not math.isfinite(guidance_scale):
-        raise SampleError(f"--guidance-scale {guidance_scale} is not a finite number: use e.g. 1 (off) to 5")
-    if num_classes == 0 and guidance_scale not in (None, 1.0):
-        raise SampleError("--guidance-scale needs a class-conditional model; this one has model.num_classes = 0")
+    kw = sampling_settings(cfg, diffusion.num_timesteps, args.sampler, args.steps, args.eta,
+                           args.timestep_spacing, args.guidance_scale)
+    return dict(kw, labels=labels, amp=args.amp)
 
 
 def _class_names(cfg) -> list[str]:
@@ -446,7 +287,7 @@ def out_folder(args, run: str, kw: dict, num_steps: int, seed: int, conditional:
         name += f"_g{kw['guidance_scale']:g}"
     if kw["labels"] is not None:
         name += "_y" + "-".join(map(str, dict.fromkeys(kw["labels"])))
-    return Path("results/images") / run / name
+    return RunPaths(run).images / name
 
 
 def planned_files(cfg, num_samples: int, animation: bool) -> list[str]:

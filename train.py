@@ -58,7 +58,7 @@ from utils import (CheckpointError, copy_checkpoint, derive_seed, get_rng_state,
                    resolve_amp, resolve_channels_last, save_checkpoint, save_image_grid, save_scatter_plot,
                    seed_everything, set_rng_state)
 
-CHECKPOINT_ROOT, RESULTS_ROOT = Path("checkpoints"), Path("results")  # relative to the working directory
+from paths import CHECKPOINTS as CHECKPOINT_ROOT, RESULTS as RESULTS_ROOT  # noqa: E402  (paths.py names the folders)
 STOP_AT, NONFINITE = 1, 1000                 # stop codes next to signal numbers (largest wins across ranks)
 # What --resume needs besides config/model (load_checkpoint checks those): weights-only files lack them.
 RESUME_KEYS = ("step", "ema", "ema_num_updates", "optimizer", "lr_scheduler", "rng", "data_state")

@@ -10,6 +10,7 @@ Checkpoint format (a dict saved with torch.save, loaded with weights_only=True):
 """
 from __future__ import annotations
 
+import contextlib
 import os
 import pickle
 import random
@@ -24,6 +25,7 @@ import numpy as np
 import torch
 
 from config import ConfigError
+from paths import CHECKPOINTS
 
 CHECKPOINT_VERSION = 1
 
@@ -240,7 +242,7 @@ def output_folder_problem(path: str | Path) -> Optional[str]:
     return None
 
 
-def find_latest_checkpoint(root: str | Path = "checkpoints") -> Optional[Path]:
+def find_latest_checkpoint(root: str | Path = CHECKPOINTS) -> Optional[Path]:
     """Newest last.pt (or step file) anywhere under `root`, by modification time."""
     candidates = list(Path(root).glob("*/last.pt")) or list(Path(root).glob("*/step_*.pt"))
     return max(candidates, key=lambda p: p.stat().st_mtime) if candidates else None
@@ -251,22 +253,34 @@ def to_uint8_images(x: torch.Tensor) -> torch.Tensor:
     return ((x.float().clamp(-1, 1) + 1) * 127.5).round().to(torch.uint8)
 
 
-def save_image_grid(x: torch.Tensor, path: str | Path, nrow: Optional[int] = None,
-                    min_cell: int = 64) -> Path:
-    """Save (B, C, H, W) images in [-1, 1] as one PNG grid; tiny images are upscaled (nearest)
-    so that an 8x8 digit is still visible."""
+def image_grid(x: torch.Tensor, nrow: Optional[int] = None, min_cell: int = 64):
+    """(B, C, H, W) images in [-1, 1] -> one RGB PIL image grid (nrow per row, default square-ish); tiny
+    images are upscaled (nearest) so that an 8x8 digit is still visible. train.py's and sample.py's grids."""
     import torchvision.utils as vutils
     from PIL import Image
 
-    path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
     nrow = nrow or max(1, int(round(len(x) ** 0.5)))
     scale = max(1, -(-min_cell // x.shape[-1]))  # ceil
     if scale > 1:
         x = torch.nn.functional.interpolate(x.float(), scale_factor=scale, mode="nearest")
-    grid = vutils.make_grid(to_uint8_images(x.cpu()), nrow=nrow, padding=2, pad_value=255)
-    Image.fromarray(grid.permute(1, 2, 0).numpy().squeeze()).save(path)
+    grid = vutils.make_grid(to_uint8_images(x.cpu()), nrow=nrow, padding=2, pad_value=255)  # always 3 channels
+    return Image.fromarray(grid.permute(1, 2, 0).numpy())
+
+
+def save_image_grid(x: torch.Tensor, path: str | Path, nrow: Optional[int] = None,
+                    min_cell: int = 64) -> Path:
+    """Save (B, C, H, W) images in [-1, 1] as one PNG grid (see image_grid)."""
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    image_grid(x, nrow, min_cell).save(path)
     return path
+
+
+def amp_autocast(device: torch.device, amp: str):
+    """The autocast context of a resolved amp mode ('off' | 'bf16' | 'fp16'; see resolve_amp)."""
+    if amp == "off":
+        return contextlib.nullcontext()
+    return torch.autocast(device.type, dtype=torch.bfloat16 if amp == "bf16" else torch.float16)
 
 
 # ----------------------------------------------------------------------------- training helpers

@@ -10,7 +10,7 @@ What it does (every size is a flag):
   1. reads the MNIST test split (10,000 real digits, t10k IDX files) from ../shared/data/mnist, resized to
      --image-size (16 by default, so that DDPM-1000 stays affordable on 2 cores); exits 0 if it is absent;
   2. trains the digit classifier of evaluate.py on that split (features of "classifier FID");
-  3. trains a small U-Net (configs/mnist.yaml with the overrides below) through train.train(cfg);
+  3. trains a small U-Net (configs/mnist.yaml with the overrides below) with `python train.py` (a subprocess);
   4. draws --num-samples samples with each sampler (ddpm:1000, ddim:10/20/50/100 with eta=0, ddim:50 with
      eta=1, dpmpp2m:10/20; one batch size) for each of --sample-seeds and scores them with `python
      evaluate.py` (FID, k-NN precision/recall, classifier IS) against all 10,000 images of the split the
@@ -40,9 +40,10 @@ sys.path.insert(0, str(REPO))
 
 import torch  # noqa: E402
 
-import evaluate as ev  # noqa: E402
 import features as feat  # noqa: E402
+import scoring  # noqa: E402
 from config import DataConfig, load_config  # noqa: E402
+from paths import CLASSIFIERS, FID_REFS, RunPaths, eval_records_file  # noqa: E402
 from utils import save_checkpoint  # noqa: E402
 
 MNIST = REPO.parent / "shared" / "data" / "mnist"
@@ -95,6 +96,18 @@ def train_overrides(args) -> list[str]:
             *args.set]
 
 
+def run_train(args) -> float | None:
+    """`python train.py` on configs/mnist.yaml with train_overrides (a subprocess: scripts never import
+    scripts); its wall seconds (including the ~3 s of starting Python and torch), or None if it failed."""
+    argv = ["--config", str(REPO / "configs" / "mnist.yaml"), "--overwrite", *train_overrides(args)]
+    print("python train.py " + " ".join(argv), flush=True)
+    start = time.perf_counter()
+    if subprocess.run([sys.executable, str(REPO / "train.py"), *argv], cwd=REPO).returncode != 0:
+        print("train.py failed: see its output above", file=sys.stderr)
+        return None
+    return time.perf_counter() - start
+
+
 def ensure_classifier(args, data_cfg: DataConfig, folder: Path) -> dict:
     path = feat.classifier_path("mnist", args.image_size, folder)
     if not path.is_file():
@@ -104,7 +117,7 @@ def ensure_classifier(args, data_cfg: DataConfig, folder: Path) -> dict:
 
 
 def run_evaluate(ckpt: Path, sampler: str, steps: int, eta: float, seed: int, args, common: list[str]) -> dict:
-    """One `python evaluate.py` run (in-process); returns its JSON record. DDPM draws only ddpm_samples;
+    """One `python evaluate.py` run (a subprocess); returns its JSON record. DDPM draws only ddpm_samples;
     the others are also scored on their first ddpm_samples samples."""
     run_name = f"bench_quality{'_' + args.tag if args.tag else ''}"
     n_ddpm = min(args.ddpm_samples, args.num_samples)
@@ -114,9 +127,9 @@ def run_evaluate(ckpt: Path, sampler: str, steps: int, eta: float, seed: int, ar
             "--steps", str(steps), *(["--eta", str(eta)] if sampler == "ddim" else []), "--seed", str(seed),
             "--batch-size", str(args.sample_batch_size), "--run-name", run_name, *common]
     print("python evaluate.py " + " ".join(argv), flush=True)
-    if ev.main(argv) != 0:
+    if subprocess.run([sys.executable, str(REPO / "evaluate.py"), *argv], cwd=REPO).returncode != 0:
         raise SystemExit(f"evaluate.py failed for {sampler}:{steps}")
-    lines = (REPO / "results" / "eval" / f"{run_name}.jsonl").read_text().splitlines()
+    lines = (REPO / eval_records_file(run_name)).read_text().splitlines()
     return json.loads(lines[-1])
 
 
@@ -125,7 +138,7 @@ def real_floors(args, data_cfg: DataConfig, dirs: dict, seeds: list[int]) -> dic
     perfect model would score. {N: {metric: [value per seed]}}"""
     extractor = feat.ClassifierFeatures(feat.classifier_path("mnist", args.image_size, dirs["classifier"]),
                                         torch.device("cpu"))
-    ref = ev.reference_stats(data_cfg, "test", extractor, None, dirs["ref"])
+    ref = scoring.reference_stats(data_cfg, "test", extractor, None, dirs["ref"])
     sizes = sorted({args.num_samples, min(args.ddpm_samples, args.num_samples)})
     floors = {n: {} for n in sizes}
     split = feat.split_dataset(data_cfg, "test")  # read once; each seed draws its own subset of it
@@ -133,7 +146,7 @@ def real_floors(args, data_cfg: DataConfig, dirs: dict, seeds: list[int]) -> dic
         images, _ = feat.load_split_uint8(data_cfg, "test", limit=args.num_samples, seed=seed + 123, dataset=split)
         images = images[torch.randperm(len(images), generator=torch.Generator().manual_seed(seed))]
         for n in sizes:
-            for key, value in ev.score_images(images[:n], ref, extractor, seed=seed).items():
+            for key, value in scoring.score_images(images[:n], ref, extractor, seed=seed).items():
                 floors[n].setdefault(key, []).append(value)
     return floors
 
@@ -269,17 +282,16 @@ def main(argv=None) -> int:
     load_start, wall_start = os.getloadavg()[0], time.perf_counter()
     cfg = load_config(REPO / "configs" / "mnist.yaml", train_overrides(args))
     # The bench classifier (trained on the test split, for a fixed number of steps) has its own folder.
-    dirs = {"classifier": Path(f"data/classifiers/bench_{args.classifier_steps}steps"), "ref": ev.REF_DIR}
+    dirs = {"classifier": CLASSIFIERS / f"bench_{args.classifier_steps}steps", "ref": FID_REFS}
     classifier = ensure_classifier(args, cfg.data, dirs["classifier"])
     print(f"classifier accuracy {classifier['accuracy']:.4f} on {classifier['accuracy_on']}", flush=True)
-    ckpt = Path("checkpoints") / cfg.run_name / "last.pt"
+    ckpt = RunPaths(cfg.run_name).checkpoints / "last.pt"
     timing = ckpt.parent / "bench_train_time.json"  # so that --skip-train still reports the training time
     if not (args.skip_train and ckpt.is_file()):
-        from train import train
-        summary = train(cfg, overwrite=True)
-        if summary["exit_code"] != 0:
-            return summary["exit_code"]
-        timing.write_text(json.dumps({"train_s": summary["wall_time_s"], "load": os.getloadavg()[0]}))
+        train_s = run_train(args)
+        if train_s is None:
+            return 1
+        timing.write_text(json.dumps({"train_s": train_s, "load": os.getloadavg()[0]}))
     train_s = json.loads(timing.read_text())["train_s"] if timing.is_file() else float("nan")
     common = ["--features", "classifier", "--classifier-dir", str(dirs["classifier"]), "--ref-dir", str(dirs["ref"]),
               "--device", "cpu", "--quiet"]

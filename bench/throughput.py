@@ -13,7 +13,7 @@ What it measures, per network (configs/<net>.yaml), device, dtype (autocast), me
           (lr 2e-4, betas 0.9/0.999, fused where supported; GradScaler for fp16), dropout of the config on;
   sample  images/s of DDIM-50 at batch B under no_grad: the seconds of a timed DDIM run of --timed-steps
           steps (our Diffusion.sample, the same loop for both networks), scaled to 50 network evaluations.
-Ours and diffusers' get the same weights (ours randomised, converted with export.py, outputs checked equal),
+Ours and diffusers' get the same weights (ours randomised, converted with interop.py, outputs checked equal),
 the same inputs and the same optimizer, and are timed interleaved (ABBA order) in one process; medians.
 GFLOP/s counts the standard network's FLOPs (torch.utils.flop_counter on the meta device: 12.4 GFLOP
 forward per 32x32 image for the DDPM CIFAR-10 net, backward 2x forward) times images/s, for both networks;
@@ -51,6 +51,7 @@ from torch.utils.flop_counter import FlopCounterMode  # noqa: E402
 from config import ConfigError, load_config  # noqa: E402
 from diffusion import Diffusion  # noqa: E402
 from model import build_model  # noqa: E402
+from utils import amp_autocast  # noqa: E402
 
 RESULTS = REPO / "bench" / "RESULTS.md"
 START, END = "<!-- throughput:start -->", "<!-- throughput:end -->"
@@ -131,13 +132,13 @@ def randomized(model: torch.nn.Module, seed: int) -> torch.nn.Module:
 
 
 def diffusers_twin(cfg, state_dict: dict) -> torch.nn.Module:
-    """diffusers.UNet2DModel with our config and weights (export.py's mappings), returning a tensor."""
+    """diffusers.UNet2DModel with our config and weights (interop.py's mappings), returning a tensor."""
     from diffusers import UNet2DModel
 
-    import export
-    unet_config, _ = export.ours_to_diffusers_config(cfg)
+    import interop
+    unet_config, _ = interop.ours_to_diffusers_config(cfg)
     net = UNet2DModel(**{k: v for k, v in unet_config.items() if not k.startswith("_")})
-    net.load_state_dict(export.convert_state_dict_to_diffusers(state_dict))
+    net.load_state_dict(interop.convert_state_dict_to_diffusers(state_dict))
     return Returning(net)
 
 
@@ -257,7 +258,7 @@ class Variant:
         return f"{self.dtype} {'channels_last' if self.fmt == 'cl' else 'NCHW'}{' compile' if self.compiled else ''}"
 
     def autocast(self):
-        return torch.autocast(self.device.type, dtype=DTYPES[self.dtype], enabled=self.dtype != "fp32")
+        return amp_autocast(self.device, "off" if self.dtype == "fp32" else self.dtype)
 
     def memory(self, x: torch.Tensor) -> torch.Tensor:
         return x.contiguous(memory_format=torch.channels_last) if self.fmt == "cl" else x.contiguous()

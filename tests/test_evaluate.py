@@ -13,6 +13,7 @@ from PIL import Image
 import evaluate as ev
 import features as feat
 import metrics as mt
+import scoring
 from config import DataConfig, load_config, to_dict
 from model import build_model
 from utils import save_checkpoint
@@ -167,10 +168,10 @@ def test_classifier_fid_separates_real_digits_from_noise(classifier_file):
 
 def test_metrics_of_a_prefix_equal_the_metrics_of_a_smaller_run(classifier_file, tmp_path):
     extractor = feat.ClassifierFeatures(classifier_file, torch.device("cpu"))
-    ref = ev.reference_stats(digits_cfg(8), "train", extractor, cache_dir=tmp_path)
+    ref = scoring.reference_stats(digits_cfg(8), "train", extractor, cache_dir=tmp_path)
     images = torch.randint(0, 256, (60, 1, 8, 8), generator=torch.Generator().manual_seed(0), dtype=torch.uint8)
-    both = ev.score_images(images, ref, extractor, also_at=(30,))
-    assert both["at_n"]["30"] == ev.score_images(images[:30], ref, extractor)
+    both = scoring.score_images(images, ref, extractor, also_at=(30,))
+    assert both["at_n"]["30"] == scoring.score_images(images[:30], ref, extractor)
     assert both["pr_num"] == 60 and both["fid"] != both["at_n"]["30"]["fid"]
 
 
@@ -188,13 +189,13 @@ class CountingExtractor:
 
 
 def test_reference_key_changes_with_every_ingredient():
-    base = ev.reference_key("mnist", "train", 28, "classifier-mnist28-abcd1234", 60000)
-    others = [ev.reference_key("mnist", "train", 32, "classifier-mnist28-abcd1234", 60000),
-              ev.reference_key("mnist", "train", 28, "inception-v3-2015-12-05", 60000),
-              ev.reference_key("mnist", "train", 28, "classifier-mnist28-ffff0000", 60000),
-              ev.reference_key("mnist", "test", 28, "classifier-mnist28-abcd1234", 60000),
-              ev.reference_key("fashion_mnist", "train", 28, "classifier-mnist28-abcd1234", 60000),
-              ev.reference_key("mnist", "train", 28, "classifier-mnist28-abcd1234", 1000)]
+    base = scoring.reference_key("mnist", "train", 28, "classifier-mnist28-abcd1234", 60000)
+    others = [scoring.reference_key("mnist", "train", 32, "classifier-mnist28-abcd1234", 60000),
+              scoring.reference_key("mnist", "train", 28, "inception-v3-2015-12-05", 60000),
+              scoring.reference_key("mnist", "train", 28, "classifier-mnist28-ffff0000", 60000),
+              scoring.reference_key("mnist", "test", 28, "classifier-mnist28-abcd1234", 60000),
+              scoring.reference_key("fashion_mnist", "train", 28, "classifier-mnist28-abcd1234", 60000),
+              scoring.reference_key("mnist", "train", 28, "classifier-mnist28-abcd1234", 1000)]
     assert len({base, *others}) == 1 + len(others)
 
 
@@ -214,7 +215,7 @@ def mean_and_unbiased_cov_by_hand(x) -> tuple[np.ndarray, np.ndarray]:
 
 def test_reference_stats_are_computed_once_and_cached(tmp_path):
     extractor = CountingExtractor()
-    ref = ev.reference_stats(digits_cfg(8), "train", extractor, num_ref=300, cache_dir=tmp_path, batch_size=100)
+    ref = scoring.reference_stats(digits_cfg(8), "train", extractor, num_ref=300, cache_dir=tmp_path, batch_size=100)
     assert extractor.calls == 3 and ref["features"].shape == (300, 64) and ref["num_images"] == 300
     assert Path(ref["path"]).name == "digits-train-8px-pixels-n300-noflip.npz"
     digits = {row.tobytes() for row in digits_pixels_by_hand()}
@@ -222,16 +223,16 @@ def test_reference_stats_are_computed_once_and_cached(tmp_path):
     mu, sigma = mean_and_unbiased_cov_by_hand(ref["features"])
     np.testing.assert_allclose(ref["mu"], mu, rtol=1e-10)
     np.testing.assert_allclose(ref["sigma"], sigma, rtol=1e-10, atol=1e-9)
-    again = ev.reference_stats(digits_cfg(8), "train", extractor, num_ref=300, cache_dir=tmp_path)
+    again = scoring.reference_stats(digits_cfg(8), "train", extractor, num_ref=300, cache_dir=tmp_path)
     assert extractor.calls == 3  # served from the cache
     np.testing.assert_array_equal(again["features"], ref["features"])
-    ev.reference_stats(digits_cfg(16), "train", extractor, num_ref=300, cache_dir=tmp_path, batch_size=100)
+    scoring.reference_stats(digits_cfg(16), "train", extractor, num_ref=300, cache_dir=tmp_path, batch_size=100)
     assert extractor.calls == 6 and len(list(tmp_path.glob("*.npz"))) == 2  # another resolution, another file
 
 
 def test_reference_keeps_a_capped_feature_subset_but_full_statistics(tmp_path, monkeypatch):
-    monkeypatch.setattr(ev, "PR_MAX_REF", 100)
-    ref = ev.reference_stats(digits_cfg(8), "train", CountingExtractor(), cache_dir=tmp_path)  # all 1797
+    monkeypatch.setattr(scoring, "PR_MAX_REF", 100)
+    ref = scoring.reference_stats(digits_cfg(8), "train", CountingExtractor(), cache_dir=tmp_path)  # all 1797
     pixels = digits_pixels_by_hand()
     assert ref["features"].shape == (100, 64) and ref["num_images"] == len(pixels) == 1797
     digits = {row.tobytes() for row in pixels}

@@ -1,5 +1,6 @@
-"""diffusers interop (export.py): our UNet vs diffusers' UNet2DModel in both directions, schedules vs
-DDPMScheduler, and the refusals. Models are built locally with random weights: no network."""
+"""diffusers interop (interop.py, pretrained.py, export.py): our UNet vs diffusers' UNet2DModel in both
+directions, schedules vs DDPMScheduler, and the refusals. Models are built locally with random weights: no
+network."""
 import inspect
 import json
 import os
@@ -14,6 +15,8 @@ diffusers = pytest.importorskip("diffusers")
 from diffusers import DDPMPipeline, DDPMScheduler, UNet2DModel  # noqa: E402
 
 import export  # noqa: E402
+import interop  # noqa: E402
+import pretrained  # noqa: E402
 from config import ConfigError, load_config, to_dict  # noqa: E402
 from diffusion import Diffusion  # noqa: E402
 from model import build_model  # noqa: E402
@@ -68,7 +71,7 @@ def assert_same_outputs(ours, theirs, x, t, y=None, labels=None):
 # ----------------------------------------------------------------------------- diffusers -> ours
 def test_defaults_are_those_of_diffusers():
     """Keys missing from an old config.json take diffusers' defaults; ours must be the same."""
-    for cls, ours in [(UNet2DModel, export.UNET_DEFAULTS), (DDPMScheduler, export.SCHEDULER_DEFAULTS)]:
+    for cls, ours in [(UNet2DModel, interop.UNET_DEFAULTS), (DDPMScheduler, interop.SCHEDULER_DEFAULTS)]:
         params = dict(inspect.signature(cls.__init__).parameters)
         params.pop("self")
         theirs = {k: list(p.default) if isinstance(p.default, tuple) else p.default for k, p in params.items()}
@@ -82,7 +85,7 @@ def test_cifar10_pipeline_folder_runs_in_our_unet(tmp_path):
     DDPMPipeline(unet=unet, scheduler=scheduler).save_pretrained(folder)
     (folder / "unet" / "config.json").write_text(json.dumps({"_class_name": "UNet2DModel", **HUB_UNET_CONFIG}))
     (folder / "scheduler" / "scheduler_config.json").write_text(json.dumps(HUB_SCHEDULER_CONFIG))
-    model, diffusion, cfg = export.load_pretrained(str(folder))
+    model, diffusion, cfg = pretrained.load_pretrained(str(folder))
     assert not model.training and cfg.run_name == "pretrained_ddpm-cifar10-32" and cfg.data.dataset == "cifar10"
     m = cfg.model
     assert (m.channel_mult, m.attention_resolutions, m.num_head_channels) == ([1, 2, 2, 2], [16], -1)
@@ -94,7 +97,7 @@ def test_cifar10_pipeline_folder_runs_in_our_unet(tmp_path):
 
 def test_256px_ddpm_configs_convert():
     """google/ddpm-{celebahq,church,bedroom,cat}-256: attention at down index 4 / up index 1 = 16x16."""
-    cfg = export.diffusers_config_to_ours({
+    cfg = interop.diffusers_config_to_ours({
         **HUB_UNET_CONFIG, "sample_size": 256, "block_out_channels": [128, 128, 256, 256, 512, 512],
         "down_block_types": ["DownBlock2D"] * 4 + ["AttnDownBlock2D", "DownBlock2D"],
         "up_block_types": ["UpBlock2D", "AttnUpBlock2D"] + ["UpBlock2D"] * 4}, HUB_SCHEDULER_CONFIG)
@@ -116,7 +119,7 @@ def test_bare_unet_folder_runs_in_our_unet(tmp_path, capsys, weights):
             sd[key] = value
         assert any(".query." in k for k in sd)
         torch.save(sd, tmp_path / "diffusion_pytorch_model.bin")
-    model, diffusion, cfg = export.load_pretrained(str(tmp_path))
+    model, diffusion, cfg = pretrained.load_pretrained(str(tmp_path))
     assert "DDPMScheduler defaults" in capsys.readouterr().err  # no scheduler in a bare UNet folder
     assert (cfg.model.num_head_channels, cfg.model.attention_resolutions, cfg.model.norm_groups) == (16, [16], 8)
     assert cfg.diffusion.var_type == "fixed_small" and cfg.diffusion.num_timesteps == 1000
@@ -128,7 +131,7 @@ def test_non_default_norm_eps_is_carried_over(tmp_path):
     """PyTorch-default GroupNorm eps (1e-5) models load into model.norm_eps and match exactly."""
     unet = diffusers_unet({**SMALL, "norm_eps": 1e-5}, seed=4)
     unet.save_pretrained(tmp_path)
-    model, _, cfg = export.load_pretrained(str(tmp_path))
+    model, _, cfg = pretrained.load_pretrained(str(tmp_path))
     assert cfg.model.norm_eps == 1e-5
     x = torch.randn(2, 1, 16, 16, generator=torch.Generator().manual_seed(6))
     assert_same_outputs(model, unet, x, torch.tensor([3, 700]))
@@ -137,7 +140,7 @@ def test_non_default_norm_eps_is_carried_over(tmp_path):
 def test_half_precision_weights_load_as_float32(tmp_path):
     unet = diffusers_unet(SMALL, seed=3)
     unet.half().save_pretrained(tmp_path)
-    model, _, _ = export.load_pretrained(str(tmp_path))
+    model, _, _ = pretrained.load_pretrained(str(tmp_path))
     assert all(p.dtype == torch.float32 for p in model.parameters())
     x = torch.randn(2, 1, 16, 16, generator=torch.Generator().manual_seed(5))
     assert_same_outputs(model, unet.float(), x, torch.tensor([10, 900]))
@@ -146,7 +149,7 @@ def test_half_precision_weights_load_as_float32(tmp_path):
 def test_class_conditional_unet_runs_in_our_unet(tmp_path):
     unet = diffusers_unet(dict(SMALL, num_class_embeds=4), seed=2)
     unet.save_pretrained(tmp_path)
-    model, _, cfg = export.load_pretrained(str(tmp_path))
+    model, _, cfg = pretrained.load_pretrained(str(tmp_path))
     assert cfg.model.num_classes == 3  # the last embedding row is our null label
     x = torch.randn(3, 1, 16, 16, generator=torch.Generator().manual_seed(3))
     assert_same_outputs(model, unet, x, torch.tensor([0, 250, 999]), y=torch.tensor([0, 2, -1]),
@@ -155,9 +158,9 @@ def test_class_conditional_unet_runs_in_our_unet(tmp_path):
 
 def test_state_dict_mapping_is_invertible():
     sd = diffusers_unet(dict(SMALL, num_class_embeds=4)).state_dict()
-    ours = export.convert_diffusers_state_dict(sd)
+    ours = interop.convert_diffusers_state_dict(sd)
     assert any(k.endswith("qkv.weight") for k in ours) and not any("to_q" in k for k in ours)
-    back = export.convert_state_dict_to_diffusers(ours)
+    back = interop.convert_state_dict_to_diffusers(ours)
     assert back.keys() == sd.keys() and all(torch.equal(back[k], sd[k]) for k in sd)
 
 
@@ -170,7 +173,7 @@ def test_state_dict_mapping_is_invertible():
     ("sample_size", [16, 32]), ("_class_name", "UNet2DConditionModel"), ("act_fn", "mish")])
 def test_inexpressible_unet_configs_are_refused(key, value):
     with pytest.raises(ConfigError, match=key):
-        export.diffusers_config_to_ours({**SMALL, key: value}, {})
+        interop.diffusers_config_to_ours({**SMALL, key: value}, {})
 
 
 @pytest.mark.parametrize("key,value", [
@@ -179,13 +182,13 @@ def test_inexpressible_unet_configs_are_refused(key, value):
     ("clip_sample_range", 2.0), ("_class_name", "ScoreSdeVeScheduler")])
 def test_inexpressible_schedulers_are_refused(key, value):
     with pytest.raises(ConfigError, match=key):
-        export.diffusers_config_to_ours(SMALL, {key: value})
+        interop.diffusers_config_to_ours(SMALL, {key: value})
 
 
 def test_refusal_happens_before_reading_weights(tmp_path):
     (tmp_path / "config.json").write_text(json.dumps({**SMALL, "flip_sin_to_cos": True, "freq_shift": 0}))
     with pytest.raises(ConfigError) as err:
-        export.load_pretrained(str(tmp_path))
+        pretrained.load_pretrained(str(tmp_path))
     assert "flip_sin_to_cos" in str(err.value) and "freq_shift" in str(err.value)  # all problems at once
 
 
@@ -193,7 +196,7 @@ def test_refusal_happens_before_reading_weights(tmp_path):
 def test_diffusion_betas_equal_ddpmscheduler(schedule, T):
     sched = {"beta_schedule": schedule, "num_train_timesteps": T, "prediction_type": "v_prediction",
              "timestep_spacing": "trailing", "clip_sample": False}
-    cfg = export.diffusers_config_to_ours(SMALL, sched)
+    cfg = interop.diffusers_config_to_ours(SMALL, sched)
     d = cfg.diffusion
     assert (d.objective, d.timestep_spacing, d.num_timesteps, cfg.sample.clip_x0) == ("v", "trailing", T, False)
     ours, theirs = Diffusion.from_config(cfg.diffusion), DDPMScheduler(**sched)
@@ -204,7 +207,7 @@ def test_diffusion_betas_equal_ddpmscheduler(schedule, T):
 # ----------------------------------------------------------------------------- hub ids
 def test_offline_hub_id_gives_one_clear_error(tmp_path):
     env = {**os.environ, "HF_HUB_OFFLINE": "1", "HF_HOME": str(tmp_path), "HF_HUB_CACHE": str(tmp_path / "hub")}
-    code = ("from export import load_pretrained\ntry:\n    load_pretrained('google/ddpm-cifar10-32')\n"
+    code = ("from pretrained import load_pretrained\ntry:\n    load_pretrained('google/ddpm-cifar10-32')\n"
             "except Exception as e:\n    print(type(e).__name__, e)\n")
     proc = subprocess.run([sys.executable, "-c", code], cwd=REPO, env=env, capture_output=True, text=True,
                           timeout=120)
@@ -223,7 +226,7 @@ def test_hub_download_fetches_only_what_it_reads(tmp_path, monkeypatch):
     monkeypatch.setattr(hub.constants, "HF_HUB_OFFLINE", False)
     monkeypatch.setattr(hub.HfApi, "model_info", lambda self, repo_id, timeout=None: info)
     monkeypatch.setattr(hub, "snapshot_download", lambda repo_id, **kw: calls.append(kw) or str(tmp_path))
-    _, _, cfg = export.load_pretrained("someone/small-ddpm")
+    _, _, cfg = pretrained.load_pretrained("someone/small-ddpm")
     assert cfg.run_name == "pretrained_small-ddpm" and calls[0]["revision"] == "a" * 40
     skipped = {"README.md", "unet/diffusion_pytorch_model.bin"}  # one weights file: safetensors
     assert sorted(calls[0]["allow_patterns"]) == sorted(set(files) - skipped)
@@ -233,18 +236,18 @@ def test_hub_download_fetches_only_what_it_reads(tmp_path, monkeypatch):
     monkeypatch.setattr(hub.HfApi, "model_info", unreachable)
     monkeypatch.setattr(hub, "snapshot_download", lambda *a, **kw: (_ for _ in ()).throw(OSError("not cached")))
     with pytest.raises(CheckpointError, match="hf download someone/small-ddpm --local-dir small-ddpm"):
-        export.load_pretrained("someone/small-ddpm")
+        pretrained.load_pretrained("someone/small-ddpm")
     # ... unless an earlier download is in the local cache
     monkeypatch.setattr(hub, "snapshot_download", lambda repo_id, **kw: str(tmp_path) if kw["local_files_only"]
                         else pytest.fail("no download while the hub is unreachable"))
-    assert export.load_pretrained("someone/small-ddpm")[2].model.num_head_channels == 16
+    assert pretrained.load_pretrained("someone/small-ddpm")[2].model.num_head_channels == 16
 
 
 def test_missing_local_folder_is_a_clear_error(tmp_path):
     with pytest.raises(CheckpointError, match="is not a folder"):
-        export.load_pretrained(str(tmp_path / "nope"))
+        pretrained.load_pretrained(str(tmp_path / "nope"))
     with pytest.raises(CheckpointError, match="not a diffusers model folder"):
-        export.load_pretrained(str(tmp_path))
+        pretrained.load_pretrained(str(tmp_path))
 
 
 # ----------------------------------------------------------------------------- ours -> diffusers
@@ -291,7 +294,7 @@ def test_export_loads_in_ddpmpipeline_with_same_outputs(tmp_path, capsys, preset
     if not classes:  # DDPMPipeline passes no class labels, so it only samples unconditional models
         images = pipe(batch_size=1, num_inference_steps=2, output_type="np").images
         assert images.shape == (1, size, size, cfg.model.in_channels) and (images >= 0).all()
-    back, _, back_cfg = export.load_pretrained(str(out))  # and the exported folder loads into our UNet
+    back, _, back_cfg = pretrained.load_pretrained(str(out))  # and the exported folder loads into our UNet
     assert back_cfg.model.channel_mult == cfg.model.channel_mult
     assert back_cfg.diffusion.schedule == cfg.diffusion.schedule
     with torch.no_grad():
@@ -326,17 +329,17 @@ def test_export_refuses_the_mlp_model(tmp_path, capsys):
 def test_export_refuses_heads_diffusers_cannot_express():
     cfg = load_config(REPO / "configs" / "digits.yaml", ["model.attention_resolutions=[16,4]"])  # widths 32, 64
     with pytest.raises(ConfigError, match="num_head_channels"):
-        export.ours_to_diffusers_config(cfg)  # 2 heads: head widths 16 and 32
+        interop.ours_to_diffusers_config(cfg)  # 2 heads: head widths 16 and 32
     cfg = load_config(REPO / "configs" / "digits.yaml", ["model.attention_resolutions=[16,4]",
                                                           "model.num_head_channels=16"])
-    assert export.ours_to_diffusers_config(cfg)[0]["attention_head_dim"] == 16
+    assert interop.ours_to_diffusers_config(cfg)[0]["attention_head_dim"] == 16
 
 
 def test_every_image_preset_exports():
     """Config level (no weights): each U-Net preset converts, and reads back as the same network."""
     for preset in ("cifar10", "mnist", "digits"):
         ours = load_config(REPO / "configs" / f"{preset}.yaml")
-        back = export.diffusers_config_to_ours(*export.ours_to_diffusers_config(ours))
+        back = interop.diffusers_config_to_ours(*interop.ours_to_diffusers_config(ours))
         for key in ("in_channels", "channels", "channel_mult", "num_res_blocks", "attention_resolutions",
                     "norm_groups", "num_classes", "dropout"):
             assert getattr(back.model, key) == getattr(ours.model, key), (preset, key)

@@ -3,8 +3,6 @@
 Every checkpoint is built here from a tiny config (no train.py); weights are random but non-zero (the U-Net
 zero-initialises its output layer, which would make every model predict eps = 0 and hide bugs).
 """
-import sys
-import types
 from pathlib import Path
 
 import numpy as np
@@ -12,6 +10,9 @@ import pytest
 import torch
 from PIL import Image
 
+import generation
+import loading
+import pretrained
 import sample
 from config import load_config, save_config, to_dict
 from model import build_model
@@ -82,10 +83,10 @@ def expect_error(capsys, argv, *fragments):
 def test_load_for_sampling_uses_ema_by_default(work):
     ckpt_path = make_checkpoint("run.pt", tiny_config())
     ckpt = load_checkpoint(ckpt_path)
-    model, diffusion, cfg, _ = sample.load_for_sampling(ckpt_path)
+    model, diffusion, cfg, _ = loading.load_for_sampling(ckpt_path)
     assert cfg.run_name == "tiny" and diffusion.num_timesteps == 20 and not model.training
     assert all(torch.equal(v, ckpt["ema"][k]) for k, v in model.state_dict().items())
-    raw = sample.load_for_sampling(ckpt_path, use_ema=False)[0]
+    raw = loading.load_for_sampling(ckpt_path, use_ema=False)[0]
     assert all(torch.equal(v, ckpt["model"][k]) for k, v in raw.state_dict().items())
 
 
@@ -93,9 +94,9 @@ def test_default_checkpoint_is_run_last_or_newest(work):
     make_checkpoint("checkpoints/tiny/last.pt", tiny_config())
     newest = make_checkpoint("checkpoints/other/last.pt", tiny_config("other"))
     save_config(tiny_config(), "tiny.yaml")
-    assert sample.resolve_checkpoint(None, "tiny.yaml") == Path("checkpoints/tiny/last.pt")
-    assert sample.resolve_checkpoint(None, None) == newest
-    assert sample.resolve_checkpoint("x.pt", "tiny.yaml") == Path("x.pt")
+    assert loading.resolve_checkpoint(None, "tiny.yaml") == Path("checkpoints/tiny/last.pt")
+    assert loading.resolve_checkpoint(None, None) == newest
+    assert loading.resolve_checkpoint("x.pt", "tiny.yaml") == Path("x.pt")
 
 
 # ----------------------------------------------------------------------------- generation
@@ -119,8 +120,8 @@ def test_default_output_folder_and_pngs_are_exact_samples(work, capsys):
     run_main(["--sampler", "ddim", "--steps", "5", "--seed", "7"])
     out = Path("results/images/tiny/ddim_5_7")
     assert str(out / "grid.png") in capsys.readouterr().out
-    model, diffusion, cfg, _ = sample.load_for_sampling(ckpt_path)
-    x = sample.generate(model, diffusion, cfg, 6, 4, seed=7, sampler="ddim", steps=5, progress=False)
+    model, diffusion, cfg, _ = loading.load_for_sampling(ckpt_path)
+    x = generation.generate(model, diffusion, cfg, 6, 4, seed=7, sampler="ddim", steps=5, progress=False)
     expected = to_uint8_images(x)[:, 0].numpy()  # (6, 8, 8) uint8
     for i in range(6):
         with Image.open(out / f"{i:06d}.png") as image:
@@ -139,7 +140,7 @@ def test_rgb_samples_saved_as_rgb(work):
 
 
 def test_ddpm_uses_all_steps_and_ddim_proportionally_fewer_calls(work):
-    model, diffusion, cfg, _ = sample.load_for_sampling(make_checkpoint("c.pt", tiny_config()))
+    model, diffusion, cfg, _ = loading.load_for_sampling(make_checkpoint("c.pt", tiny_config()))
     calls = []
 
     def counted(xt, t, y=None):
@@ -148,7 +149,7 @@ def test_ddpm_uses_all_steps_and_ddim_proportionally_fewer_calls(work):
 
     def count(**kw):
         calls.clear()
-        sample.generate(counted, diffusion, cfg, 6, 4, seed=0, progress=False, **kw)
+        generation.generate(counted, diffusion, cfg, 6, 4, seed=0, progress=False, **kw)
         return len(calls)
 
     assert count(sampler="ddim", steps=8) == 2 * 8  # two batches (4 + 2)
@@ -159,20 +160,20 @@ def test_ddpm_uses_all_steps_and_ddim_proportionally_fewer_calls(work):
 
 def test_guidance_scale_one_equals_plain_conditional_sampling(work):
     cfg = tiny_config("cond", extra=["model.num_classes=10"])
-    model, diffusion, cfg, _ = sample.load_for_sampling(make_checkpoint("c.pt", cfg))
+    model, diffusion, cfg, _ = loading.load_for_sampling(make_checkpoint("c.pt", cfg))
     labels = [3, 3, 7, 7]
-    x = sample.generate(model, diffusion, cfg, 4, 4, seed=5, sampler="ddim", steps=6, labels=labels,
-                        guidance_scale=1.0, amp="off", progress=False)  # exact comparison: fp32
+    x = generation.generate(model, diffusion, cfg, 4, 4, seed=5, sampler="ddim", steps=6, labels=labels,
+                            guidance_scale=1.0, amp="off", progress=False)  # exact comparison: fp32
     plain = diffusion.sample(model, (4, 1, 8, 8), sampler="ddim", steps=6, y=torch.tensor(labels),
-                             generator=torch.Generator().manual_seed(5), progress=False)
+                             generator=generation.SampleNoise(5, range(4)), progress=False)
     torch.testing.assert_close(x, plain, rtol=0, atol=0)
     seen = []
 
     def spy(xt, t, y=None):
         seen.append(y.clone())
         return model(xt, t, y)
-    guided = sample.generate(spy, diffusion, cfg, 4, 4, seed=5, sampler="ddim", steps=6, labels=labels,
-                             guidance_scale=3.0, progress=False)
+    guided = generation.generate(spy, diffusion, cfg, 4, 4, seed=5, sampler="ddim", steps=6, labels=labels,
+                                 guidance_scale=3.0, progress=False)
     assert not torch.allclose(guided, x)
     assert seen[0].tolist() == labels + [-1] * 4  # conditional and null-label halves in one pass
 
@@ -185,24 +186,24 @@ def test_conditional_default_grid_has_one_column_per_class(work):
     assert len(list(out.glob("0*.png"))) == 15  # exactly the number asked, labels cycling over the classes
     with Image.open(out / "grid.png") as grid:  # cells of 64 px + 2 px padding: 10 columns, 2 rows
         assert grid.size == (10 * 66 + 2, 2 * 66 + 2)
-    assert sample.plan_labels(3, None, 5) == ([0, 1, 2, 0, 1], 3)
-    assert sample.plan_labels(10, None, 4) == ([0, 1, 2, 3], None)
-    assert sample.plan_labels(10, [4], 3) == ([4, 4, 4], None)
-    assert sample.plan_labels(0, None, 5) == (None, None)
+    assert generation.plan_labels(3, None, 5) == ([0, 1, 2, 0, 1], 3)
+    assert generation.plan_labels(10, None, 4) == ([0, 1, 2, 3], None)
+    assert generation.plan_labels(10, [4], 3) == ([4, 4, 4], None)
+    assert generation.plan_labels(0, None, 5) == (None, None)
 
 
 def test_parse_class_labels():
-    assert sample.parse_class_labels("3", 10) == [3]
-    assert sample.parse_class_labels("1,4 7", 10) == [1, 4, 7]
-    assert sample.parse_class_labels("cat, dog", 3, ["bird", "cat", "dog"]) == [1, 2]
-    assert sample.parse_class_labels(None, 10) is None
+    assert generation.parse_class_labels("3", 10) == [3]
+    assert generation.parse_class_labels("1,4 7", 10) == [1, 4, 7]
+    assert generation.parse_class_labels("cat, dog", 3, ["bird", "cat", "dog"]) == [1, 2]
+    assert generation.parse_class_labels(None, 10) is None
 
 
 def test_bf16_autocast_on_cpu(work):
-    model, diffusion, cfg, _ = sample.load_for_sampling(make_checkpoint("c.pt", tiny_config()))
+    model, diffusion, cfg, _ = loading.load_for_sampling(make_checkpoint("c.pt", tiny_config()))
     kw = dict(sampler="ddim", steps=2, progress=False)
-    x32 = sample.generate(model, diffusion, cfg, 1, 1, 0, amp="off", **kw)
-    x16 = sample.generate(model, diffusion, cfg, 1, 1, 0, amp="bf16", **kw)
+    x32 = generation.generate(model, diffusion, cfg, 1, 1, 0, amp="off", **kw)
+    x16 = generation.generate(model, diffusion, cfg, 1, 1, 0, amp="bf16", **kw)
     assert x16.dtype == torch.float32 and torch.isfinite(x16).all()
     # autocast was active, and the result is still close: measured 4.3e-4 here (at most 8.7e-4 over 30 seeds,
     # also with oneDNN held to AVX2 / SSE4.1, i.e. without native bf16); 5e-3 leaves a 6x margin
@@ -262,7 +263,7 @@ def test_forward_figure_from_config(work):
 
 
 # ----------------------------------------------------------------------------- --pretrained wiring
-def test_pretrained_goes_through_export_load_pretrained(work, monkeypatch):
+def test_pretrained_goes_through_pretrained_load_pretrained(work, monkeypatch):
     cfg = tiny_config("whatever")
     model = build_model(cfg)
     model.load_state_dict(random_state(cfg, 3))
@@ -271,7 +272,7 @@ def test_pretrained_goes_through_export_load_pretrained(work, monkeypatch):
     def load_pretrained(name_or_path, device):
         asked.append(name_or_path)
         return model, sample.build_diffusion(cfg), cfg
-    monkeypatch.setitem(sys.modules, "export", types.SimpleNamespace(load_pretrained=load_pretrained))
+    monkeypatch.setattr(pretrained, "load_pretrained", load_pretrained)
     run_main(["--pretrained", "google/ddpm-tiny", "--steps", "3", "--num-samples", "2"])
     assert asked == ["google/ddpm-tiny"]
     assert len(list(Path("results/images/pretrained_google_ddpm-tiny/ddim_3_0").glob("0*.png"))) == 2

@@ -15,7 +15,7 @@ import pytest
 import torch
 
 import metrics as mt
-import sample
+import generation
 import train as train_mod
 from config import load_config
 from diffusion import Diffusion, build_diffusion
@@ -249,7 +249,7 @@ def test_batched_generation_draws_new_noise_for_every_batch():
     first batch's samples (here 3 + 3 + 1), which biases FID low."""
     cfg = load_config(DIGITS, TINY + ["run_name=gen"])
     d = Diffusion(num_timesteps=20)
-    x = sample.generate(toy_model, d, cfg, 7, 3, 0, sampler="ddim", steps=2, progress=False)
+    x = generation.generate(toy_model, d, cfg, 7, 3, 0, sampler="ddim", steps=2, progress=False)
     assert x.shape == (7, 1, 8, 8)
     flat = x.flatten(1)
     distance = torch.cdist(flat, flat) + torch.eye(len(flat)) * 1e9

@@ -1,0 +1,56 @@
+"""Where every output of ddpm-lab goes: one place names the folders, every script asks it.
+
+All paths are relative to the working directory (as they always were), so running from another folder
+keeps that folder's runs apart. A run R owns:
+
+    checkpoints/R/            last.pt, step_XXXXXXX.pt            RunPaths(R).checkpoints
+    results/images/R/         sample grids and sample.py folders  RunPaths(R).images
+    results/plots/R/          loss curve, forward-process figure  RunPaths(R).plots
+    results/logs/R/           TensorBoard                         RunPaths(R).logs
+    results/eval/R.jsonl      one JSON line per evaluate.py run   RunPaths(R).eval_records
+
+Caches shared by all runs live under data/: FID reference statistics, digit classifiers, Inception weights.
+"""
+from __future__ import annotations
+
+from dataclasses import dataclass
+from pathlib import Path
+
+CHECKPOINTS = Path("checkpoints")
+RESULTS = Path("results")
+DATA = Path("data")
+EVAL_RECORDS = RESULTS / "eval"       # <run_name>.jsonl files (evaluate.py --results-dir)
+FID_REFS = DATA / "fid_refs"          # cached reference statistics (evaluate.py --ref-dir)
+CLASSIFIERS = DATA / "classifiers"    # digit classifiers behind --features classifier
+INCEPTION = DATA / "inception"        # Inception-v3 FID weights
+
+
+@dataclass(frozen=True)
+class RunPaths:
+    """The folders of one run, named by its run_name (config.validate checks that it is a plain name)."""
+    run_name: str
+
+    @property
+    def checkpoints(self) -> Path:
+        return CHECKPOINTS / self.run_name
+
+    @property
+    def images(self) -> Path:
+        return RESULTS / "images" / self.run_name
+
+    @property
+    def plots(self) -> Path:
+        return RESULTS / "plots" / self.run_name
+
+    @property
+    def logs(self) -> Path:
+        return RESULTS / "logs" / self.run_name
+
+    @property
+    def eval_records(self) -> Path:
+        return eval_records_file(self.run_name)
+
+
+def eval_records_file(run_name: str, folder: Path = EVAL_RECORDS) -> Path:
+    """<folder>/<run_name>.jsonl: evaluate.py's results file of a run (folder: --results-dir)."""
+    return Path(folder) / f"{run_name}.jsonl"
