@@ -14,7 +14,9 @@ teacher_fn is any callable (xt, t) -> model output with t a (B,) long tensor; fo
 with classifier-free guidance pass `diffusion._model_fn(teacher, y, guidance_scale)`: the student then learns
 the guided two-step map and samples guided in one evaluation per step (no second, unconditional pass).
 The distilled N-step student samples with `Diffusion.sample(..., sampler="ddim", eta=0, steps=N,
-timestep_spacing=GRID_SPACING)`: exactly the grid it was trained on.
+timestep_spacing=GRID_SPACING)`: exactly the grid it was trained on. Pass distillation_target the clip_x0 the
+teacher samples with (Diffusion.sample's default is True): the target is then a weighted mean of clamped x0,
+inside [-1, 1], so the student's own clamp at sampling leaves it alone and it reproduces the clipped teacher.
 
 References:
   [PD]   Salimans, Ho 2022, "Progressive Distillation for Fast Sampling of Diffusion Models"

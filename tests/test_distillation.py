@@ -93,6 +93,24 @@ def test_last_step_target_is_the_teachers_landing_point():
     torch.testing.assert_close(x0_target, teacher_two_steps(d, teacher, xt, t, t_mid, t_next), rtol=0, atol=1e-12)
 
 
+def test_clipped_teacher_target_lies_in_the_data_range():
+    """clip_x0=True (Diffusion.sample's default): the teacher's two steps use x0 clamped to [-1, 1]; the target,
+    a weighted mean of those two x0 with weights >= 0, stays in [-1, 1], so the student's own clipped step
+    (as Diffusion.sample takes it) lands on the teacher's clipped two-step result. Data far outside [-1, 1]."""
+    d = diffusion64("cosine", "v")
+    teacher, clipping = oracle(d), 0.0
+    for t, t_mid, t_next in dist.student_triples(d, 4, 8):
+        xt = d.q_sample(3 * MU + 2 * noise(64, 1), steps(t, noise(64)), noise(64, 2))
+        x0_target, _ = dist.distillation_target(d, teacher, xt, t, t_mid, t_next, clip_x0=True)
+        assert x0_target.abs().max() <= 1 + 1e-12
+        x_mid = d.step("ddim", teacher(xt, steps(t, xt)), xt, t, t_mid, clip_x0=True).prev_sample
+        expected = d.step("ddim", teacher(x_mid, steps(t_mid, xt)), x_mid, t_mid, t_next, clip_x0=True).prev_sample
+        student = d.step("ddim", output_for(d, x0_target, xt, steps(t, xt)), xt, t, t_next, clip_x0=True)
+        torch.testing.assert_close(student.prev_sample, expected, rtol=0, atol=1e-9)
+        clipping = max(clipping, (teacher_two_steps(d, teacher, xt, t, t_mid, t_next) - expected).abs().max())
+    assert clipping > 0.1  # the clipping mattered
+
+
 def test_target_is_the_papers_formula():
     """[PD] Alg. 2: x~ = (z'' - (sigma''/sigma) z_t) / (alpha'' - (sigma''/sigma) alpha), z'' from two DDIM steps;
     evaluated literally in float64 (the module's rearrangement avoids the cancellation z'' - r z_t)."""
@@ -145,14 +163,14 @@ def test_bad_step_order_refused():
 
 
 # ----------------------------------------------------------------------------- the chain
-def perfect_student(d: Diffusion, teacher, triples):
+def perfect_student(d: Diffusion, teacher, triples, clip_x0: bool = False):
     """A student that has learnt its target exactly: at (x_t, t) it outputs the x0 target of its step at t."""
     lookup = {t: (t_mid, t_next) for t, t_mid, t_next in triples}
 
     def fn(xt, t, y=None):
         t_mid = torch.tensor([lookup[int(u)][0] for u in t])
         t_next = torch.tensor([lookup[int(u)][1] for u in t])
-        return output_for(d, dist.distillation_target(d, teacher, xt, t, t_mid, t_next)[0], xt, t)
+        return output_for(d, dist.distillation_target(d, teacher, xt, t, t_mid, t_next, clip_x0)[0], xt, t)
     return fn
 
 
@@ -180,6 +198,20 @@ def test_chain_of_perfect_students_reproduces_the_teacher(objective):
     assert (ddim_sample(d, oracle(d), x_T, 1) - expected).abs().max() > 1e-2
     # the samples are the data distribution's, roughly (8 DDIM steps on the exact denoiser)
     assert (expected.mean(0) - MU).abs().max() < 0.2
+
+
+def test_perfect_student_through_diffusion_sample_in_float32():
+    """The production path: float32, Diffusion.sample with the documented arguments (ddim, eta 0, N steps,
+    GRID_SPACING, its default clip_x0=True, which the data reach) for a 4-step student distilled with clip_x0=True."""
+    d = Diffusion(num_timesteps=1000, objective="v")
+    x_T = noise(256, 9).float()
+    teacher = oracle(d)
+    expected = d.sample(teacher, (256, 4), "ddim", steps=8, eta=0, x_T=x_T, progress=False,
+                        timestep_spacing=dist.GRID_SPACING)
+    student = perfect_student(d, teacher, dist.student_triples(d, 4, 8), clip_x0=True)
+    got = d.sample(student, (256, 4), "ddim", steps=4, eta=0, x_T=x_T, progress=False,
+                   timestep_spacing=dist.GRID_SPACING)
+    torch.testing.assert_close(got, expected, rtol=0, atol=2e-5)
 
 
 # ----------------------------------------------------------------------------- the grid
