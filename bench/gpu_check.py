@@ -7,7 +7,7 @@
 
 Parts, in the order they run (each under its own time limit; a part that runs out is a FAIL):
   train    images/s of one training step of the cifar10 preset network at batch 128, ours vs diffusers'
-           UNet2DModel of the same architecture and weights (bench/throughput.py builds both), timed
+           UNet2DModel of the same architecture and weights (bench/unet_bench.py builds both), timed
            interleaved in this process: fp32 (TF32 as torch's defaults leave it) / bf16 autocast / fp16
            autocast + GradScaler, each NCHW and channels_last; fused AdamW. MFU = images/s x the network's
            FLOPs per image / the GPU's dense bf16 peak (PEAK_BF16 below; n/a for a GPU not in the table)
@@ -35,7 +35,6 @@ import copy
 import dataclasses
 import datetime
 import inspect
-import math
 import os
 import re
 import signal
@@ -56,7 +55,7 @@ sys.path[:0] = [str(REPO), str(REPO / "bench")]
 import torch  # noqa: E402
 import torch.distributed as dist  # noqa: E402
 
-import throughput as tp  # noqa: E402
+import unet_bench as tp  # noqa: E402
 from config import load_config  # noqa: E402
 from diffusion import Diffusion  # noqa: E402
 from utils import load_checkpoint  # noqa: E402
@@ -216,10 +215,11 @@ def part_train(net, plan: Plan, checks: list, speeds: dict, compiled: bool = Fal
 
 def diffusers_loop(net, plan: Plan, v) -> Callable:
     """The loop of diffusers' DDIMPipeline: scheduler.set_timesteps, then unet + scheduler.step per step."""
-    import export
     from diffusers import DDIMScheduler
 
-    _, scheduler_config = export.ours_to_diffusers_config(net.cfg)
+    import interop
+
+    _, scheduler_config = interop.ours_to_diffusers_config(net.cfg)
     accepted = inspect.signature(DDIMScheduler.__init__).parameters
     scheduler = DDIMScheduler(**{k: x for k, x in scheduler_config.items() if k in accepted})
     unet = copy.deepcopy(net.theirs.net).to(plan.device).eval()

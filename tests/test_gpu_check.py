@@ -12,7 +12,7 @@ REPO = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(REPO / "bench"))
 
 import gpu_check  # noqa: E402
-import throughput  # noqa: E402
+import unet_bench as throughput  # noqa: E402
 
 
 def test_dry_run_passes_every_part_on_cpu_and_writes_nothing(tmp_path):
