@@ -1,5 +1,5 @@
-"""Building blocks of train.py's training loop, apart from the Trainer itself: process layout (DDP), EMA,
-optimizer and LR schedule, resume checks, stop signals, logging and device-side step statistics.
+"""Building blocks of the Trainer (trainer.py), apart from resuming (train_resume.py): process layout (DDP),
+EMA, optimizer and LR schedule, run lock, stop signals, logging, and the health of the loss and checkpoints.
 """
 from __future__ import annotations
 
@@ -16,12 +16,9 @@ import torch
 import torch.distributed as dist
 from tqdm.auto import tqdm
 
-from config import Config, ConfigError, from_dict, parse_overrides, to_dict, validate
-from utils import CheckpointError, check_cuda_index, get_device, list_checkpoints, load_checkpoint, save_loss_plot
+from config import Config, ConfigError
+from utils import check_cuda_index, get_device, list_checkpoints, save_loss_plot
 
-# Resuming may change these; any other change under seed/data/model/diffusion means another experiment.
-RESUME_FIXED = ("seed", "data.", "model.", "diffusion.")
-RESUME_MUTABLE = ("data.num_workers", "data.root", "data.download")
 PLOT_EVERY_S = 30.0                           # loss.png refresh interval (also at every sample/checkpoint)
 
 
@@ -68,32 +65,29 @@ def setup_distributed(device_name: str) -> tuple[DistInfo, torch.device]:
 # ----------------------------------------------------------------------------- model helpers
 class EMA:
     """Exponential moving average of the weights, with decay warm-up min(decay, (1 + n) / (10 + n)) over the
-    n updates so far, so early averages are not dominated by the random init. Device-side: `skip`
-    (0-dim float, 1 = skip) turns an update into a no-op without a host sync."""
+    n updates so far, so early averages are not dominated by the random init.
+
+    Not torch.optim.swa_utils.AveragedModel (get_ema_multi_avg_fn): its first update copies the weights
+    instead of averaging them into the initial copy, it has no decay warm-up, and its state dict (a
+    `module.` prefix, an n_averaged buffer) is not the checkpoint format (`ema`: the bare network's keys,
+    `ema_num_updates`). So: the public in-place Tensor.lerp_, one call per tensor."""
 
     def __init__(self, model: torch.nn.Module, decay: float, warmup: bool = True):
         self.model = copy.deepcopy(model).eval().requires_grad_(False)
-        self.decay, self.warmup = decay, warmup
-        device = next(self.model.parameters()).device
-        self.num_updates = torch.zeros((), dtype=torch.float64, device=device)
+        self.decay, self.warmup, self.num_updates = decay, warmup, 0
 
-    def current_decay(self) -> torch.Tensor:
-        if not self.warmup:
-            return torch.full_like(self.num_updates, self.decay)
+    def current_decay(self) -> float:
         n = self.num_updates
-        return ((1 + n) / (10 + n)).clamp(max=self.decay)
+        return min(self.decay, (1 + n) / (10 + n)) if self.warmup else self.decay
 
     @torch.no_grad()
-    def update(self, model: torch.nn.Module, skip: Optional[torch.Tensor] = None) -> None:
+    def update(self, model: torch.nn.Module) -> None:
         weight = 1 - self.current_decay()                       # ema <- ema + weight * (param - ema)
-        if skip is not None:
-            weight = weight * (1 - skip)
-        ema_params = list(self.model.parameters())
-        # A list of 0-dim tensor weights keeps this on the device (a tensor "Scalar" would call .item()).
-        torch._foreach_lerp_(ema_params, list(model.parameters()), [weight.float()] * len(ema_params))
+        for ema_param, param in zip(self.model.parameters(), model.parameters()):
+            ema_param.lerp_(param, weight)
         for ema_buffer, buffer in zip(self.model.buffers(), model.buffers()):
             ema_buffer.copy_(buffer)
-        self.num_updates += 1 if skip is None else 1 - skip.double()
+        self.num_updates += 1
 
 
 def lr_factor(tcfg) -> Callable[[int], float]:
@@ -113,71 +107,13 @@ def lr_factor(tcfg) -> Callable[[int], float]:
 
 
 def build_optimizer(model: torch.nn.Module, tcfg) -> torch.optim.Optimizer:
-    """AdamW (identical to Adam at weight_decay 0). The fused kernel also takes a found_inf flag, which
-    skips a non-finite step on the device; foreach is the fallback where fused is unsupported."""
+    """AdamW (identical to Adam at weight_decay 0): the fused kernel (one launch for all parameters) where
+    this torch supports it for the device, else foreach."""
     kwargs = dict(lr=tcfg.lr, betas=(tcfg.adam_beta1, tcfg.adam_beta2), weight_decay=tcfg.weight_decay)
     try:
         return torch.optim.AdamW(model.parameters(), fused=True, **kwargs)
     except (RuntimeError, ValueError):
         return torch.optim.AdamW(model.parameters(), foreach=True, **kwargs)
-
-
-# ----------------------------------------------------------------------------- resume checks
-def _flatten(d: dict, prefix: str = "") -> dict:
-    out = {}
-    for key, value in d.items():
-        if isinstance(value, dict):
-            out.update(_flatten(value, f"{prefix}{key}."))
-        else:
-            out[prefix + key] = value
-    return out
-
-
-def resume_differences(old: dict, new: Config) -> list[str]:
-    """'key: old -> new' for every changed key that defines the experiment (seed, data, model, diffusion)."""
-    flat_old, flat_new = _flatten(to_dict(from_dict(old))), _flatten(to_dict(new))
-    return [f"  {key}: {flat_old[key]!r} -> {flat_new[key]!r}" for key in sorted(flat_new)
-            if key.startswith(RESUME_FIXED) and key not in RESUME_MUTABLE and flat_old[key] != flat_new[key]]
-
-
-def loadable_checkpoints(folder: Path, exclude: Optional[Path] = None) -> list[tuple[Path, int]]:
-    """(path, step) of the step files in folder that load, newest first."""
-    good = []
-    for path in reversed(list_checkpoints(folder)):
-        if exclude is not None and path.resolve() == exclude.resolve():
-            continue
-        try:
-            good.append((path, int(load_checkpoint(path)["step"])))
-        except (CheckpointError, KeyError, TypeError, ValueError):
-            pass
-    return good
-
-
-def load_resume_checkpoint(path: str | Path) -> dict:
-    """The checkpoint to resume from; on failure a CheckpointError naming the older files that load."""
-    path = Path(path)
-    try:
-        return load_checkpoint(path)
-    except CheckpointError as err:
-        reason = str(err).split(" Other checkpoints in")[0].split(" Train one first")[0]
-        good = loadable_checkpoints(path.parent, exclude=path)
-        if good:
-            names = ", ".join(f"{p} (step {s})" for p, s in good)
-            hint = (f" These older checkpoints load: {names}. Resume from the newest with: "
-                    f"python train.py --resume {good[0][0]}")
-        else:
-            hint = " No other checkpoint in that folder loads: start the run again without --resume."
-        raise CheckpointError(f"cannot resume: {reason}{hint}") from None
-
-
-def config_for_resume(ckpt: dict, overrides: list[str]) -> Config:
-    """The checkpoint's own config with command-line overrides applied (for --resume PATH without --config)."""
-    def merge(base: dict, extra: dict) -> dict:
-        for key, value in extra.items():
-            nested = isinstance(value, dict) and isinstance(base.get(key), dict)
-            base[key] = merge(base[key], value) if nested else value
-        return base
-    return validate(from_dict(merge(to_dict(from_dict(ckpt["config"])), parse_overrides(overrides))))
 
 
 # ----------------------------------------------------------------------------- run lock
@@ -260,8 +196,8 @@ class StopSignals:
 
 # ----------------------------------------------------------------------------- logging (rank 0)
 class RunLogger:
-    """TensorBoard scalars/images, the tqdm bar and results/plots/<run>/loss.png (`results_root`: train.py's
-    RESULTS_ROOT, passed in so that train.py stays the one place that names the output folders)."""
+    """TensorBoard scalars/images, the tqdm bar and results/plots/<run>/loss.png (`results_root`: trainer.py's
+    RESULTS_ROOT, passed in so that one place names the output folders)."""
 
     def __init__(self, cfg: Config, start_step: int, history: list[float], results_root: Path):
         from torch.utils.tensorboard import SummaryWriter  # slow import: only on the logging rank
@@ -294,35 +230,13 @@ class RunLogger:
         self.writer.close()
 
 
-# ----------------------------------------------------------------------------- device-side step bookkeeping
-class LaggedRead:
-    """Host value of a device scalar without a sync: on CUDA the copy lands in pinned memory and is read
-    once its event has completed (a step or so late, fine for a stop check on a value that only grows);
-    on CPU the tensor is read directly."""
-
-    def __init__(self, device: torch.device):
-        self.cuda, self.value, self.pending = device.type == "cuda", 0.0, []
-
-    def __call__(self, tensor: torch.Tensor) -> float:
-        if not self.cuda:
-            return float(tensor)
-        while self.pending and self.pending[0][1].query():
-            self.value = float(self.pending.pop(0)[0])
-        if len(self.pending) < 4:  # the GPU is far behind: skip this copy, a later one will land
-            host = torch.empty((), dtype=tensor.dtype, pin_memory=True)
-            host.copy_(tensor, non_blocking=True)
-            event = torch.cuda.Event()
-            event.record()
-            self.pending.append((host, event))
-        return self.value
-
-
+# ----------------------------------------------------------------------------- health of the loss and checkpoints
 class LossWatch:
     """Flags a loss that explodes while staying finite (divergence that the NaN guard alone sees too late):
     loss > max(FACTOR x its running level, FLOOR). The running level is an EMA of the healthy losses only,
     so a diverging run cannot drag it up; it lags above a falling loss, which makes the rule conservative.
     FLOOR: an epsilon-prediction model that outputs zeros has loss 1, so no healthy run stays above it
-    for long. Device-side (no host sync); `level` 0 = no healthy loss seen yet (nothing is flagged)."""
+    for long. `level` 0 = no healthy loss seen yet (nothing is flagged)."""
 
     FACTOR, FLOOR, ALPHA = 10.0, 1.0, 0.05
 
@@ -344,32 +258,65 @@ class LossWatch:
         return sorted(recent)[len(recent) // 2] if recent else 0.0
 
 
-class StepStats:
-    """Per-step numbers kept on the device between two log points (reading them is a host sync)."""
+class CheckpointHealth:
+    """Which checkpoints of a run hold good weights. The loss of the step after a checkpoint is the verdict
+    on its weights (that loss is computed with exactly them); a diverging run must neither rotate away nor
+    fail to name the last checkpoint it could be resumed from."""
 
-    def __init__(self, capacity: int, device: torch.device):
-        self.loss = torch.full((capacity,), float("nan"), device=device)  # mean loss per step, NaN = skipped
-        self.q_sum, self.q_count = torch.zeros(4, device=device), torch.zeros(4, device=device)
-        self.grad_norm_sum, self.grad_norm_max = torch.zeros((), device=device), torch.zeros((), device=device)
-        self.skipped, self.n = torch.zeros((), device=device), 0
-        self.bad = torch.zeros(capacity, device=device)  # 1 = an unhealthy step (non-finite or exploding loss)
+    def __init__(self, run_dir: Path, keep_last: int, resumed_from: Optional[Path], start_step: int):
+        self.run_dir, self.keep_last, self.resumed_from, self.start_step = run_dir, keep_last, resumed_from, start_step
+        self.saved = [start_step] if resumed_from is not None else []  # steps saved by this process (rank 0)
+        self.bad: set[int] = set()                                     # steps with an unhealthy loss
+        self.seen_through = start_step                                 # steps whose loss is known
 
-    def record(self, loss, q_sum, q_count, grad_norm, skip, bad) -> None:
-        ok = skip == 0
-        self.bad[self.n] = bad
-        self.loss[self.n] = torch.where(ok, loss, float("nan"))
-        self.q_sum += torch.where(ok, q_sum, 0.0)
-        self.q_count += torch.where(ok, q_count, 0.0)
-        norm = torch.where(ok, grad_norm, 0.0)
-        self.grad_norm_sum += norm
-        torch.maximum(self.grad_norm_max, norm, out=self.grad_norm_max)
-        self.skipped += skip
-        self.n += 1
+    def record(self, step: int, bad: bool) -> None:
+        self.seen_through = step
+        if bad:
+            self.bad.add(step)
 
-    def reset(self) -> None:
-        for t in (self.q_sum, self.q_count, self.grad_norm_sum, self.grad_norm_max, self.skipped):
-            t.zero_()
-        self.loss.fill_(float("nan"))
-        self.bad.zero_()
-        self.n = 0
+    def good_step(self) -> Optional[int]:
+        """The newest step saved (or resumed from) whose next step had a finite, non-exploding loss."""
+        return next((s for s in reversed(self.saved) if s < self.seen_through and s + 1 not in self.bad), None)
 
+    def rotate(self, step: int) -> None:
+        """Keep the keep_last newest step files, and always the newest good one."""
+        ours = [p for p in list_checkpoints(self.run_dir) if int(p.stem.split("_")[1]) <= step]
+        keep, good = set(ours[-self.keep_last:]), self.good_step()
+        if good is not None:
+            keep.add(self.run_dir / f"step_{good:07d}.pt")
+        for old in ours:
+            if old not in keep:
+                old.unlink(missing_ok=True)
+
+    def good_path(self, good: Optional[int], last_saved: Optional[int]) -> Optional[Path]:
+        """The file holding step `good`: its step file, or the file this run resumed from if that was not
+        overwritten since (a last.pt is rewritten by every save)."""
+        if good is None:
+            return None
+        step_file = self.run_dir / f"step_{good:07d}.pt"
+        if step_file.is_file():
+            return step_file
+        resumed = self.resumed_from
+        if good == self.start_step and resumed is not None and resumed.is_file() and (
+                last_saved == good or resumed.resolve() != (self.run_dir / "last.pt").resolve()):
+            return resumed
+        return None
+
+    def hint(self, last_saved: Optional[int]) -> str:
+        """What to do after a divergence: resume from the last good checkpoint, or start again."""
+        good, advice = self.good_step(), ("lower train.lr or set train.grad_clip (and use train.amp=bf16 or off "
+                                          "rather than fp16)")
+        path = self.good_path(good, last_saved)
+        if path is not None:
+            after = [s for s in self.saved if s > good]
+            later = (f"; the checkpoints saved after it (step {after[0]}{f'-{after[-1]}' if len(after) > 1 else ''}, "
+                     f"and so last.pt) hold weights of the unhealthy steps" if after else "")
+            return (f"The last good checkpoint is {path} (step {good}: the step after it still had a normal "
+                    f"loss){later}. To continue from it, {advice}, then run with --resume {path}.")
+        if good is not None:
+            return f"The last good checkpoint (step {good}) is no longer on disk: {advice} and start again."
+        if self.saved:
+            return (f"No checkpoint of this run is known to be good: the step after each one saved "
+                    f"({', '.join(map(str, self.saved[-5:]))}) already had a non-finite or exploding loss. "
+                    f"{advice[0].upper() + advice[1:]} and start again.")
+        return f"No checkpoint was written yet: {advice} and start again."

@@ -275,7 +275,7 @@ def main(argv=None) -> int:
     ckpt = Path("checkpoints") / cfg.run_name / "last.pt"
     timing = ckpt.parent / "bench_train_time.json"  # so that --skip-train still reports the training time
     if not (args.skip_train and ckpt.is_file()):
-        from train import train
+        from trainer import train
         summary = train(cfg, overwrite=True)
         if summary["exit_code"] != 0:
             return summary["exit_code"]
