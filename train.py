@@ -26,8 +26,9 @@ from typing import Optional
 
 from config import ConfigError, load_config
 from dataset import DatasetMissingError
+from run_folder import resume_path
 from train_resume import config_for_resume, load_resume_checkpoint
-from trainer import NonFiniteLossError, resume_path, train
+from trainer import NonFiniteLossError, train
 from utils import CheckpointError
 
 

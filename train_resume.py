@@ -1,5 +1,6 @@
-"""Resuming a run: which checkpoint --resume means, whether it may be resumed with this config, and loading
-its training state into a Trainer's network, EMA and optimizer (library code of trainer.py).
+"""Resuming a run: loading the checkpoint, whether this config may continue it, and reading its training
+state back into a Trainer's network, EMA, optimizer, schedule and RNGs (Trainer.checkpoint_state writes
+it). Library code of trainer.py; which file --resume means: run_folder.resume_path.
 """
 from __future__ import annotations
 
@@ -11,7 +12,8 @@ import torch
 from tqdm.auto import tqdm
 
 from config import Config, ConfigError, from_dict, parse_overrides, to_dict, validate
-from utils import CheckpointError, list_checkpoints, load_checkpoint
+from data_order import NOISE
+from utils import CheckpointError, derive_seed, list_checkpoints, load_checkpoint, seed_everything, set_rng_state
 
 # Resuming may change these; any other change under seed/data/model/diffusion means another experiment.
 RESUME_FIXED = ("seed", "data.", "model.", "diffusion.")
@@ -142,6 +144,34 @@ def load_weights(ckpt: dict, net: torch.nn.Module, ema_net: torch.nn.Module,
                               f"config describes ({detail[:300]}); the file was edited or not written by "
                               f"this train.py: resume from another checkpoint of the run, or start over "
                               f"without --resume") from None
+
+
+def restore_optimization(ckpt: dict, net: torch.nn.Module, ema, optimizer: torch.optim.Optimizer,
+                         scheduler: torch.optim.lr_scheduler.LambdaLR, lr: float) -> None:
+    """Weights, EMA, optimizer moments and the schedule position of `ckpt`. Hyper-parameters (lr, betas,
+    weight decay, fused) stay those of the current config: a resume may change train.*."""
+    fresh = [{k: v for k, v in g.items() if k != "params"} for g in optimizer.param_groups]
+    load_weights(ckpt, net, ema.model, optimizer)
+    for group, values in zip(optimizer.param_groups, fresh):
+        group.update(values)
+    match_state_layout(optimizer)
+    ema.num_updates = int(ckpt["ema_num_updates"])
+    # Each group's lr is the expression LambdaLR.step uses, so bitwise equal to an uninterrupted run's; the
+    # scheduler's own record of the last lr is refreshed by the next step (before anything logs it).
+    scheduler.load_state_dict(ckpt["lr_scheduler"])
+    scheduler.base_lrs = [lr] * len(optimizer.param_groups)
+    for group, factor in zip(optimizer.param_groups, scheduler.lr_lambdas):
+        group["lr"] = lr * factor(scheduler.last_epoch)
+
+
+def restore_rng(rng: dict, rank: int, seed: int, step: int) -> None:
+    """This rank's saved RNG states; a rank the checkpoint's run did not have starts a fresh noise stream."""
+    if rank < len(rng["ranks"]):
+        set_rng_state(rng["ranks"][rank])
+        return
+    seed_everything(derive_seed(seed, NOISE, rank, step))
+    tqdm.write(f"note: rank {rank} has no saved RNG state (the checkpoint was written by {len(rng['ranks'])} "
+               f"process(es)): it starts a fresh noise stream")
 
 
 def match_state_layout(optimizer: torch.optim.Optimizer) -> None:

@@ -1,5 +1,6 @@
-"""Building blocks of the Trainer (trainer.py), apart from resuming (train_resume.py): process layout (DDP),
-EMA, optimizer and LR schedule, run lock, stop signals, logging, and the health of the loss and checkpoints.
+"""Building blocks of the Trainer (trainer.py): process layout (DDP), EMA, optimizer and LR schedule, stop
+signals, logging (rank 0) and the exploding-loss watch. Run folder and checkpoint files: run_folder.py;
+resuming: train_resume.py.
 """
 from __future__ import annotations
 
@@ -7,7 +8,6 @@ import copy
 import math
 import os
 import signal
-import socket
 import time
 from pathlib import Path
 from typing import Callable, Optional
@@ -17,7 +17,7 @@ import torch.distributed as dist
 from tqdm.auto import tqdm
 
 from config import Config, ConfigError
-from utils import check_cuda_index, get_device, list_checkpoints, save_loss_plot
+from utils import check_cuda_index, get_device, save_image_grid, save_loss_plot, save_scatter_plot
 
 PLOT_EVERY_S = 30.0                           # loss.png refresh interval (also at every sample/checkpoint)
 
@@ -116,55 +116,6 @@ def build_optimizer(model: torch.nn.Module, tcfg) -> torch.optim.Optimizer:
         return torch.optim.AdamW(model.parameters(), foreach=True, **kwargs)
 
 
-# ----------------------------------------------------------------------------- run lock
-class RunLockedError(ConfigError):
-    """Another live process trains the same run folder."""
-
-
-class RunLock:
-    """An exclusive fcntl.flock on <run folder>/.lock, which holds "PID host" for the message. The kernel
-    drops the lock when its process dies (even by kill -9), so a lock file left by a dead process is simply
-    taken over. The file itself stays: deleting it could let two processes lock two different files."""
-
-    NAME = ".lock"
-
-    def __init__(self, folder: Path):
-        self.path, self.fd, self.created_folder = Path(folder) / self.NAME, None, not Path(folder).exists()
-
-    def acquire(self) -> "RunLock":
-        try:
-            import fcntl
-        except ImportError:  # not POSIX (Windows): no lock, as before
-            return self
-        self.path.parent.mkdir(parents=True, exist_ok=True)
-        fd = os.open(self.path, os.O_RDWR | os.O_CREAT, 0o666)
-        try:
-            fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
-        except OSError:
-            holder = os.pread(fd, 200, 0).decode(errors="replace").split()
-            os.close(fd)
-            pid, host = (holder + ["?", "?"])[:2]
-            raise RunLockedError(f"{self.path.parent}/ is in use by another train.py (PID {pid} on {host}), "
-                                 f"which holds {self.path}: wait for it to finish or stop it, or train under "
-                                 f"another name with run_name=NEW_NAME") from None
-        os.ftruncate(fd, 0)
-        os.pwrite(fd, f"{os.getpid()} {socket.gethostname()}\n".encode(), 0)
-        self.fd = fd
-        return self
-
-    def release(self) -> None:
-        """Unlock; a folder this lock created and nothing else filled is removed again (a run that failed
-        during setup leaves no trace)."""
-        if self.fd is None:
-            return
-        folder = self.path.parent
-        if self.created_folder and [p.name for p in folder.iterdir()] == [self.NAME]:
-            self.path.unlink(missing_ok=True)
-            folder.rmdir()
-        os.close(self.fd)  # closing the last descriptor drops the flock
-        self.fd = None
-
-
 # ----------------------------------------------------------------------------- signals
 class StopSignals:
     """First Ctrl-C / SIGTERM: finish the current step, save, exit. A second Ctrl-C aborts at once."""
@@ -213,6 +164,25 @@ class RunLogger:
         for tag, value in values.items():
             self.writer.add_scalar(tag, value, step)
 
+    def interval(self, step: int, losses: list[float], grad_norms: list[float], by_t: list[float], T: int,
+                 scalars: dict) -> None:
+        """Scalars of the steps since the last log: mean loss (NaN = skipped step), gradient norm (of the
+        steps taken), loss per quarter of t (by_t: 4 sums, then 4 counts), plus `scalars`; the bar's postfix."""
+        finite = [v for v in losses if math.isfinite(v)]
+        scalars = {"train/loss": sum(finite) / len(finite) if finite else math.nan,
+                   "train/grad_norm": sum(grad_norms) / len(grad_norms) if grad_norms else math.nan,
+                   "train/grad_norm_max": max(grad_norms, default=0.0), **scalars}
+        for i in range(4):
+            if by_t[4 + i]:
+                scalars[f"loss_by_t/t{i * T // 4:04d}-{(i + 1) * T // 4 - 1:04d}"] = by_t[i] / by_t[4 + i]
+        self.scalars(step, scalars)
+        postfix = {"loss": f"{scalars['train/loss']:.4f}", "lr": f"{scalars['train/lr']:.2e}",
+                   "img/s": f"{scalars['train/images_per_sec']:.0f}"}
+        if scalars["train/skipped_steps"]:
+            postfix["skipped"] = scalars["train/skipped_steps"]
+        self.bar.set_postfix(postfix, refresh=False)
+        self.plot()
+
     def image(self, tag: str, png: Path, step: int) -> None:
         import numpy as np
         from PIL import Image
@@ -228,6 +198,25 @@ class RunLogger:
         self.plot(force=True)
         self.bar.close()
         self.writer.close()
+
+
+@torch.no_grad()
+def save_samples(diffusion, ema_model: torch.nn.Module, cfg: Config, path: Path, dataset, title: str) -> None:
+    """train.num_sample_images EMA samples (DDIM, train.sample_steps) from a generator seeded with cfg.seed,
+    so the grids of a run are comparable over time: an image grid at `path`, or for the 2-D toy data a
+    scatter plot next to the data. The caller forks the RNG and sets autocast."""
+    n, toy, classes = cfg.train.num_sample_images, cfg.model.kind == "mlp", cfg.model.num_classes
+    device = next(ema_model.parameters()).device
+    shape = (n, 2) if toy else (n, cfg.model.in_channels, cfg.data.image_size, cfg.data.image_size)
+    y = torch.arange(n, device=device) % classes if classes else None
+    x = diffusion.sample(ema_model, shape, "ddim", steps=cfg.train.sample_steps,
+                         generator=torch.Generator().manual_seed(cfg.seed), y=y,
+                         guidance_scale=cfg.sample.guidance_scale, clip_x0=cfg.sample.clip_x0 and not toy,
+                         progress=False)
+    if toy:
+        save_scatter_plot(torch.stack([dataset[i][0] for i in range(min(len(dataset), n))]), x, path, title)
+    else:
+        save_image_grid(x.float(), path, nrow=classes if classes and n >= classes else None)
 
 
 # ----------------------------------------------------------------------------- health of the loss and checkpoints
@@ -256,67 +245,3 @@ class LossWatch:
         """A level for runs resumed from checkpoints that did not store one: the median of recent losses."""
         recent = [v for v in history[-50:] if math.isfinite(v)]
         return sorted(recent)[len(recent) // 2] if recent else 0.0
-
-
-class CheckpointHealth:
-    """Which checkpoints of a run hold good weights. The loss of the step after a checkpoint is the verdict
-    on its weights (that loss is computed with exactly them); a diverging run must neither rotate away nor
-    fail to name the last checkpoint it could be resumed from."""
-
-    def __init__(self, run_dir: Path, keep_last: int, resumed_from: Optional[Path], start_step: int):
-        self.run_dir, self.keep_last, self.resumed_from, self.start_step = run_dir, keep_last, resumed_from, start_step
-        self.saved = [start_step] if resumed_from is not None else []  # steps saved by this process (rank 0)
-        self.bad: set[int] = set()                                     # steps with an unhealthy loss
-        self.seen_through = start_step                                 # steps whose loss is known
-
-    def record(self, step: int, bad: bool) -> None:
-        self.seen_through = step
-        if bad:
-            self.bad.add(step)
-
-    def good_step(self) -> Optional[int]:
-        """The newest step saved (or resumed from) whose next step had a finite, non-exploding loss."""
-        return next((s for s in reversed(self.saved) if s < self.seen_through and s + 1 not in self.bad), None)
-
-    def rotate(self, step: int) -> None:
-        """Keep the keep_last newest step files, and always the newest good one."""
-        ours = [p for p in list_checkpoints(self.run_dir) if int(p.stem.split("_")[1]) <= step]
-        keep, good = set(ours[-self.keep_last:]), self.good_step()
-        if good is not None:
-            keep.add(self.run_dir / f"step_{good:07d}.pt")
-        for old in ours:
-            if old not in keep:
-                old.unlink(missing_ok=True)
-
-    def good_path(self, good: Optional[int], last_saved: Optional[int]) -> Optional[Path]:
-        """The file holding step `good`: its step file, or the file this run resumed from if that was not
-        overwritten since (a last.pt is rewritten by every save)."""
-        if good is None:
-            return None
-        step_file = self.run_dir / f"step_{good:07d}.pt"
-        if step_file.is_file():
-            return step_file
-        resumed = self.resumed_from
-        if good == self.start_step and resumed is not None and resumed.is_file() and (
-                last_saved == good or resumed.resolve() != (self.run_dir / "last.pt").resolve()):
-            return resumed
-        return None
-
-    def hint(self, last_saved: Optional[int]) -> str:
-        """What to do after a divergence: resume from the last good checkpoint, or start again."""
-        good, advice = self.good_step(), ("lower train.lr or set train.grad_clip (and use train.amp=bf16 or off "
-                                          "rather than fp16)")
-        path = self.good_path(good, last_saved)
-        if path is not None:
-            after = [s for s in self.saved if s > good]
-            later = (f"; the checkpoints saved after it (step {after[0]}{f'-{after[-1]}' if len(after) > 1 else ''}, "
-                     f"and so last.pt) hold weights of the unhealthy steps" if after else "")
-            return (f"The last good checkpoint is {path} (step {good}: the step after it still had a normal "
-                    f"loss){later}. To continue from it, {advice}, then run with --resume {path}.")
-        if good is not None:
-            return f"The last good checkpoint (step {good}) is no longer on disk: {advice} and start again."
-        if self.saved:
-            return (f"No checkpoint of this run is known to be good: the step after each one saved "
-                    f"({', '.join(map(str, self.saved[-5:]))}) already had a non-finite or exploding loss. "
-                    f"{advice[0].upper() + advice[1:]} and start again.")
-        return f"No checkpoint was written yet: {advice} and start again."

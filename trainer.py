@@ -25,11 +25,9 @@ mattered, so the simple form stays until one does (bench/gpu_check.py's `train` 
 from __future__ import annotations
 
 import math
-import shutil
 import signal
 import sys
 import time
-import zipfile
 from contextlib import nullcontext
 from pathlib import Path
 from typing import Optional
@@ -43,14 +41,13 @@ from data_order import NOISE, DataStream, EpochBatches, KeyedItems
 from dataset import build_dataset, check_data
 from diffusion import build_diffusion
 from model import build_model, count_parameters
-from train_resume import check_resumable, load_resume_checkpoint, load_weights, match_state_layout, warn_thread_count
-from train_utils import (EMA, CheckpointHealth, LossWatch, RunLock, RunLockedError, RunLogger, StopSignals,
-                         build_optimizer, lr_factor, setup_distributed)
-from utils import (CheckpointError, autocast, copy_checkpoint, derive_seed, get_rng_state, list_checkpoints,
-                   remove_temp_files, resolve_amp, resolve_channels_last, save_checkpoint, save_image_grid,
-                   save_scatter_plot, seed_everything, set_rng_state)
-
-CHECKPOINT_ROOT, RESULTS_ROOT = Path("checkpoints"), Path("results")  # relative to the working directory
+from run_folder import (CHECKPOINT_ROOT, RESULTS_ROOT, CheckpointHealth, end_message, lock_run_dir,
+                        prepare_run_dir, resume_path)
+from train_resume import check_resumable, load_resume_checkpoint, restore_optimization, restore_rng, warn_thread_count
+from train_utils import (EMA, LossWatch, RunLogger, StopSignals, build_optimizer, lr_factor, save_samples,
+                         setup_distributed)
+from utils import (autocast, copy_checkpoint, derive_seed, get_rng_state, resolve_amp, resolve_channels_last,
+                   save_checkpoint, seed_everything)
 STOP_AT, NONFINITE = 1, 1000                 # stop codes next to signal numbers (largest wins across ranks)
 
 
@@ -92,8 +89,8 @@ class Trainer:
         if ckpt is not None:
             check_resumable(ckpt, cfg, resumed_from)
             warn_thread_count(ckpt, self.device)
-        self._lock_run_dir()
-        self._prepare_run_dir(resuming=ckpt is not None, overwrite=overwrite)
+        self.lock = lock_run_dir(self.run_dir, self.dist)
+        prepare_run_dir(cfg.run_name, self.dist, resuming=ckpt is not None, overwrite=overwrite)
         self.setup_data()
         self.setup_model()
         self._setup_state(ckpt, resumed_from)
@@ -101,42 +98,6 @@ class Trainer:
         self.logger = (RunLogger(cfg, start_step=self.step, history=self.history, results_root=RESULTS_ROOT)
                        if self.dist.is_main else None)
         self.signals = StopSignals().install()
-
-    def _lock_run_dir(self) -> None:
-        """Rank 0 locks the run folder (RunLock), so a second train.py of the same run refuses instead of
-        overwriting this one's files; then it clears temp files that killed saves left there."""
-        error = None
-        if self.dist.is_main:
-            try:
-                self.lock = RunLock(self.run_dir).acquire()
-            except RunLockedError as err:
-                error = err
-        if self.dist.enabled:  # every rank stops if rank 0 could not lock
-            flag = torch.tensor([float(error is not None)])
-            dist.all_reduce(flag, op=dist.ReduceOp.MAX, group=self.dist.control)
-            if flag.item() and error is None:
-                error = RunLockedError(f"{self.run_dir}/ is in use by another train.py (see rank 0's message)")
-        if error is not None:
-            raise error
-        if self.dist.is_main and (removed := remove_temp_files(self.run_dir)):
-            tqdm.write(f"note: removed {len(removed)} temp file(s) of interrupted saves from {self.run_dir}/")
-
-    def _prepare_run_dir(self, resuming: bool, overwrite: bool) -> None:
-        existing = list_checkpoints(self.run_dir) + [p for p in [self.run_dir / "last.pt"] if p.is_file()]
-        if self.dist.enabled:  # every rank has looked before rank 0 may delete anything
-            dist.barrier(group=self.dist.control)
-        if resuming or not existing:
-            return
-        if not overwrite:
-            raise ConfigError(f"{self.run_dir}/ already holds a run ({', '.join(p.name for p in existing[-2:])}). "
-                              f"Continue it with --resume, start a separate run with run_name=NEW_NAME, or "
-                              f"pass --overwrite to delete it and start over.")
-        if self.dist.is_main:
-            for path in existing:
-                path.unlink(missing_ok=True)
-            shutil.rmtree(RESULTS_ROOT / "logs" / self.cfg.run_name, ignore_errors=True)
-            for png in self.images_dir.glob("step_*.png"):
-                png.unlink()
 
     def setup_data(self) -> None:
         cfg, info = self.cfg, self.dist
@@ -168,8 +129,7 @@ class Trainer:
         self.diffusion = build_diffusion(cfg).to(self.device)
         self.ema = EMA(net, decay=tcfg.ema_decay, warmup=tcfg.ema_warmup)
         self.optimizer = build_optimizer(net, tcfg)
-        self.lr_factor = lr_factor(tcfg)
-        self.scheduler = torch.optim.lr_scheduler.LambdaLR(self.optimizer, self.lr_factor)
+        self.scheduler = torch.optim.lr_scheduler.LambdaLR(self.optimizer, lr_factor(tcfg))
         self.scaler = torch.amp.GradScaler("cuda") if self.amp == "fp16" else None
         self.params = [p for p in net.parameters() if p.requires_grad]
 
@@ -190,18 +150,7 @@ class Trainer:
     def _restore(self, ckpt: dict) -> None:
         """The training state of `ckpt`; hyper-parameters (lr, betas, weight decay, fused) come from the
         current config."""
-        fresh = [{k: v for k, v in g.items() if k != "params"} for g in self.optimizer.param_groups]
-        load_weights(ckpt, self.net, self.ema.model, self.optimizer)
-        for group, values in zip(self.optimizer.param_groups, fresh):
-            group.update(values)
-        match_state_layout(self.optimizer)
-        # The saved schedule position with the CURRENT train.lr (a resume may change it); the lr of each group
-        # is the expression LambdaLR.step uses, so bitwise equal to an uninterrupted run's.
-        self.scheduler.load_state_dict(ckpt["lr_scheduler"])
-        self.scheduler.base_lrs = [self.tcfg.lr] * len(self.optimizer.param_groups)
-        for group in self.optimizer.param_groups:
-            group["lr"] = self.tcfg.lr * self.lr_factor(self.scheduler.last_epoch)
-        self.ema.num_updates = int(ckpt["ema_num_updates"])
+        restore_optimization(ckpt, self.net, self.ema, self.optimizer, self.scheduler, self.tcfg.lr)
         if self.scaler is not None and ckpt.get("grad_scaler"):
             self.scaler.load_state_dict(ckpt["grad_scaler"])
         self.step = self.last_saved = int(ckpt["step"])
@@ -209,13 +158,7 @@ class Trainer:
         log_state = ckpt.get("log_state") or {}
         self.skipped_total = int(log_state.get("skipped_total", 0))
         self.history = [float(v) for v in log_state.get("loss_history", torch.zeros(0)).tolist()]
-        rng = ckpt["rng"]
-        if self.dist.rank < len(rng["ranks"]):
-            set_rng_state(rng["ranks"][self.dist.rank])
-        else:
-            seed_everything(derive_seed(self.cfg.seed, NOISE, self.dist.rank, self.step))
-            tqdm.write(f"note: rank {self.dist.rank} has no saved RNG state (the checkpoint was written by "
-                       f"{len(rng['ranks'])} process(es)): it starts a fresh noise stream")
+        restore_rng(ckpt["rng"], self.dist.rank, self.cfg.seed, self.step)
 
     def _wrap(self, net: torch.nn.Module) -> torch.nn.Module:
         model = net
@@ -327,26 +270,15 @@ class Trainer:
         if not self.dist.is_main:
             return
         self.history.extend(losses)
-        finite, norms = [v for v in losses if math.isfinite(v)], [norm for _, norm, skip in window if not skip]
         images = n * self.tcfg.batch_size * self.tcfg.grad_accum * self.dist.world_size
         self.images_per_sec = images / max(elapsed, 1e-9)
-        scalars = {"train/loss": sum(finite) / len(finite) if finite else math.nan,
-                   "train/lr": self.scheduler.get_last_lr()[0],
-                   "train/grad_norm": sum(norms) / len(norms) if norms else math.nan,
-                   "train/grad_norm_max": max(norms, default=0.0), "train/images_per_sec": self.images_per_sec,
+        scalars = {"train/lr": self.scheduler.get_last_lr()[0], "train/images_per_sec": self.images_per_sec,
                    "train/skipped_steps": self.skipped_total,
                    "train/epoch": self.data.epoch + self.data.position / self.data.sampler.batches_per_epoch}
-        T = self.diffusion.num_timesteps
-        for i in range(4):
-            if by_t[4 + i]:
-                scalars[f"loss_by_t/t{i * T // 4:04d}-{(i + 1) * T // 4 - 1:04d}"] = by_t[i] / by_t[4 + i]
         if self.scaler is not None:
             scalars["train/grad_scale"] = self.scaler.get_scale()
-        self.logger.scalars(self.step, scalars)
-        postfix = {"loss": f"{scalars['train/loss']:.4f}", "lr": f"{scalars['train/lr']:.2e}",
-                   "img/s": f"{self.images_per_sec:.0f}", **({"skipped": self.skipped_total} if self.skipped_total else {})}
-        self.logger.bar.set_postfix(postfix, refresh=False)
-        self.logger.plot()
+        self.logger.interval(self.step, losses, [norm for _, norm, skip in window if not skip], by_t,
+                             self.diffusion.num_timesteps, scalars)
 
     @torch.no_grad()
     def sample(self) -> Optional[Path]:
@@ -354,23 +286,11 @@ class Trainer:
         time; forked RNG, so sampling never changes the training streams (resume stays exact)."""
         if not self.dist.is_main or self.tcfg.num_sample_images == 0:  # 0: no sample grids
             return None
-        start, cfg, n = time.perf_counter(), self.cfg, self.tcfg.num_sample_images
-        toy = cfg.model.kind == "mlp"
-        shape = (n, 2) if toy else (n, cfg.model.in_channels, cfg.data.image_size, cfg.data.image_size)
-        classes = cfg.model.num_classes
-        y = torch.arange(n, device=self.device) % classes if classes else None
+        start, path = time.perf_counter(), self.images_dir / f"step_{self.step:07d}.png"
         cuda = [self.device.index or 0] if self.device.type == "cuda" else []
         with torch.random.fork_rng(devices=cuda), autocast(self.device, self.amp):
-            gen = torch.Generator().manual_seed(cfg.seed)
-            x = self.diffusion.sample(self.ema.model, shape, "ddim", steps=self.tcfg.sample_steps, generator=gen,
-                                      y=y, guidance_scale=cfg.sample.guidance_scale,
-                                      clip_x0=cfg.sample.clip_x0 and not toy, progress=False)
-        path = self.images_dir / f"step_{self.step:07d}.png"
-        if toy:
-            data = torch.stack([self.base_dataset[i][0] for i in range(min(len(self.base_dataset), n))])
-            save_scatter_plot(data, x, path, f"{cfg.run_name} step {self.step}: EMA, DDIM {self.tcfg.sample_steps}")
-        else:
-            save_image_grid(x.float(), path, nrow=classes if classes and n >= classes else None)
+            save_samples(self.diffusion, self.ema.model, self.cfg, path, self.base_dataset,
+                         title=f"{self.cfg.run_name} step {self.step}: EMA, DDIM {self.tcfg.sample_steps}")
         self.logger.image("samples/ema_ddim", path, self.step)
         self.logger.plot(force=True)
         self._paused += time.perf_counter() - start
@@ -491,22 +411,13 @@ class Trainer:
                 "model": self.net, "ema": self.ema.model}
 
     def _report(self, interrupted: Optional[str], wall: float) -> None:
-        last = self.run_dir / "last.pt"
         if self.logger:
             self.logger.close()
             self.logger = None
-        if interrupted and interrupted != "stop_at" and self.last_saved is None:
-            print(f"stopped by {interrupted} before the first step: nothing was saved", flush=True)
-        elif interrupted and interrupted != "stop_at":
-            launcher = (f"torchrun --nproc_per_node {self.dist.world_size} train.py" if self.dist.enabled
-                        else "python train.py")
-            print(f"stopped by {interrupted} at step {self.step}: saved {last}\n"
-                  f"resume with: {launcher} --resume {last}", flush=True)
-        elif not interrupted:
-            print(f"finished {self.cfg.run_name}: step {self.step} in {wall / 60:.1f} min | checkpoint {last} | "
-                  f"samples {self.images_dir}/ | loss plot {RESULTS_ROOT / 'plots' / self.cfg.run_name}/loss.png | "
-                  f"tensorboard --logdir {RESULTS_ROOT / 'logs'} | sample with: "
-                  f"python sample.py --checkpoint {last}", flush=True)
+        launcher = f"torchrun --nproc_per_node {self.dist.world_size} train.py" if self.dist.enabled else None
+        message = end_message(self.cfg.run_name, self.step, interrupted, self.last_saved is not None, wall, launcher)
+        if message:
+            print(message, flush=True)
 
     def close(self) -> None:
         torch.set_num_threads(self._threads)
@@ -538,30 +449,3 @@ def train(cfg: Config, resume: Optional[bool | str | Path] = None, *, checkpoint
         return trainer.run()
     finally:
         trainer.close()
-
-
-def resume_path(resume: bool | str | Path, run_name: str) -> Path:
-    """The checkpoint --resume means: True = the config's run folder; a folder = its last.pt, or its newest
-    step file when last.pt is missing; a file as given. Nothing there: a CheckpointError naming the runs
-    that exist under checkpoints/ and the command that resumes each."""
-    path = CHECKPOINT_ROOT / run_name if resume is True else Path(resume)
-    if resume is True or path.is_dir():
-        steps = list_checkpoints(path)
-        path = path / "last.pt" if (path / "last.pt").is_file() or not steps else steps[-1]
-    if path.is_file():
-        return path
-    raise CheckpointError(f"cannot resume: no checkpoint at {path}; {existing_runs_hint()}")
-
-
-def existing_runs_hint() -> str:
-    """'; '-joined resume commands for the runs under checkpoints/ that hold a checkpoint (a zip: torch.save's
-    format; checked without loading, so this stays fast for big files)."""
-    runs = []
-    for folder in sorted(p for p in CHECKPOINT_ROOT.glob("*") if p.is_dir()):
-        files = [f for f in [folder / "last.pt", *reversed(list_checkpoints(folder))] if zipfile.is_zipfile(f)]
-        if files:
-            runs.append(f"run '{folder.name}': python train.py --resume {files[0]}")
-    if not runs:
-        return (f"{CHECKPOINT_ROOT}/ holds no run: start one without --resume, "
-                f"e.g. python train.py --config configs/digits.yaml")
-    return "runs that exist: " + "; ".join(runs)
