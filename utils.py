@@ -94,9 +94,8 @@ def autocast(device: torch.device, amp: str):
 
 def resolve_channels_last(flag: Optional[bool], device: torch.device) -> bool:
     """None (auto) -> channels_last on CUDA only (it feeds the tensor cores). On CPU NCHW trains as fast or
-    faster: `python bench/throughput.py --dtypes bf16 --tasks train --no-diffusers` on a 2-core AVX512-BF16
-    CPU gave NCHW / channels_last 1.36x for the MNIST net, 1.15x for digits, 1.02x for CIFAR-10 (runs of the
-    CIFAR-10 net vary by +-12% either way); GroupNorm's channels_last backward is slow on CPU."""
+    faster (GroupNorm's channels_last backward is slow on CPU): measured by bench/throughput.py, numbers in
+    bench/RESULTS.md ("Defaults chosen from these measurements")."""
     return device.type == "cuda" if flag is None else flag
 
 
