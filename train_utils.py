@@ -147,8 +147,8 @@ class StopSignals:
 
 # ----------------------------------------------------------------------------- logging (rank 0)
 class RunLogger:
-    """TensorBoard scalars/images, the tqdm bar and results/plots/<run>/loss.png (`results_root`: trainer.py's
-    RESULTS_ROOT, passed in so that one place names the output folders)."""
+    """TensorBoard scalars/images, the tqdm bar and results/plots/<run>/loss.png (`results_root`:
+    run_folder.RESULTS_ROOT, passed in so that one place names the output folders)."""
 
     def __init__(self, cfg: Config, start_step: int, history: list[float], results_root: Path):
         from torch.utils.tensorboard import SummaryWriter  # slow import: only on the logging rank

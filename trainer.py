@@ -145,12 +145,14 @@ class Trainer:
         self.loss_watch = LossWatch(self.device, log_state.get("loss_level",
                                                                LossWatch.level_from_history(self.history)))
         self.start_step = self.step
-        self.health = CheckpointHealth(self.run_dir, self.tcfg.keep_last, resumed_from, self.step)
+        self.health = CheckpointHealth(self.run_dir, keep_last=self.tcfg.keep_last, resumed_from=resumed_from,
+                                       start_step=self.step)
 
     def _restore(self, ckpt: dict) -> None:
         """The training state of `ckpt`; hyper-parameters (lr, betas, weight decay, fused) come from the
         current config."""
-        restore_optimization(ckpt, self.net, self.ema, self.optimizer, self.scheduler, self.tcfg.lr)
+        restore_optimization(ckpt, net=self.net, ema=self.ema, optimizer=self.optimizer, scheduler=self.scheduler,
+                             lr=self.tcfg.lr)
         if self.scaler is not None and ckpt.get("grad_scaler"):
             self.scaler.load_state_dict(ckpt["grad_scaler"])
         self.step = self.last_saved = int(ckpt["step"])
@@ -158,7 +160,7 @@ class Trainer:
         log_state = ckpt.get("log_state") or {}
         self.skipped_total = int(log_state.get("skipped_total", 0))
         self.history = [float(v) for v in log_state.get("loss_history", torch.zeros(0)).tolist()]
-        restore_rng(ckpt["rng"], self.dist.rank, self.cfg.seed, self.step)
+        restore_rng(ckpt["rng"], rank=self.dist.rank, seed=self.cfg.seed, step=self.step)
 
     def _wrap(self, net: torch.nn.Module) -> torch.nn.Module:
         model = net
@@ -415,7 +417,8 @@ class Trainer:
             self.logger.close()
             self.logger = None
         launcher = f"torchrun --nproc_per_node {self.dist.world_size} train.py" if self.dist.enabled else None
-        message = end_message(self.cfg.run_name, self.step, interrupted, self.last_saved is not None, wall, launcher)
+        message = end_message(self.cfg.run_name, step=self.step, interrupted=interrupted,
+                              saved=self.last_saved is not None, wall=wall, launcher=launcher)
         if message:
             print(message, flush=True)
 
