@@ -17,7 +17,7 @@ import torch.distributed as dist
 from tqdm.auto import tqdm
 
 from config import Config, ConfigError
-from utils import check_cuda_index, get_device, save_image_grid, save_loss_plot, save_scatter_plot
+from utils import check_cuda_index, get_device, get_rng_state, save_image_grid, save_loss_plot, save_scatter_plot
 
 PLOT_EVERY_S = 30.0                           # loss.png refresh interval (also at every sample/checkpoint)
 
@@ -60,6 +60,25 @@ def setup_distributed(device_name: str) -> tuple[DistInfo, torch.device]:
         dist.init_process_group("nccl" if device.type == "cuda" else "gloo")
     control = dist.new_group(backend="gloo") if device.type == "cuda" else dist.group.WORLD
     return DistInfo(rank, world, local_rank, control, owner), device
+
+
+def gather_rng_states(info: DistInfo) -> list[dict]:
+    """Every rank's RNG states, for rank 0's checkpoint (a collective under DDP)."""
+    if not info.enabled:
+        return [get_rng_state()]
+    states = [None] * info.world_size
+    dist.all_gather_object(states, get_rng_state(), group=info.control)
+    return states
+
+
+def all_finite(modules: list[torch.nn.Module], info: DistInfo) -> bool:
+    """Whether every parameter of `modules` is finite on every rank. All ranks get the same answer, so all
+    raise or none: no rank may wait in a collective for one that raised."""
+    finite = torch.stack([torch.isfinite(p).all() for m in modules for p in m.parameters()]).all()
+    finite = finite.float().reshape(1).cpu()
+    if info.enabled:
+        dist.all_reduce(finite, op=dist.ReduceOp.MIN, group=info.control)
+    return bool(finite)
 
 
 # ----------------------------------------------------------------------------- model helpers

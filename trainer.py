@@ -44,10 +44,10 @@ from model import build_model, count_parameters
 from run_folder import (CHECKPOINT_ROOT, RESULTS_ROOT, CheckpointHealth, end_message, lock_run_dir,
                         prepare_run_dir, resume_path)
 from train_resume import check_resumable, load_resume_checkpoint, restore_optimization, restore_rng, warn_thread_count
-from train_utils import (EMA, LossWatch, RunLogger, StopSignals, build_optimizer, lr_factor, save_samples,
-                         setup_distributed)
-from utils import (autocast, copy_checkpoint, derive_seed, get_rng_state, resolve_amp, resolve_channels_last,
-                   save_checkpoint, seed_everything)
+from train_utils import (EMA, LossWatch, RunLogger, StopSignals, all_finite, build_optimizer, gather_rng_states,
+                         lr_factor, save_samples, setup_distributed)
+from utils import (autocast, copy_checkpoint, derive_seed, resolve_amp, resolve_channels_last, save_checkpoint,
+                   seed_everything)
 STOP_AT, NONFINITE = 1, 1000                 # stop codes next to signal numbers (largest wins across ranks)
 
 
@@ -318,15 +318,8 @@ class Trainer:
             return None
         start = time.perf_counter()
         self.log()  # flush the interval, so the saved loss history is complete
-        rng_states = [get_rng_state()]
-        if self.dist.enabled:
-            rng_states = [None] * self.dist.world_size
-            dist.all_gather_object(rng_states, get_rng_state(), group=self.dist.control)
-        tensors = list(self.net.parameters()) + list(self.ema.model.parameters())
-        finite = torch.stack([torch.isfinite(p).all() for p in tensors]).all().float().reshape(1).cpu()
-        if self.dist.enabled:  # every rank raises, or none: no rank may wait in a collective for one that did
-            dist.all_reduce(finite, op=dist.ReduceOp.MIN, group=self.dist.control)
-        if not bool(finite):
+        rng_states = gather_rng_states(self.dist)
+        if not all_finite([self.net, self.ema.model], self.dist):
             raise NonFiniteLossError(f"the weights became non-finite at step {self.step}; nothing was saved. "
                                      f"{self.health.hint(self.last_saved)}")
         self.last_saved = self.step
