@@ -13,14 +13,15 @@ unless asked to (overwrite=True, --overwrite).
 A step whose loss or gradient is non-finite is skipped (no weight, optimizer or EMA change), counted and
 logged. A finite loss that explodes (above max(10 x its running level, 1): train_utils.LossWatch) is
 trained on but, like a non-finite one, unhealthy: train.max_nonfinite unhealthy steps in a row stop the run
-(NonFiniteLossError), and the message names the last good checkpoint (train_utils.CheckpointHealth), which
+(NonFiniteLossError), and the message names the last good checkpoint (run_folder.CheckpointHealth), which
 checkpoint rotation never deletes. checkpoints/<run>/.lock keeps a second train.py off a run in progress; a
 lock left by a dead process is taken over.
 
 Host syncs: each step reads its loss, gradient norm and health flags on the host once (`.tolist()` in
 _read_step), and the skip of a non-finite step is a plain `if`. Earlier versions kept all of this on the
 device (lagged reads, fused AdamW's found_inf flag) to avoid that sync; no GPU measurement ever showed it
-mattered, so the simple form stays until one does (bench/gpu_check.py's `train` part is where to measure).
+mattered, so the simple form stays until one does (what to measure, on a GPU: bench/RESULTS.md, "One host
+sync per training step").
 """
 from __future__ import annotations
 
