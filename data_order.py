@@ -1,4 +1,4 @@
-"""Data order of train.py: which items each step trains on, and how they are randomly flipped.
+"""Data order of the Trainer (trainer.py): which items each step trains on, and how they are randomly flipped.
 
 The order of epoch e is a pure function of (seed, e) and each flip one of (seed, e, item), never of the
 worker processes or of what was loaded before: so a checkpoint stores only (epoch, batches consumed) and
@@ -16,7 +16,7 @@ from tqdm.auto import tqdm
 from config import ConfigError
 from utils import derive_seed
 
-# Purposes mixed into derive_seed, so their streams differ (NOISE: train.py's per-rank noise streams).
+# Purposes mixed into derive_seed, so their streams differ (NOISE: the Trainer's per-rank noise streams).
 DATA_ORDER, FLIPS, NOISE = 1, 2, 3
 
 

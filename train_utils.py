@@ -1,5 +1,6 @@
-"""Building blocks of train.py's training loop, apart from the Trainer itself: process layout (DDP), EMA,
-optimizer and LR schedule, resume checks, stop signals, logging and device-side step statistics.
+"""Building blocks of the Trainer (trainer.py): process layout (DDP), EMA, optimizer and LR schedule, stop
+signals, logging (rank 0) and the exploding-loss watch. Run folder and checkpoint files: run_folder.py;
+resuming: train_resume.py.
 """
 from __future__ import annotations
 
@@ -7,7 +8,6 @@ import copy
 import math
 import os
 import signal
-import socket
 import time
 from pathlib import Path
 from typing import Callable, Optional
@@ -16,12 +16,9 @@ import torch
 import torch.distributed as dist
 from tqdm.auto import tqdm
 
-from config import Config, ConfigError, from_dict, parse_overrides, to_dict, validate
-from utils import CheckpointError, check_cuda_index, get_device, list_checkpoints, load_checkpoint, save_loss_plot
+from config import Config, ConfigError
+from utils import check_cuda_index, get_device, get_rng_state, save_image_grid, save_loss_plot, save_scatter_plot
 
-# Resuming may change these; any other change under seed/data/model/diffusion means another experiment.
-RESUME_FIXED = ("seed", "data.", "model.", "diffusion.")
-RESUME_MUTABLE = ("data.num_workers", "data.root", "data.download")
 PLOT_EVERY_S = 30.0                           # loss.png refresh interval (also at every sample/checkpoint)
 
 
@@ -65,35 +62,51 @@ def setup_distributed(device_name: str) -> tuple[DistInfo, torch.device]:
     return DistInfo(rank, world, local_rank, control, owner), device
 
 
+def gather_rng_states(info: DistInfo) -> list[dict]:
+    """Every rank's RNG states, for rank 0's checkpoint (a collective under DDP)."""
+    if not info.enabled:
+        return [get_rng_state()]
+    states = [None] * info.world_size
+    dist.all_gather_object(states, get_rng_state(), group=info.control)
+    return states
+
+
+def all_finite(modules: list[torch.nn.Module], info: DistInfo) -> bool:
+    """Whether every parameter of `modules` is finite on every rank. All ranks get the same answer, so all
+    raise or none: no rank may wait in a collective for one that raised."""
+    finite = torch.stack([torch.isfinite(p).all() for m in modules for p in m.parameters()]).all()
+    finite = finite.float().reshape(1).cpu()
+    if info.enabled:
+        dist.all_reduce(finite, op=dist.ReduceOp.MIN, group=info.control)
+    return bool(finite)
+
+
 # ----------------------------------------------------------------------------- model helpers
 class EMA:
     """Exponential moving average of the weights, with decay warm-up min(decay, (1 + n) / (10 + n)) over the
-    n updates so far, so early averages are not dominated by the random init. Device-side: `skip`
-    (0-dim float, 1 = skip) turns an update into a no-op without a host sync."""
+    n updates so far, so early averages are not dominated by the random init.
+
+    Not torch.optim.swa_utils.AveragedModel (get_ema_multi_avg_fn): its first update copies the weights
+    instead of averaging them into the initial copy, it has no decay warm-up, and its state dict (a
+    `module.` prefix, an n_averaged buffer) is not the checkpoint format (`ema`: the bare network's keys,
+    `ema_num_updates`). So: the public in-place Tensor.lerp_, one call per tensor."""
 
     def __init__(self, model: torch.nn.Module, decay: float, warmup: bool = True):
         self.model = copy.deepcopy(model).eval().requires_grad_(False)
-        self.decay, self.warmup = decay, warmup
-        device = next(self.model.parameters()).device
-        self.num_updates = torch.zeros((), dtype=torch.float64, device=device)
+        self.decay, self.warmup, self.num_updates = decay, warmup, 0
 
-    def current_decay(self) -> torch.Tensor:
-        if not self.warmup:
-            return torch.full_like(self.num_updates, self.decay)
+    def current_decay(self) -> float:
         n = self.num_updates
-        return ((1 + n) / (10 + n)).clamp(max=self.decay)
+        return min(self.decay, (1 + n) / (10 + n)) if self.warmup else self.decay
 
     @torch.no_grad()
-    def update(self, model: torch.nn.Module, skip: Optional[torch.Tensor] = None) -> None:
+    def update(self, model: torch.nn.Module) -> None:
         weight = 1 - self.current_decay()                       # ema <- ema + weight * (param - ema)
-        if skip is not None:
-            weight = weight * (1 - skip)
-        ema_params = list(self.model.parameters())
-        # A list of 0-dim tensor weights keeps this on the device (a tensor "Scalar" would call .item()).
-        torch._foreach_lerp_(ema_params, list(model.parameters()), [weight.float()] * len(ema_params))
+        for ema_param, param in zip(self.model.parameters(), model.parameters()):
+            ema_param.lerp_(param, weight)
         for ema_buffer, buffer in zip(self.model.buffers(), model.buffers()):
             ema_buffer.copy_(buffer)
-        self.num_updates += 1 if skip is None else 1 - skip.double()
+        self.num_updates += 1
 
 
 def lr_factor(tcfg) -> Callable[[int], float]:
@@ -113,120 +126,13 @@ def lr_factor(tcfg) -> Callable[[int], float]:
 
 
 def build_optimizer(model: torch.nn.Module, tcfg) -> torch.optim.Optimizer:
-    """AdamW (identical to Adam at weight_decay 0). The fused kernel also takes a found_inf flag, which
-    skips a non-finite step on the device; foreach is the fallback where fused is unsupported."""
+    """AdamW (identical to Adam at weight_decay 0): the fused kernel (one launch for all parameters) where
+    this torch supports it for the device, else foreach."""
     kwargs = dict(lr=tcfg.lr, betas=(tcfg.adam_beta1, tcfg.adam_beta2), weight_decay=tcfg.weight_decay)
     try:
         return torch.optim.AdamW(model.parameters(), fused=True, **kwargs)
     except (RuntimeError, ValueError):
         return torch.optim.AdamW(model.parameters(), foreach=True, **kwargs)
-
-
-# ----------------------------------------------------------------------------- resume checks
-def _flatten(d: dict, prefix: str = "") -> dict:
-    out = {}
-    for key, value in d.items():
-        if isinstance(value, dict):
-            out.update(_flatten(value, f"{prefix}{key}."))
-        else:
-            out[prefix + key] = value
-    return out
-
-
-def resume_differences(old: dict, new: Config) -> list[str]:
-    """'key: old -> new' for every changed key that defines the experiment (seed, data, model, diffusion)."""
-    flat_old, flat_new = _flatten(to_dict(from_dict(old))), _flatten(to_dict(new))
-    return [f"  {key}: {flat_old[key]!r} -> {flat_new[key]!r}" for key in sorted(flat_new)
-            if key.startswith(RESUME_FIXED) and key not in RESUME_MUTABLE and flat_old[key] != flat_new[key]]
-
-
-def loadable_checkpoints(folder: Path, exclude: Optional[Path] = None) -> list[tuple[Path, int]]:
-    """(path, step) of the step files in folder that load, newest first."""
-    good = []
-    for path in reversed(list_checkpoints(folder)):
-        if exclude is not None and path.resolve() == exclude.resolve():
-            continue
-        try:
-            good.append((path, int(load_checkpoint(path)["step"])))
-        except (CheckpointError, KeyError, TypeError, ValueError):
-            pass
-    return good
-
-
-def load_resume_checkpoint(path: str | Path) -> dict:
-    """The checkpoint to resume from; on failure a CheckpointError naming the older files that load."""
-    path = Path(path)
-    try:
-        return load_checkpoint(path)
-    except CheckpointError as err:
-        reason = str(err).split(" Other checkpoints in")[0].split(" Train one first")[0]
-        good = loadable_checkpoints(path.parent, exclude=path)
-        if good:
-            names = ", ".join(f"{p} (step {s})" for p, s in good)
-            hint = (f" These older checkpoints load: {names}. Resume from the newest with: "
-                    f"python train.py --resume {good[0][0]}")
-        else:
-            hint = " No other checkpoint in that folder loads: start the run again without --resume."
-        raise CheckpointError(f"cannot resume: {reason}{hint}") from None
-
-
-def config_for_resume(ckpt: dict, overrides: list[str]) -> Config:
-    """The checkpoint's own config with command-line overrides applied (for --resume PATH without --config)."""
-    def merge(base: dict, extra: dict) -> dict:
-        for key, value in extra.items():
-            nested = isinstance(value, dict) and isinstance(base.get(key), dict)
-            base[key] = merge(base[key], value) if nested else value
-        return base
-    return validate(from_dict(merge(to_dict(from_dict(ckpt["config"])), parse_overrides(overrides))))
-
-
-# ----------------------------------------------------------------------------- run lock
-class RunLockedError(ConfigError):
-    """Another live process trains the same run folder."""
-
-
-class RunLock:
-    """An exclusive fcntl.flock on <run folder>/.lock, which holds "PID host" for the message. The kernel
-    drops the lock when its process dies (even by kill -9), so a lock file left by a dead process is simply
-    taken over. The file itself stays: deleting it could let two processes lock two different files."""
-
-    NAME = ".lock"
-
-    def __init__(self, folder: Path):
-        self.path, self.fd, self.created_folder = Path(folder) / self.NAME, None, not Path(folder).exists()
-
-    def acquire(self) -> "RunLock":
-        try:
-            import fcntl
-        except ImportError:  # not POSIX (Windows): no lock, as before
-            return self
-        self.path.parent.mkdir(parents=True, exist_ok=True)
-        fd = os.open(self.path, os.O_RDWR | os.O_CREAT, 0o666)
-        try:
-            fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
-        except OSError:
-            holder = os.pread(fd, 200, 0).decode(errors="replace").split()
-            os.close(fd)
-            pid, host = (holder + ["?", "?"])[:2]
-            raise RunLockedError(f"{self.path.parent}/ is in use by another train.py (PID {pid} on {host}), "
-                                 f"which holds {self.path}: wait for it to finish or stop it, or train under "
-                                 f"another name with run_name=NEW_NAME") from None
-        os.ftruncate(fd, 0)
-        os.pwrite(fd, f"{os.getpid()} {socket.gethostname()}\n".encode(), 0)
-        self.fd = fd
-        return self
-
-    def release(self) -> None:
-        """Unlock; a folder this lock created and nothing else filled is removed again (a run that failed
-        during setup leaves no trace)."""
-        if self.fd is None:
-            return
-        folder = self.path.parent
-        if self.created_folder and [p.name for p in folder.iterdir()] == [self.NAME]:
-            self.path.unlink(missing_ok=True)
-            folder.rmdir()
-        os.close(self.fd)  # closing the last descriptor drops the flock
-        self.fd = None
 
 
 # ----------------------------------------------------------------------------- signals
@@ -260,8 +166,8 @@ class StopSignals:
 
 # ----------------------------------------------------------------------------- logging (rank 0)
 class RunLogger:
-    """TensorBoard scalars/images, the tqdm bar and results/plots/<run>/loss.png (`results_root`: train.py's
-    RESULTS_ROOT, passed in so that train.py stays the one place that names the output folders)."""
+    """TensorBoard scalars/images, the tqdm bar and results/plots/<run>/loss.png (`results_root`:
+    run_folder.RESULTS_ROOT, passed in so that one place names the output folders)."""
 
     def __init__(self, cfg: Config, start_step: int, history: list[float], results_root: Path):
         from torch.utils.tensorboard import SummaryWriter  # slow import: only on the logging rank
@@ -276,6 +182,25 @@ class RunLogger:
     def scalars(self, step: int, values: dict) -> None:
         for tag, value in values.items():
             self.writer.add_scalar(tag, value, step)
+
+    def interval(self, step: int, losses: list[float], grad_norms: list[float], by_t: list[float], T: int,
+                 scalars: dict) -> None:
+        """Scalars of the steps since the last log: mean loss (NaN = skipped step), gradient norm (of the
+        steps taken), loss per quarter of t (by_t: 4 sums, then 4 counts), plus `scalars`; the bar's postfix."""
+        finite = [v for v in losses if math.isfinite(v)]
+        scalars = {"train/loss": sum(finite) / len(finite) if finite else math.nan,
+                   "train/grad_norm": sum(grad_norms) / len(grad_norms) if grad_norms else math.nan,
+                   "train/grad_norm_max": max(grad_norms, default=0.0), **scalars}
+        for i in range(4):
+            if by_t[4 + i]:
+                scalars[f"loss_by_t/t{i * T // 4:04d}-{(i + 1) * T // 4 - 1:04d}"] = by_t[i] / by_t[4 + i]
+        self.scalars(step, scalars)
+        postfix = {"loss": f"{scalars['train/loss']:.4f}", "lr": f"{scalars['train/lr']:.2e}",
+                   "img/s": f"{scalars['train/images_per_sec']:.0f}"}
+        if scalars["train/skipped_steps"]:
+            postfix["skipped"] = scalars["train/skipped_steps"]
+        self.bar.set_postfix(postfix, refresh=False)
+        self.plot()
 
     def image(self, tag: str, png: Path, step: int) -> None:
         import numpy as np
@@ -294,35 +219,32 @@ class RunLogger:
         self.writer.close()
 
 
-# ----------------------------------------------------------------------------- device-side step bookkeeping
-class LaggedRead:
-    """Host value of a device scalar without a sync: on CUDA the copy lands in pinned memory and is read
-    once its event has completed (a step or so late, fine for a stop check on a value that only grows);
-    on CPU the tensor is read directly."""
-
-    def __init__(self, device: torch.device):
-        self.cuda, self.value, self.pending = device.type == "cuda", 0.0, []
-
-    def __call__(self, tensor: torch.Tensor) -> float:
-        if not self.cuda:
-            return float(tensor)
-        while self.pending and self.pending[0][1].query():
-            self.value = float(self.pending.pop(0)[0])
-        if len(self.pending) < 4:  # the GPU is far behind: skip this copy, a later one will land
-            host = torch.empty((), dtype=tensor.dtype, pin_memory=True)
-            host.copy_(tensor, non_blocking=True)
-            event = torch.cuda.Event()
-            event.record()
-            self.pending.append((host, event))
-        return self.value
+@torch.no_grad()
+def save_samples(diffusion, ema_model: torch.nn.Module, cfg: Config, path: Path, dataset, title: str) -> None:
+    """train.num_sample_images EMA samples (DDIM, train.sample_steps) from a generator seeded with cfg.seed,
+    so the grids of a run are comparable over time: an image grid at `path`, or for the 2-D toy data a
+    scatter plot next to the data. The caller forks the RNG and sets autocast."""
+    n, toy, classes = cfg.train.num_sample_images, cfg.model.kind == "mlp", cfg.model.num_classes
+    device = next(ema_model.parameters()).device
+    shape = (n, 2) if toy else (n, cfg.model.in_channels, cfg.data.image_size, cfg.data.image_size)
+    y = torch.arange(n, device=device) % classes if classes else None
+    x = diffusion.sample(ema_model, shape, "ddim", steps=cfg.train.sample_steps,
+                         generator=torch.Generator().manual_seed(cfg.seed), y=y,
+                         guidance_scale=cfg.sample.guidance_scale, clip_x0=cfg.sample.clip_x0 and not toy,
+                         progress=False)
+    if toy:
+        save_scatter_plot(torch.stack([dataset[i][0] for i in range(min(len(dataset), n))]), x, path, title)
+    else:
+        save_image_grid(x.float(), path, nrow=classes if classes and n >= classes else None)
 
 
+# ----------------------------------------------------------------------------- health of the loss and checkpoints
 class LossWatch:
     """Flags a loss that explodes while staying finite (divergence that the NaN guard alone sees too late):
     loss > max(FACTOR x its running level, FLOOR). The running level is an EMA of the healthy losses only,
     so a diverging run cannot drag it up; it lags above a falling loss, which makes the rule conservative.
     FLOOR: an epsilon-prediction model that outputs zeros has loss 1, so no healthy run stays above it
-    for long. Device-side (no host sync); `level` 0 = no healthy loss seen yet (nothing is flagged)."""
+    for long. `level` 0 = no healthy loss seen yet (nothing is flagged)."""
 
     FACTOR, FLOOR, ALPHA = 10.0, 1.0, 0.05
 
@@ -342,34 +264,3 @@ class LossWatch:
         """A level for runs resumed from checkpoints that did not store one: the median of recent losses."""
         recent = [v for v in history[-50:] if math.isfinite(v)]
         return sorted(recent)[len(recent) // 2] if recent else 0.0
-
-
-class StepStats:
-    """Per-step numbers kept on the device between two log points (reading them is a host sync)."""
-
-    def __init__(self, capacity: int, device: torch.device):
-        self.loss = torch.full((capacity,), float("nan"), device=device)  # mean loss per step, NaN = skipped
-        self.q_sum, self.q_count = torch.zeros(4, device=device), torch.zeros(4, device=device)
-        self.grad_norm_sum, self.grad_norm_max = torch.zeros((), device=device), torch.zeros((), device=device)
-        self.skipped, self.n = torch.zeros((), device=device), 0
-        self.bad = torch.zeros(capacity, device=device)  # 1 = an unhealthy step (non-finite or exploding loss)
-
-    def record(self, loss, q_sum, q_count, grad_norm, skip, bad) -> None:
-        ok = skip == 0
-        self.bad[self.n] = bad
-        self.loss[self.n] = torch.where(ok, loss, float("nan"))
-        self.q_sum += torch.where(ok, q_sum, 0.0)
-        self.q_count += torch.where(ok, q_count, 0.0)
-        norm = torch.where(ok, grad_norm, 0.0)
-        self.grad_norm_sum += norm
-        torch.maximum(self.grad_norm_max, norm, out=self.grad_norm_max)
-        self.skipped += skip
-        self.n += 1
-
-    def reset(self) -> None:
-        for t in (self.q_sum, self.q_count, self.grad_norm_sum, self.grad_norm_max, self.skipped):
-            t.zero_()
-        self.loss.fill_(float("nan"))
-        self.bad.zero_()
-        self.n = 0
-

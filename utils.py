@@ -31,7 +31,12 @@ CHECKPOINT_VERSION = 1
 
 
 class CheckpointError(RuntimeError):
-    """A missing, corrupt or incompatible checkpoint; the message says what to do."""
+    """A missing, corrupt or incompatible checkpoint; the message says what to do. `cause`: the message
+    without its advice, for callers that give their own (train.py's resume lists the files that load)."""
+
+    def __init__(self, message: str, cause: Optional[str] = None):
+        super().__init__(message)
+        self.cause = cause or message
 
 
 class DeviceError(ConfigError, RuntimeError):
@@ -81,11 +86,17 @@ def resolve_amp(mode: str, device: torch.device) -> str:
     return "off"
 
 
+def autocast(device: torch.device, amp: str):
+    """The autocast context of a resolved amp mode ('off', 'bf16', 'fp16'; see resolve_amp)."""
+    if amp == "off":
+        return contextlib.nullcontext()
+    return torch.autocast(device.type, dtype=torch.bfloat16 if amp == "bf16" else torch.float16)
+
+
 def resolve_channels_last(flag: Optional[bool], device: torch.device) -> bool:
     """None (auto) -> channels_last on CUDA only (it feeds the tensor cores). On CPU NCHW trains as fast or
-    faster: `python bench/throughput.py --dtypes bf16 --tasks train --no-diffusers` on a 2-core AVX512-BF16
-    CPU gave NCHW / channels_last 1.36x for the MNIST net, 1.15x for digits, 1.02x for CIFAR-10 (runs of the
-    CIFAR-10 net vary by +-12% either way); GroupNorm's channels_last backward is slow on CPU."""
+    faster (GroupNorm's channels_last backward is slow on CPU): measured by bench/throughput.py, numbers in
+    bench/RESULTS.md ("Defaults chosen from these measurements")."""
     return device.type == "cuda" if flag is None else flag
 
 
@@ -93,17 +104,6 @@ def seed_everything(seed: int) -> None:
     random.seed(seed)
     np.random.seed(seed % 2**32)
     torch.manual_seed(seed)
-
-
-def unwrap(model: torch.nn.Module) -> torch.nn.Module:
-    """The bare network inside DDP and/or torch.compile wrappers."""
-    while True:
-        if hasattr(model, "module"):          # DistributedDataParallel
-            model = model.module
-        elif hasattr(model, "_orig_mod"):     # torch.compile
-            model = model._orig_mod
-        else:
-            return model
 
 
 TEMP_GLOB = ".*.pt.*.tmp"  # save_checkpoint's temp files: .<name>.<random hex>.tmp next to the target
@@ -188,15 +188,17 @@ def load_checkpoint(path: str | Path, map_location: str | torch.device = "cpu") 
     path = Path(path)
     if not path.is_file():
         raise CheckpointError(f"no checkpoint at '{path}'. Train one first, e.g. "
-                              f"`python train.py --config configs/digits.yaml`, or pass --checkpoint PATH")
+                              f"`python train.py --config configs/digits.yaml`, or pass --checkpoint PATH",
+                              cause=f"no checkpoint at '{path}'.")
     try:
         ckpt = torch.load(path, map_location=map_location, weights_only=True)
     except Exception as e:  # empty or truncated file, garbage bytes, disallowed pickle globals
+        reason = f"{_load_failure(path, e)}."
         others = loadable_checkpoints(path.parent, exclude=path)  # never offer a broken or hostile file
         hint = (f" Other checkpoints in {path.parent}: {', '.join(others)} - pass one of them instead "
                 f"(train.py --resume {path.parent / others[-1]}, or --checkpoint for sample.py)."
                 if others else "")
-        raise CheckpointError(f"{_load_failure(path, e)}.{hint}") from None
+        raise CheckpointError(reason + hint, cause=reason) from None
     if not isinstance(ckpt, dict) or "config" not in ckpt or "model" not in ckpt:
         raise CheckpointError(f"'{path}' is not a ddpm-lab checkpoint (no config/model inside)")
     version = ckpt.get("format_version")

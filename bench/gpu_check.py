@@ -349,7 +349,7 @@ def same(a, b) -> bool:
 
 def nan_guard_check(plan: Plan, data: list, work: Path) -> Check:
     """Step 3 of 6 has a NaN loss: it must change nothing (weights, EMA, Adam), the run goes on."""
-    import train as train_mod
+    import trainer as train_mod
     amp = "bf16" if plan.dry else "fp16"  # fp16 = GradScaler, which train.py allows on CUDA only
     cfg = load_config(CIFAR10, [*TINY_NET, *data, "data.num_workers=0", "train.batch_size=16", "run_name=nan",
                                 f"device={plan.device.type}", f"train.amp={amp}", "train.max_steps=6",

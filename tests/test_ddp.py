@@ -32,7 +32,7 @@ def _worker(rank, world, ports, workdir):
                       MASTER_ADDR="127.0.0.1")
     os.chdir(workdir)
     torch.set_num_threads(1)
-    import train as train_mod
+    import trainer as train_mod
     from config import load_config
     from data_order import EpochBatches
     for port, (run_name, stop_at, resume) in zip(ports, RUNS):

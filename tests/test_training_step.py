@@ -16,7 +16,7 @@ import torch
 
 import metrics as mt
 import generation
-import train as train_mod
+import trainer as train_mod
 from config import load_config
 from diffusion import Diffusion, build_diffusion
 

@@ -1,0 +1,448 @@
+"""The Trainer: setup, the training step, logging, sampling and checkpoints of one run. train.py is its
+command line; a variant of training (e.g. progressive distillation) subclasses Trainer and overrides
+compute_loss (and setup_model for extra networks) instead of copying the loop.
+
+Resume is exact (bitwise on CPU): the data order and random flips continue exactly where the run
+stopped (see data_order.py); every rank's python/numpy/torch/CUDA RNG state is saved and restored
+(dropout, t, noise). (Same hardware and CPU thread count assumed: train.cpu_threads pins the count, and a
+resume warns when it differs.) A resume may change train.* (max_steps, lr, intervals, ...), device, run_name
+and data.num_workers/root/download; a changed seed, model.*, diffusion.* or other data.* key is refused with
+the list of differences (train_resume.py). A fresh run never overwrites an existing checkpoints/<run_name>/
+unless asked to (overwrite=True, --overwrite).
+
+A step whose loss or gradient is non-finite is skipped (no weight, optimizer or EMA change), counted and
+logged. A finite loss that explodes (above max(10 x its running level, 1): train_utils.LossWatch) is
+trained on but, like a non-finite one, unhealthy: train.max_nonfinite unhealthy steps in a row stop the run
+(NonFiniteLossError), and the message names the last good checkpoint (run_folder.CheckpointHealth), which
+checkpoint rotation never deletes. checkpoints/<run>/.lock keeps a second train.py off a run in progress; a
+lock left by a dead process is taken over.
+
+Host syncs: each step reads its loss, gradient norm and health flags on the host once (`.tolist()` in
+_read_step), and the skip of a non-finite step is a plain `if`. Earlier versions kept all of this on the
+device (lagged reads, fused AdamW's found_inf flag) to avoid that sync; no GPU measurement ever showed it
+mattered, so the simple form stays until one does (what to measure, on a GPU: bench/RESULTS.md, "One host
+sync per training step").
+"""
+from __future__ import annotations
+
+import math
+import signal
+import sys
+import time
+from contextlib import nullcontext
+from pathlib import Path
+from typing import Optional
+
+import torch
+import torch.distributed as dist
+from tqdm.auto import tqdm
+
+from config import Config, ConfigError, to_dict
+from data_order import NOISE, DataStream, EpochBatches, KeyedItems
+from dataset import build_dataset, check_data
+from diffusion import build_diffusion
+from model import build_model, count_parameters
+from paths import RunPaths
+from run_folder import RESULTS_ROOT, CheckpointHealth, end_message, lock_run_dir, prepare_run_dir, resume_path
+from train_resume import check_resumable, load_resume_checkpoint, restore_optimization, restore_rng, warn_thread_count
+from train_utils import (EMA, LossWatch, RunLogger, StopSignals, all_finite, build_optimizer, gather_rng_states,
+                         lr_factor, save_samples, setup_distributed)
+from utils import (autocast, copy_checkpoint, derive_seed, resolve_amp, resolve_channels_last, save_checkpoint,
+                   seed_everything)
+STOP_AT, NONFINITE = 1, 1000                 # stop codes next to signal numbers (largest wins across ranks)
+
+
+class NonFiniteLossError(RuntimeError):
+    """Training diverged: too many unhealthy steps (non-finite or exploding loss) in a row; the message names
+    the last good checkpoint."""
+
+
+class Trainer:
+    """One run: `run()` repeats train_step() and logs / saves / samples at their intervals until
+    train.max_steps, a stop signal (SIGINT / SIGTERM: save, then stop), stop_at, or divergence."""
+
+    def __init__(self, cfg: Config, resume: Optional[bool | str | Path] = None, checkpoint: Optional[dict] = None,
+                 overwrite: bool = False, stop_at: Optional[int] = None):
+        self.cfg, self.tcfg, self.stop_at = cfg, cfg.train, stop_at
+        self.data = self.logger = self.signals = self.dist = self.lock = None
+        self._threads = torch.get_num_threads()
+        try:
+            self._setup(resume, checkpoint, overwrite)
+        except BaseException:
+            self.close()  # a failed setup must not leave threads, workers or a process group behind
+            raise
+
+    # -- setup ---------------------------------------------------------------------------------------
+    def _setup(self, resume: Optional[bool | str | Path], ckpt: Optional[dict], overwrite: bool) -> None:
+        cfg = self.cfg
+        self.dist, self.device = setup_distributed(cfg.device)
+        if self.device.type == "cpu" and self.tcfg.cpu_threads:
+            torch.set_num_threads(self.tcfg.cpu_threads)  # restored in close()
+        self.run_dir, self.images_dir = RunPaths(cfg.run_name).checkpoints, RunPaths(cfg.run_name).images
+        self.amp = resolve_amp(self.tcfg.amp, self.device)  # the mode in use ('auto' resolved)
+        if self.amp == "fp16" and self.device.type != "cuda":
+            raise ConfigError(f"train.amp=fp16 needs a CUDA GPU (fp16 training needs torch.amp.GradScaler); "
+                              f"the device is {self.device}: use train.amp=bf16 (fast on recent CPUs) or off")
+        if resume is not None and ckpt is None:  # after the DDP rendezvous: rank 0 may just have written it
+            resume = resume_path(resume, cfg.run_name)
+            ckpt = load_resume_checkpoint(resume)
+        resumed_from = Path(resume) if isinstance(resume, (str, Path)) else None
+        if ckpt is not None:
+            check_resumable(ckpt, cfg, resumed_from)
+            warn_thread_count(ckpt, self.device)
+        self.lock = lock_run_dir(self.run_dir, self.dist)
+        prepare_run_dir(cfg.run_name, self.dist, resuming=ckpt is not None, overwrite=overwrite)
+        self.setup_data()
+        self.setup_model()
+        self._setup_state(ckpt, resumed_from)
+        self.model = self._wrap(self.net)
+        self.logger = (RunLogger(cfg, start_step=self.step, history=self.history, results_root=RESULTS_ROOT)
+                       if self.dist.is_main else None)
+        self.signals = StopSignals().install()
+
+    def setup_data(self) -> None:
+        cfg, info = self.cfg, self.dist
+        first = not info.enabled or info.local_rank == 0
+        if not first:  # local rank 0 downloads / unpacks alone; the others then read what it wrote
+            dist.barrier(group=info.control)
+        try:
+            base = build_dataset(cfg.data, train=True)
+        finally:  # also when it failed: the others then fail with the same error instead of waiting
+            if first and info.enabled:
+                dist.barrier(group=info.control)
+        check_data(cfg, base)
+        self.base_dataset = base
+        sampler = EpochBatches(len(base), batch_size=self.tcfg.batch_size, seed=cfg.seed, rank=info.rank,
+                               world_size=info.world_size)
+        items = KeyedItems(base, seed=cfg.seed, augmented=cfg.data.random_flip)
+        self.data = DataStream(items, sampler, num_workers=cfg.data.num_workers,
+                               pin_memory=self.device.type == "cuda", seed=cfg.seed)
+
+    def setup_model(self) -> None:
+        """Network, diffusion, EMA, optimizer, GradScaler (fp16). A subclass adds its extra networks here."""
+        cfg, tcfg = self.cfg, self.tcfg
+        seed_everything(cfg.seed)  # the same initial weights on every rank
+        net = build_model(cfg).to(self.device)
+        self.channels_last = cfg.model.kind == "unet" and resolve_channels_last(tcfg.channels_last, self.device)
+        if self.channels_last:
+            net = net.to(memory_format=torch.channels_last)
+        self.net = net
+        self.diffusion = build_diffusion(cfg).to(self.device)
+        self.ema = EMA(net, decay=tcfg.ema_decay, warmup=tcfg.ema_warmup)
+        self.optimizer = build_optimizer(net, tcfg)
+        self.scheduler = torch.optim.lr_scheduler.LambdaLR(self.optimizer, lr_factor(tcfg))
+        self.scaler = torch.amp.GradScaler("cuda") if self.amp == "fp16" else None
+        self.params = [p for p in net.parameters() if p.requires_grad]
+
+    def _setup_state(self, ckpt: Optional[dict], resumed_from: Optional[Path]) -> None:
+        self.step, self.history, self.last_saved = 0, [], None
+        self.skipped_total, self.streak = 0, 0  # streak: unhealthy steps in a row
+        self.window, self.by_t = [], [0.0] * 8  # per step since the last log: (loss, grad norm, skipped)
+        if ckpt is None:
+            seed_everything(derive_seed(self.cfg.seed, NOISE, self.dist.rank))  # per-rank noise streams
+        else:
+            self._restore(ckpt)
+        log_state = (ckpt or {}).get("log_state") or {}
+        self.loss_watch = LossWatch(self.device, log_state.get("loss_level",
+                                                               LossWatch.level_from_history(self.history)))
+        self.start_step = self.step
+        self.health = CheckpointHealth(self.run_dir, keep_last=self.tcfg.keep_last, resumed_from=resumed_from,
+                                       start_step=self.step)
+
+    def _restore(self, ckpt: dict) -> None:
+        """The training state of `ckpt`; hyper-parameters (lr, betas, weight decay, fused) come from the
+        current config."""
+        restore_optimization(ckpt, net=self.net, ema=self.ema, optimizer=self.optimizer, scheduler=self.scheduler,
+                             lr=self.tcfg.lr)
+        if self.scaler is not None and ckpt.get("grad_scaler"):
+            self.scaler.load_state_dict(ckpt["grad_scaler"])
+        self.step = self.last_saved = int(ckpt["step"])
+        self.data.load_state_dict(ckpt["data_state"])
+        log_state = ckpt.get("log_state") or {}
+        self.skipped_total = int(log_state.get("skipped_total", 0))
+        self.history = [float(v) for v in log_state.get("loss_history", torch.zeros(0)).tolist()]
+        restore_rng(ckpt["rng"], rank=self.dist.rank, seed=self.cfg.seed, step=self.step)
+
+    def _wrap(self, net: torch.nn.Module) -> torch.nn.Module:
+        model = net
+        if self.dist.enabled:
+            ids = [self.device.index] if self.device.type == "cuda" else None
+            model = torch.nn.parallel.DistributedDataParallel(net, device_ids=ids)
+        if self.tcfg.compile:
+            model = torch.compile(model)
+        return model
+
+    # -- one step ------------------------------------------------------------------------------------
+    def next_batch(self) -> tuple[torch.Tensor, Optional[torch.Tensor]]:
+        """(x0, y) on the device; y is None for an unconditional model, -1 (the null label of classifier-free
+        guidance) where label dropout hit."""
+        x0, y = self.data.next()
+        x0 = x0.to(self.device, non_blocking=True)                    # (B, C, H, W) or (B, 2)
+        if self.channels_last:
+            x0 = x0.contiguous(memory_format=torch.channels_last)
+        if self.cfg.model.num_classes == 0:
+            return x0, None
+        y = y.to(self.device, non_blocking=True)
+        if self.tcfg.cond_drop_prob > 0:
+            y = torch.where(torch.rand(y.shape, device=self.device) < self.tcfg.cond_drop_prob, -1, y)
+        return x0, y
+
+    def compute_loss(self, batch: tuple[torch.Tensor, Optional[torch.Tensor]]) -> tuple[torch.Tensor, torch.Tensor]:
+        """Per-example losses (B,) and their timesteps t (B,) for one micro-batch: the method a variant of
+        training overrides (distillation: the student's loss against the teacher's targets)."""
+        x0, y = batch
+        with autocast(self.device, self.amp):
+            return self.diffusion.training_losses(self.model, x0, y)
+
+    def train_step(self) -> None:
+        """train.grad_accum micro-batches, clipping, then the update of weights, LR and EMA. A step whose loss
+        or gradient is non-finite on any rank changes no weight, optimizer or EMA state on every rank."""
+        self.model.train()
+        accum, T = self.tcfg.grad_accum, self.diffusion.num_timesteps
+        step_loss = torch.zeros((), device=self.device)
+        by_t = torch.zeros(2, 4, device=self.device)                  # loss sum, count per quarter of [0, T)
+        for micro in range(accum):
+            batch = self.next_batch()
+            sync = micro == accum - 1 or not self.dist.enabled        # DDP: one gradient all-reduce per step
+            with nullcontext() if sync else self.model.no_sync():
+                losses, t = self.compute_loss(batch)
+                loss = losses.mean() / accum
+                (self.scaler.scale(loss) if self.scaler is not None else loss).backward()
+            step_loss += loss.detach()
+            by_t[0].index_add_(0, t * 4 // T, losses.detach())
+            by_t[1].index_add_(0, t * 4 // T, torch.ones_like(losses))
+        grad_norm = self._unscale_and_clip()
+        loss, norm, nonfinite_loss, nonfinite_grad, exploding, *by_t = self._read_step(step_loss, grad_norm, by_t)
+        skip = bool(nonfinite_loss or nonfinite_grad)
+        self._update(skip)
+        # fp16: gradient overflows are the GradScaler's normal way to find its scale; only losses count.
+        bad = bool(exploding) or (bool(nonfinite_loss) if self.scaler is not None else skip)
+        self.step += 1
+        self.streak = self.streak + 1 if bad else 0
+        self.skipped_total += skip
+        self.health.record(self.step, bad)
+        self.window.append((math.nan, 0.0, True) if skip else (loss, norm, False))
+        if not skip:
+            self.by_t = [a + b for a, b in zip(self.by_t, by_t)]
+
+    def _unscale_and_clip(self) -> torch.Tensor:
+        """Total gradient norm BEFORE clipping (what is logged)."""
+        if self.scaler is not None:
+            self.scaler.unscale_(self.optimizer)
+        if self.tcfg.grad_clip > 0:
+            return torch.nn.utils.clip_grad_norm_(self.params, self.tcfg.grad_clip, foreach=True)
+        grads = [p.grad for p in self.params if p.grad is not None]
+        return torch.nn.utils.get_total_norm(grads, foreach=True).to(self.device)
+
+    def _read_step(self, step_loss: torch.Tensor, grad_norm: torch.Tensor, by_t: torch.Tensor) -> list[float]:
+        """The step's numbers on the host, in one read: loss, grad norm, the flags non-finite loss /
+        non-finite gradient / exploding loss (DDP: agreed by all ranks, largest wins), loss sums and counts
+        per quarter of t."""
+        finite = torch.isfinite(step_loss)
+        flags = torch.stack([~finite, ~torch.isfinite(grad_norm), self.loss_watch(step_loss, finite).bool()])
+        flags = flags.float()
+        if self.dist.enabled:
+            dist.all_reduce(flags, op=dist.ReduceOp.MAX)
+        return torch.cat([torch.stack([step_loss, grad_norm.float()]), flags, by_t.flatten()]).tolist()
+
+    def _update(self, skip: bool) -> None:
+        if self.scaler is not None:
+            self.scaler.step(self.optimizer)   # skips a step whose gradients overflowed; adapts the scale
+            self.scaler.update()
+        elif not skip:
+            self.optimizer.step()
+        self.scheduler.step()                  # skipped steps count: the schedule follows the step number
+        if not skip:
+            self.ema.update(self.net)          # after the optimizer step: the EMA averages the new weights
+        self.optimizer.zero_grad(set_to_none=True)
+
+    # -- logging, sampling, checkpoints ----------------------------------------------------------------
+    def log(self) -> None:
+        """Write the steps since the last log (DDP: losses averaged over the ranks) and reset the window."""
+        n, window, by_t = len(self.window), self.window, self.by_t
+        if n == 0:
+            return
+        losses = [loss for loss, _, _ in window]                 # NaN = a skipped step
+        if self.dist.enabled:
+            packed = torch.tensor(losses + by_t)
+            dist.all_reduce(packed, group=self.dist.control)
+            packed[:n] /= self.dist.world_size
+            losses, by_t = packed[:n].tolist(), packed[n:].tolist()
+        elapsed = time.perf_counter() - self._interval_start - self._paused
+        self.window, self.by_t, self._interval_start, self._paused = [], [0.0] * 8, time.perf_counter(), 0.0
+        if not self.dist.is_main:
+            return
+        self.history.extend(losses)
+        images = n * self.tcfg.batch_size * self.tcfg.grad_accum * self.dist.world_size
+        self.images_per_sec = images / max(elapsed, 1e-9)
+        scalars = {"train/lr": self.scheduler.get_last_lr()[0], "train/images_per_sec": self.images_per_sec,
+                   "train/skipped_steps": self.skipped_total,
+                   "train/epoch": self.data.epoch + self.data.position / self.data.sampler.batches_per_epoch}
+        if self.scaler is not None:
+            scalars["train/grad_scale"] = self.scaler.get_scale()
+        self.logger.interval(self.step, losses, [norm for _, norm, skip in window if not skip], by_t,
+                             self.diffusion.num_timesteps, scalars)
+
+    @torch.no_grad()
+    def sample(self) -> Optional[Path]:
+        """EMA samples with DDIM (train.sample_steps) from a FIXED generator, so grids are comparable over
+        time; forked RNG, so sampling never changes the training streams (resume stays exact)."""
+        if not self.dist.is_main or self.tcfg.num_sample_images == 0:  # 0: no sample grids
+            return None
+        start, path = time.perf_counter(), self.images_dir / f"step_{self.step:07d}.png"
+        cuda = [self.device.index or 0] if self.device.type == "cuda" else []
+        with torch.random.fork_rng(devices=cuda), autocast(self.device, self.amp):
+            save_samples(self.diffusion, self.ema.model, self.cfg, path, self.base_dataset,
+                         title=f"{self.cfg.run_name} step {self.step}: EMA, DDIM {self.tcfg.sample_steps}")
+        self.logger.image("samples/ema_ddim", path, self.step)
+        self.logger.plot(force=True)
+        self._paused += time.perf_counter() - start
+        return path
+
+    def checkpoint_state(self, rng_states: list) -> dict:
+        return {"step": self.step, "config": to_dict(self.cfg), "model": self.net.state_dict(),
+                "ema": self.ema.model.state_dict(), "ema_num_updates": float(self.ema.num_updates),
+                "optimizer": self.optimizer.state_dict(), "lr_scheduler": self.scheduler.state_dict(),
+                "grad_scaler": self.scaler.state_dict() if self.scaler is not None else None,
+                "rng": {"world_size": self.dist.world_size, "ranks": rng_states},
+                "data_state": self.data.state_dict(),
+                "cpu_threads": torch.get_num_threads() if self.device.type == "cpu" else None,
+                "log_state": {"skipped_total": self.skipped_total,
+                              "loss_history": torch.tensor(self.history, dtype=torch.float32),
+                              "loss_level": float(self.loss_watch.level)}}
+
+    def save(self) -> Optional[Path]:
+        """step_XXXXXXX.pt and last.pt (atomic writes), then prune to train.keep_last step files.
+        Collective under DDP: every rank's RNG state goes into rank 0's file, and no rank saves weights
+        that went non-finite on any rank."""
+        if self.last_saved == self.step:
+            return None
+        start = time.perf_counter()
+        self.log()  # flush the interval, so the saved loss history is complete
+        rng_states = gather_rng_states(self.dist)
+        if not all_finite([self.net, self.ema.model], self.dist):
+            raise NonFiniteLossError(f"the weights became non-finite at step {self.step}; nothing was saved. "
+                                     f"{self.health.hint(self.last_saved)}")
+        self.last_saved = self.step
+        if not self.dist.is_main:
+            return None
+        step_file = self.run_dir / f"step_{self.step:07d}.pt"
+        save_checkpoint(self.checkpoint_state(rng_states), step_file)
+        copy_checkpoint(step_file, self.run_dir / "last.pt")  # the same bytes, serialised once
+        self.health.saved.append(self.step)
+        self.health.rotate(self.step)
+        self._paused += time.perf_counter() - start
+        return self.run_dir / "last.pt"
+
+    # -- the loop ------------------------------------------------------------------------------------
+    @property
+    def finished(self) -> bool:
+        return self.step >= self.tcfg.max_steps
+
+    def stop_code(self) -> int:
+        """0 = go on; else the reason, agreed on by all ranks (largest wins): a signal number, STOP_AT,
+        or NONFINITE."""
+        code = self.signals.signum or 0
+        if self.stop_at is not None and self.step >= self.stop_at:
+            code = max(code, STOP_AT)
+        if self.streak >= self.tcfg.max_nonfinite:
+            code = NONFINITE
+        if self.dist.enabled:
+            flag = torch.tensor([code])
+            dist.all_reduce(flag, op=dist.ReduceOp.MAX, group=self.dist.control)
+            code = int(flag)
+        return code
+
+    def run(self) -> dict:
+        """Steps until finished or stopped; log, save, then sample at their intervals and after the last
+        step (save before sampling: a failure there must not lose the run)."""
+        start = time.perf_counter()
+        self._interval_start, self._paused, self.images_per_sec = start, 0.0, 0.0
+        self._announce()
+        code = self.stop_code()
+        while not code and not self.finished:
+            self.train_step()
+            if self.logger:
+                self.logger.bar.update(1)
+            for every, action in ((self.tcfg.log_every, self.log), (self.tcfg.ckpt_every, self.save),
+                                  (self.tcfg.sample_every, self.sample)):
+                if self.step % every == 0 or self.finished:
+                    action()
+            code = self.stop_code()
+        if self.finished and code != NONFINITE:
+            code = 0  # a signal during the last step: the run is complete anyway
+        return self._finish(code, time.perf_counter() - start)
+
+    def _announce(self) -> None:
+        if not self.dist.is_main:
+            return
+        cfg, tcfg = self.cfg, self.tcfg
+        where = f"resuming at step {self.step}" if self.step else "starting"
+        threads = f" ({torch.get_num_threads()} threads)" if self.device.type == "cpu" else ""
+        tqdm.write(f"training {cfg.run_name}: {where} of {tcfg.max_steps} | {count_parameters(self.net) / 1e6:.2f}M "
+                   f"parameters | {len(self.base_dataset)} items, batch {tcfg.batch_size} x {tcfg.grad_accum} accum "
+                   f"x {self.dist.world_size} process(es) | {self.device}{threads}, amp {self.amp}, "
+                   f"{'channels_last' if self.channels_last else 'NCHW'} | "
+                   f"checkpoints in {self.run_dir}/", file=sys.stdout)
+        sys.stdout.flush()
+
+    def _finish(self, code: int, wall: float) -> dict:
+        if code == NONFINITE:
+            self.log()
+            raise NonFiniteLossError(
+                f"stopping at step {self.step}: {self.tcfg.max_nonfinite} steps in a row had a non-finite "
+                f"loss or gradient, or an exploding loss (above max({LossWatch.FACTOR:g} x its running level, "
+                f"{LossWatch.FLOOR:g})) (train.max_nonfinite={self.tcfg.max_nonfinite}); the non-finite ones "
+                f"were skipped. {self.health.hint(self.last_saved)}")
+        if code and self.step > self.start_step:
+            self.save()
+        interrupted = None if not code else ("stop_at" if code == STOP_AT else signal.Signals(code).name)
+        if self.dist.is_main:
+            self._report(interrupted, wall)
+        return {"run_name": self.cfg.run_name, "step": self.step, "start_step": self.start_step,
+                "interrupted": interrupted, "exit_code": 128 + code if code > STOP_AT else 0,
+                "checkpoint": str(self.run_dir / "last.pt"), "wall_time_s": wall,
+                "images_per_sec": self.images_per_sec, "skipped_steps": self.skipped_total,
+                "final_loss": next((v for v in reversed(self.history) if math.isfinite(v)), math.nan),
+                "model": self.net, "ema": self.ema.model}
+
+    def _report(self, interrupted: Optional[str], wall: float) -> None:
+        if self.logger:
+            self.logger.close()
+            self.logger = None
+        launcher = f"torchrun --nproc_per_node {self.dist.world_size} train.py" if self.dist.enabled else None
+        message = end_message(self.cfg.run_name, step=self.step, interrupted=interrupted,
+                              saved=self.last_saved is not None, wall=wall, launcher=launcher)
+        if message:
+            print(message, flush=True)
+
+    def close(self) -> None:
+        torch.set_num_threads(self._threads)
+        if self.signals:
+            self.signals.restore()
+        if self.data:
+            self.data.close()
+        if self.logger:
+            self.logger.close()
+            self.logger = None
+        if self.dist and self.dist.owner and dist.is_initialized():
+            dist.destroy_process_group()
+        if self.lock:  # last: the data workers (forked with the lock's descriptor) are gone by now
+            self.lock.release()
+            self.lock = None
+
+
+# ----------------------------------------------------------------------------- entry points
+def train(cfg: Config, resume: Optional[bool | str | Path] = None, *, checkpoint: Optional[dict] = None,
+          overwrite: bool = False, stop_at: Optional[int] = None, trainer_class: type[Trainer] = Trainer) -> dict:
+    """Train (or resume: True = checkpoints/<run_name>/last.pt, or a path) and return a summary dict:
+    step, interrupted (None | 'SIGINT' | 'SIGTERM' | 'stop_at'), exit_code, checkpoint, wall_time_s,
+    images_per_sec, skipped_steps, final_loss, and the bare `model` and `ema` modules.
+    `checkpoint`: an already loaded resume checkpoint; `stop_at`: stop (saving, like a signal) once this
+    step is reached; `trainer_class`: a Trainer subclass. Under torchrun (WORLD_SIZE > 1) every process
+    calls this."""
+    trainer = trainer_class(cfg, resume or None, checkpoint, overwrite, stop_at)
+    try:
+        return trainer.run()
+    finally:
+        trainer.close()
