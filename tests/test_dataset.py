@@ -392,11 +392,11 @@ def test_grey_folder_gives_one_channel_and_mixed_gives_three(tmp_path):
 
 
 def test_rgb_folder_info_reads_one_header(tmp_path, monkeypatch):
-    import dataset
+    import data_files
     for i in range(5):
         write_image(tmp_path / f"{i}.png", color=(i, 0, 0))
     seen = []
-    monkeypatch.setattr(dataset, "_image_mode", lambda path: seen.append(path) or "RGB")
+    monkeypatch.setattr(data_files, "_image_mode", lambda path: seen.append(path) or "RGB")
     assert dataset_info(data_cfg("folder", tmp_path)).channels == 3 and len(seen) == 1
 
 
