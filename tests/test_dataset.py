@@ -412,7 +412,7 @@ def test_grey_folder_against_an_rgb_model_says_both_fixes(tmp_path):
 
 # ----------------------------------------------------------------------------- reference statistics
 def test_reference_stats_are_of_unflipped_images_and_deterministic(tmp_path):
-    import evaluate as ev
+    import scoring as ev
 
     class Pixels:
         name = "pixels"
@@ -435,7 +435,7 @@ def test_reference_stats_are_of_unflipped_images_and_deterministic(tmp_path):
 
 
 def test_reference_key_names_the_image_folder(tmp_path):
-    import evaluate as ev
+    import scoring as ev
     one, two = (ev.reference_source(data_cfg("folder", tmp_path / name)) for name in ("one", "two"))
     assert one != two and one.startswith("folder") and ev.reference_source(data_cfg("mnist", tmp_path)) == "mnist"
 
