@@ -19,7 +19,7 @@ import secrets
 import shutil
 import zipfile
 from pathlib import Path
-from typing import Optional
+from typing import BinaryIO, Callable, Optional
 
 import numpy as np
 import torch
@@ -120,38 +120,36 @@ def _create_temp(folder: Path, name: str) -> tuple[int, Path]:
             continue
 
 
-def save_checkpoint(state: dict, path: str | Path) -> None:
-    """Write atomically: a temp file in the same folder, fsync, then rename over `path`.
+def atomic_write(path: str | Path, write: Callable[[BinaryIO], None]) -> None:
+    """Write a file atomically: `write(f)` into a temp file in the same folder, fsync, then rename over `path`.
     A crash mid-write leaves the previous file intact (and a temp file, see remove_temp_files)."""
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
     fd, tmp = _create_temp(path.parent, path.name)
     try:
         with os.fdopen(fd, "wb") as f:
-            torch.save({"format_version": CHECKPOINT_VERSION, **state}, f)
+            write(f)
             f.flush()
             os.fsync(f.fileno())
         os.replace(tmp, path)
     except BaseException:
         tmp.unlink(missing_ok=True)
         raise
+
+
+def save_checkpoint(state: dict, path: str | Path) -> None:
+    """torch.save of the state (plus the format version), written atomically (atomic_write)."""
+    atomic_write(path, lambda f: torch.save({"format_version": CHECKPOINT_VERSION, **state}, f))
 
 
 def copy_checkpoint(source: str | Path, path: str | Path) -> None:
-    """Make `path` a copy of the checkpoint file `source` without serialising the state again (a byte copy
-    under a temp name, fsync, atomic rename). Not a hard link: the two files stay independent, so damage to
-    one (a truncating write, a bad sector) leaves the other loadable."""
-    source, path = Path(source), Path(path)
-    fd, tmp = _create_temp(path.parent, path.name)
-    try:
-        with os.fdopen(fd, "wb") as f, open(source, "rb") as src:
+    """Make `path` a copy of the checkpoint file `source` without serialising the state again (a byte copy,
+    written atomically). Not a hard link: the two files stay independent, so damage to one (a truncating
+    write, a bad sector) leaves the other loadable."""
+    def copy(f: BinaryIO) -> None:
+        with open(source, "rb") as src:
             shutil.copyfileobj(src, f, 1 << 20)
-            f.flush()
-            os.fsync(f.fileno())
-        os.replace(tmp, path)
-    except BaseException:
-        tmp.unlink(missing_ok=True)
-        raise
+    atomic_write(path, copy)
 
 
 def remove_temp_files(folder: str | Path) -> list[Path]:
