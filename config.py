@@ -318,57 +318,73 @@ def _check_unet_levels(cfg: Config) -> None:
                           f"{', '.join(map(str, levels))} (or [] for attention in the middle block only)")
 
 
+def _check_choices(cfg: Config) -> None:
+    data, model, dcfg, train, sample = cfg.data, cfg.model, cfg.diffusion, cfg.train, cfg.sample
+    _choice("data.dataset", data.dataset, DATASETS)
+    _choice("data.split", data.split, ("train", "test"))
+    _choice("data.toy_distribution", data.toy_distribution, TOY_DISTRIBUTIONS)
+    _choice("model.kind", model.kind, ("unet", "mlp"))
+    _choice("diffusion.schedule", dcfg.schedule, SCHEDULES)
+    _choice("diffusion.objective", dcfg.objective, OBJECTIVES)
+    _choice("diffusion.loss_weighting", dcfg.loss_weighting, LOSS_WEIGHTINGS)
+    _choice("diffusion.var_type", dcfg.var_type, VAR_TYPES)
+    _choice("diffusion.timestep_spacing", dcfg.timestep_spacing, SPACINGS)
+    _choice("sample.sampler", sample.sampler, SAMPLERS)
+    _choice("train.amp", train.amp, AMP_MODES)
+    _choice("train.lr_schedule", train.lr_schedule, LR_SCHEDULES)
+
+
+def _check_counts(cfg: Config) -> None:
+    data, model, dcfg, train, sample = cfg.data, cfg.model, cfg.diffusion, cfg.train, cfg.sample
+    for key, val in [("data.image_size", data.image_size), ("model.channels", model.channels),
+                     ("model.num_res_blocks", model.num_res_blocks), ("model.in_channels", model.in_channels),
+                     ("diffusion.num_timesteps", dcfg.num_timesteps), ("train.batch_size", train.batch_size),
+                     ("train.lr", train.lr), ("train.max_steps", train.max_steps),
+                     ("train.grad_accum", train.grad_accum), ("train.log_every", train.log_every),
+                     ("train.sample_every", train.sample_every), ("train.ckpt_every", train.ckpt_every),
+                     ("train.keep_last", train.keep_last), ("sample.num_samples", sample.num_samples),
+                     ("sample.batch_size", sample.batch_size), ("diffusion.min_snr_gamma", dcfg.min_snr_gamma),
+                     ("model.norm_eps", model.norm_eps), ("train.max_nonfinite", train.max_nonfinite),
+                     ("model.mlp_hidden", model.mlp_hidden), ("model.mlp_layers", model.mlp_layers),
+                     ("model.mlp_emb_size", model.mlp_emb_size)]:
+        _positive(key, val)
+    for key, val in [("train.warmup_steps", train.warmup_steps), ("model.num_classes", model.num_classes),
+                     ("data.num_workers", data.num_workers), ("sample.eta", sample.eta),
+                     ("train.weight_decay", train.weight_decay), ("train.cond_drop_prob", train.cond_drop_prob),
+                     ("train.num_sample_images", train.num_sample_images),
+                     ("train.cpu_threads", train.cpu_threads or 0)]:
+        _positive(key, val, allow_zero=True)
+
+
+def _check_ranges(cfg: Config) -> None:
+    model, dcfg, train, sample = cfg.model, cfg.diffusion, cfg.train, cfg.sample
+    if not 0 < dcfg.beta_start < dcfg.beta_end < 1:
+        raise ConfigError(f"need 0 < diffusion.beta_start < diffusion.beta_end < 1, "
+                          f"got {dcfg.beta_start} and {dcfg.beta_end}")
+    if not 0 <= train.ema_decay < 1:
+        raise ConfigError(f"config key 'train.ema_decay' must be in [0, 1), got {train.ema_decay}")
+    if not 0 <= train.min_lr_ratio <= 1:
+        raise ConfigError(f"config key 'train.min_lr_ratio' must be in [0, 1] (the cosine floor as a fraction of "
+                          f"train.lr), got {train.min_lr_ratio}")
+    if not 0 <= model.dropout < 1:
+        raise ConfigError(f"config key 'model.dropout' must be in [0, 1), got {model.dropout}")
+    if cfg.data.channels not in (0, 1, 3):
+        raise ConfigError(f"config key 'data.channels' = {cfg.data.channels} must be 0 (auto: 1 for a folder of "
+                          "grey images, else 3), 1 or 3")
+    for key, steps in [("sample.steps", sample.steps), ("train.sample_steps", train.sample_steps)]:
+        if steps is not None and not 1 <= steps <= dcfg.num_timesteps:
+            raise ConfigError(f"config key '{key}' = {steps} must be between 1 and "
+                              f"diffusion.num_timesteps = {dcfg.num_timesteps}")
+
+
 def validate(cfg: Config) -> Config:
     """Check values (types were checked on load). Raises ConfigError naming the key."""
-    d, m, df, tr, s = cfg.data, cfg.model, cfg.diffusion, cfg.train, cfg.sample
-    _choice("data.dataset", d.dataset, DATASETS)
-    _choice("data.split", d.split, ("train", "test"))
-    _choice("data.toy_distribution", d.toy_distribution, TOY_DISTRIBUTIONS)
-    _choice("model.kind", m.kind, ("unet", "mlp"))
-    _choice("diffusion.schedule", df.schedule, SCHEDULES)
-    _choice("diffusion.objective", df.objective, OBJECTIVES)
-    _choice("diffusion.loss_weighting", df.loss_weighting, LOSS_WEIGHTINGS)
-    _choice("diffusion.var_type", df.var_type, VAR_TYPES)
-    _choice("diffusion.timestep_spacing", df.timestep_spacing, SPACINGS)
-    _choice("sample.sampler", s.sampler, SAMPLERS)
-    _choice("train.amp", tr.amp, AMP_MODES)
-    _choice("train.lr_schedule", tr.lr_schedule, LR_SCHEDULES)
-    for key, val in [("data.image_size", d.image_size), ("model.channels", m.channels),
-                     ("model.num_res_blocks", m.num_res_blocks), ("model.in_channels", m.in_channels),
-                     ("diffusion.num_timesteps", df.num_timesteps), ("train.batch_size", tr.batch_size),
-                     ("train.lr", tr.lr), ("train.max_steps", tr.max_steps),
-                     ("train.grad_accum", tr.grad_accum), ("train.log_every", tr.log_every),
-                     ("train.sample_every", tr.sample_every), ("train.ckpt_every", tr.ckpt_every),
-                     ("train.keep_last", tr.keep_last), ("sample.num_samples", s.num_samples),
-                     ("sample.batch_size", s.batch_size), ("diffusion.min_snr_gamma", df.min_snr_gamma),
-                     ("model.norm_eps", m.norm_eps), ("train.max_nonfinite", tr.max_nonfinite),
-                     ("model.mlp_hidden", m.mlp_hidden), ("model.mlp_layers", m.mlp_layers),
-                     ("model.mlp_emb_size", m.mlp_emb_size)]:
-        _positive(key, val)
-    for key, val in [("train.warmup_steps", tr.warmup_steps), ("model.num_classes", m.num_classes),
-                     ("data.num_workers", d.num_workers), ("sample.eta", s.eta),
-                     ("train.weight_decay", tr.weight_decay), ("train.cond_drop_prob", tr.cond_drop_prob),
-                     ("train.num_sample_images", tr.num_sample_images), ("train.cpu_threads", tr.cpu_threads or 0)]:
-        _positive(key, val, allow_zero=True)
+    _check_choices(cfg)
+    _check_counts(cfg)
+    _check_ranges(cfg)
     _check_run_name(cfg.run_name)
-    if not 0 < df.beta_start < df.beta_end < 1:
-        raise ConfigError(f"need 0 < diffusion.beta_start < diffusion.beta_end < 1, "
-                          f"got {df.beta_start} and {df.beta_end}")
-    if not 0 <= tr.ema_decay < 1:
-        raise ConfigError(f"config key 'train.ema_decay' must be in [0, 1), got {tr.ema_decay}")
-    if not 0 <= tr.min_lr_ratio <= 1:
-        raise ConfigError(f"config key 'train.min_lr_ratio' must be in [0, 1] (the cosine floor as a fraction of "
-                          f"train.lr), got {tr.min_lr_ratio}")
-    if not 0 <= m.dropout < 1:
-        raise ConfigError(f"config key 'model.dropout' must be in [0, 1), got {m.dropout}")
-    if s.steps is not None and not 1 <= s.steps <= df.num_timesteps:
-        raise ConfigError(f"config key 'sample.steps' = {s.steps} must be between 1 and "
-                          f"diffusion.num_timesteps = {df.num_timesteps}")
-    if not 1 <= tr.sample_steps <= df.num_timesteps:
-        raise ConfigError(f"config key 'train.sample_steps' = {tr.sample_steps} must be between 1 and "
-                          f"diffusion.num_timesteps = {df.num_timesteps}")
     _check_unet_levels(cfg)
-    if (d.dataset == "toy2d") != (m.kind == "mlp"):
+    if (cfg.data.dataset == "toy2d") != (cfg.model.kind == "mlp"):
         raise ConfigError("data.dataset=toy2d goes with model.kind=mlp (and images with model.kind=unet); "
-                          f"got data.dataset={d.dataset!r}, model.kind={m.kind!r}")
+                          f"got data.dataset={cfg.data.dataset!r}, model.kind={cfg.model.kind!r}")
     return cfg

@@ -148,6 +148,9 @@ class UNet(nn.Module):
                  num_heads: int = 1, num_head_channels: int = -1, dropout: float = 0.1,
                  num_classes: int = 0, norm_groups: int = 32, norm_eps: float = 1e-6,
                  out_channels: Optional[int] = None):
+        """Builds the whole network here, in the order data flows through it (time embedding, down levels,
+        middle, up levels with skips, output), as DDPM's published model does: one screen to compare with the
+        paper's network and with diffusers' UNet2DModel, which is why this function runs over 40 lines."""
         super().__init__()
         _check_unet_args(channels, channel_mult, image_size, norm_groups)
         self.in_channels, self.num_classes = in_channels, num_classes
