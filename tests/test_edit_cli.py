@@ -55,7 +55,9 @@ def test_a_png_mask_is_white_generate_black_keep(tmp_path):
 
 
 def test_images_are_converted_to_the_models_channels_and_size_with_a_note(tmp_path, capsys):
-    Image.fromarray(np.full((12, 20, 3), 255, np.uint8)).save(tmp_path / "wide.png")
+    wide = np.full((12, 20, 3), 255, np.uint8)
+    wide[:, :4] = 0  # outside the center square: cropped away
+    Image.fromarray(wide).save(tmp_path / "wide.png")
     x, size = images.load_image(tmp_path / "wide.png", 1, 8, "--init-image")
     assert x.shape == (1, 8, 8) and size == (20, 12) and torch.allclose(x, torch.ones_like(x))
     assert "20x12, center-cropped to a square; resized to the model's 8x8" in capsys.readouterr().out
