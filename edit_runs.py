@@ -63,6 +63,9 @@ def edit_mode(args) -> Optional[str]:
     for name, owner in ONLY_WITH.items():
         if getattr(args, name) is not None and mode != owner:
             raise SampleError(f"--{name} belongs to {MODES[owner]}: drop --{name}, or add {MODES[owner]}")
+    if mode in ("interpolate", "invert") and args.num_samples is not None:
+        raise SampleError(f"--num-samples sets the results per input of --inpaint and --init-image; {MODES[mode]} "
+                          "makes one per image (or --frames): drop --num-samples")
     if mode and args.forward:
         raise SampleError(f"--forward draws the forward process only: drop it, or drop {MODES[mode]}")
     if mode and args.animation and mode != "init_image":

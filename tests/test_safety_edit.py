@@ -58,6 +58,7 @@ CASES = [
     case("resample-zero", ["--inpaint", "a.png", "--mask", "top", "--resample", "0"], r"--resample 0 must be"),
     case("jump-too-long", ["--inpaint", "a.png", "--mask", "top", "--resample", "2", "--jump", "2"],
          r"--jump 2 leaves no block to resample on a grid of 2 steps"),
+    case("num-samples-for-inversion", ["--invert", "a.png", "--num-samples", "3"], r"drop --num-samples"),
     case("animation-for-inpainting", ["--inpaint", "a.png", "--mask", "top", "--animation"],
          r"--animation is written for sampling and --init-image only"),
     case("editing-a-toy-model", ["--init-image", "a.png"], r"this checkpoint is a 2-D toy model",
