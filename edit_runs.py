@@ -224,9 +224,9 @@ def _plan_img2img(args, model, diffusion, cfg, class_names, seed) -> EditJob:
                 return diffusion.edit(model, src[sl].to(dev), strength, generator=noise, y=y_b, **kw)
             return _edit_recorded(diffusion, model, src[sl].to(dev), ts, noise, y_b, kw, callback)
 
-    def noised():  # the starting points: output j's first noise draw, as edit() makes it
-        noise = SampleNoise(seed, range(0, len(src), k)).randn(x.shape)
-        return diffusion.cpu().q_sample(x, torch.full((len(x),), ts[0]), noise) if k else x
+    def noised():  # each input's starting point: its first output's first noise draw, as edit() makes it
+        noise = SampleNoise(seed, range(0, len(src), k)).randn(x.shape, device=dev)
+        return diffusion.q_sample(x.to(dev), diffusion._t(ts[0], noise), noise).cpu()
     bs = args.batch_size or cfg.sample.batch_size
     return EditJob("init_image", _folder("init_image", kw, len(ts), seed, f"_s{strength:g}"),
                    ["grid.png"] + _sample_names(len(src)), lambda cb: _batched(one, len(src), bs, seed, y, cb),

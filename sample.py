@@ -62,7 +62,7 @@ def parse_args(argv: Optional[list[str]] = None) -> argparse.Namespace:
     p.add_argument("--steps", type=positive, help="sampling steps (ddpm always uses all T)")
     p.add_argument("--eta", type=float, help="DDIM noise: 0 deterministic, 1 ancestral-like")
     p.add_argument("--timestep-spacing", choices=SPACINGS)
-    p.add_argument("--num-samples", type=positive)
+    p.add_argument("--num-samples", type=positive, help="samples; with --inpaint/--init-image: results per input")
     p.add_argument("--batch-size", type=positive)
     p.add_argument("--seed", type=int, help="default: the config's seed")
     p.add_argument("--device", default="auto", help="auto | cpu | cuda | cuda:N")
