@@ -162,3 +162,14 @@ def test_interpolating_between_images_inverts_them(edit):
     assert len(frames) == 4
     first = np.asarray(Image.open(edit / "ins" / "in0.png")).astype(float)
     assert np.abs(frames[0] - first).mean() < 8  # frame 0 reconstructs image A (up to the inversion error)
+
+
+def test_a_conditional_model_inpaints_with_labels_and_guidance_keeping_the_pixels(work):
+    make_checkpoint(work / "c.pt", tiny_config(extra=["model.num_classes=3", "sample.guidance_scale=2.0"]))
+    src = np.random.default_rng(1).integers(0, 256, (8, 8), dtype=np.uint8)
+    Image.fromarray(src).save(work / "x.png")
+    run_main(["--checkpoint", "c.pt", "--inpaint", "x.png", "--mask", "center", "--class-label", "2",
+              "--num-samples", "2", *STEPS, "--out", "o"])
+    keep = images.builtin_mask("center", 8)[0, 0].bool().numpy()
+    for out in pngs(work / "o"):
+        assert (out[keep] == src[keep]).all() and (out[~keep] != src[~keep]).any()
