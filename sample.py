@@ -5,6 +5,7 @@
     python sample.py --checkpoint checkpoints/digits/last.pt --class-label 3 --guidance-scale 2
     python sample.py --forward --config configs/digits.yaml   # the forward-process figure
     python sample.py --pretrained google/ddpm-cifar10-32 --num-samples 16
+    python sample.py --inpaint img.png --mask bottom       # editing: also --init-image, --interpolate, --invert
 
 Model, diffusion and sampling defaults come from the config stored inside the checkpoint, so no model
 flags are needed. Outputs go to results/images/<run_name>/<sampler>_<steps>_<seed>/ (see --out).
@@ -33,6 +34,7 @@ from PIL import Image, ImageDraw, ImageFont
 from config import AMP_MODES, SAMPLERS, SPACINGS, ConfigError, load_config
 from dataset import DatasetMissingError
 from diffusion import Diffusion, build_diffusion
+from edit_runs import add_edit_args, edit_mode, plan_edit
 from generation import SampleError, check_eta, generate, parse_class_labels, plan_labels, sampling_settings
 from loading import load_for_sampling, resolve_checkpoint
 from paths import RunPaths
@@ -60,7 +62,7 @@ def parse_args(argv: Optional[list[str]] = None) -> argparse.Namespace:
     p.add_argument("--steps", type=positive, help="sampling steps (ddpm always uses all T)")
     p.add_argument("--eta", type=float, help="DDIM noise: 0 deterministic, 1 ancestral-like")
     p.add_argument("--timestep-spacing", choices=SPACINGS)
-    p.add_argument("--num-samples", type=positive)
+    p.add_argument("--num-samples", type=positive, help="samples; with --inpaint/--init-image: results per input")
     p.add_argument("--batch-size", type=positive)
     p.add_argument("--seed", type=int, help="default: the config's seed")
     p.add_argument("--device", default="auto", help="auto | cpu | cuda | cuda:N")
@@ -76,6 +78,7 @@ def parse_args(argv: Optional[list[str]] = None) -> argparse.Namespace:
     p.add_argument("--animation", action="store_true", help="also write animation.gif and trajectory.png")
     p.add_argument("--forward", action="store_true",
                    help="only draw the forward process (results/plots/<run_name>/forward_noise.png)")
+    add_edit_args(p)
     return p.parse_args(argv)
 
 
@@ -365,6 +368,8 @@ def run_sampling(args) -> list[Path]:
     if args.out and output_folder_problem(args.out):  # before loading anything
         raise SampleError(f"--out {output_folder_problem(args.out)}: choose another output folder")
     model, diffusion, cfg, run = load_source(args, device)
+    if edit_mode(args):
+        return run_editing(args, model, diffusion, cfg, run)
     kw, seed = settings(args, cfg, diffusion), cfg.seed if args.seed is None else args.seed
     num_samples, batch_size = args.num_samples or cfg.sample.num_samples, args.batch_size or cfg.sample.batch_size
     timesteps = diffusion.sampling_timesteps(kw["sampler"], kw["steps"], kw["timestep_spacing"])
@@ -390,6 +395,27 @@ def run_sampling(args) -> list[Path]:
     return paths
 
 
+def run_editing(args, model, diffusion: Diffusion, cfg, run: str) -> list[Path]:
+    """--inpaint, --init-image, --interpolate, --invert (edit_runs.py): every input and flag is checked, and
+    the output folder too (same manifest rules as sampling), before the model runs."""
+    seed = cfg.seed if args.seed is None else args.seed
+    job = plan_edit(edit_mode(args), args, model, diffusion, cfg, _class_names(cfg), seed)
+    out_dir = Path(args.out) if args.out else RunPaths(run).images / job.folder
+    if not args.out and not args.overwrite:
+        out_dir = free_default_folder(out_dir)
+    names = job.names + (["animation.gif", "trajectory.png"] if args.animation else [])
+    stale = check_out_dir(out_dir, names, args.overwrite)
+    n = sum(name[:6].isdigit() for name in job.names)  # outputs; the first batch's are recorded (--animation)
+    rec = Recorder(job.timesteps, min(args.batch_size or cfg.sample.batch_size, n)) if args.animation else None
+    print(f"{job.mode.replace('_', '-')}: on {diffusion.betas.device}, seed {seed}")
+    x = job.run(rec)
+    start_out_dir(out_dir, names, stale)
+    paths = job.save(x, out_dir)
+    if rec is not None:
+        paths += [save_animation(rec, out_dir / "animation.gif"), save_trajectory(rec, out_dir / "trajectory.png")]
+    return paths
+
+
 def run_forward(args) -> list[Path]:
     """--forward needs only a config (and the data): from --config, else from the checkpoint/pretrained."""
     if args.config and not (args.checkpoint or args.pretrained):
@@ -403,6 +429,7 @@ def run_forward(args) -> list[Path]:
 def main(argv: Optional[list[str]] = None) -> int:
     args = parse_args(argv)
     try:
+        edit_mode(args)  # refuses mixed modes before anything is loaded
         paths = run_forward(args) if args.forward else run_sampling(args)
     except (SampleError, ConfigError, CheckpointError, DatasetMissingError) as e:
         print(f"error: {e}", file=sys.stderr)
