@@ -19,7 +19,6 @@ CPU = ["--device", "cpu"]
 SAMPLE = ["sample.py", "--checkpoint", "c.pt", "--steps", "2", *CPU]
 EVALUATE = ["evaluate.py", "--checkpoint", "c.pt", "--features", "classifier", "--classifier-dir", "clf",
             "--num-samples", "4", "--batch-size", "4", "--quiet"]
-NEEDS_T1 = pytest.mark.xfail(strict=False, reason="needs helper t1's run_name check in config.validate")
 NO_CUDA = pytest.mark.skipif(torch.cuda.is_available(), reason="needs a machine without CUDA")
 BEFORE_SAMPLING = r"\A(?!.*sampling \d+ with)"  # the error came before any sampling started
 
@@ -173,12 +172,12 @@ CASES = [
     # 13. the config stored in a checkpoint is validated by every tool
     Case("export_names_the_stored_config", ["export.py", "--checkpoint", "c.pt", "--out", "o"], 1,
          r"config stored in 'c\.pt' is not valid.*bogus", stored_config_key),
-    pytest.param(Case("sample_stored_run_name_escapes", [*SAMPLE], 1, r"run_name", stored_run_name("../x"),
-                      absent=("results/x",)), marks=NEEDS_T1),
-    pytest.param(Case("evaluate_stored_run_name_escapes", [*EVALUATE], 1, r"run_name", stored_run_name("../x"),
-                      absent=("results/x.jsonl",)), marks=NEEDS_T1),
-    pytest.param(Case("export_stored_run_name_escapes", ["export.py", "--checkpoint", "c.pt", "--out", "o"], 1,
-                      r"run_name", stored_run_name("../x"), absent=("o",)), marks=NEEDS_T1),
+    Case("sample_stored_run_name_escapes", [*SAMPLE], 1, r"run_name", stored_run_name("../x"),
+         absent=("results/x",)),
+    Case("evaluate_stored_run_name_escapes", [*EVALUATE], 1, r"run_name", stored_run_name("../x"),
+         absent=("results/x.jsonl",)),
+    Case("export_stored_run_name_escapes", ["export.py", "--checkpoint", "c.pt", "--out", "o"], 1,
+         r"run_name", stored_run_name("../x"), absent=("o",)),
 ]
 
 
