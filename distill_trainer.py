@@ -67,6 +67,9 @@ def distill_config(teacher_cfg: Config, plan: DistillPlan, overrides: list[str])
     if plan.guidance_scale != 1.0 and teacher_cfg.model.num_classes == 0:
         raise ConfigError(f"--guidance-scale {plan.guidance_scale:g} needs a class-conditional teacher; this one "
                           "is unconditional: drop --guidance-scale")
+    if any(o.split("=", 1)[0] == "train.max_steps" for o in overrides):
+        raise ConfigError("distill.py sets train.max_steps itself (rounds x --round-steps): drop train.max_steps "
+                          "and pass --round-steps M")
     bad = [o for o in overrides if not o.split("=", 1)[0].startswith(OVERRIDABLE)]
     if bad:
         raise ConfigError(f"distill.py cannot override {bad[0].split('=', 1)[0]!r}: the model, data and "

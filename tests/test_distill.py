@@ -42,6 +42,20 @@ def teacher(tmp_path_factory):
     return root / "checkpoints" / "tt" / "last.pt"
 
 
+@pytest.fixture(scope="module")
+def straight(teacher):
+    """checkpoints/straight/ of an uninterrupted 16 -> 8 -> 4 distillation (3 steps per round), absolute."""
+    root, cwd, threads = teacher.parents[2], Path.cwd(), torch.get_num_threads()
+    torch.set_num_threads(1)
+    try:
+        os.chdir(root)
+        assert distill.main(args(teacher, "run_name=straight")) == 0
+    finally:
+        os.chdir(cwd)
+        torch.set_num_threads(threads)
+    return root / "checkpoints" / "straight"
+
+
 @pytest.fixture(autouse=True)
 def workdir(tmp_path, monkeypatch):
     monkeypatch.chdir(tmp_path)
@@ -95,18 +109,17 @@ def stopped_run(teacher, stop_at, run_name):
 
 
 @pytest.mark.parametrize("stop_at", [3, 4])  # at the round boundary, and inside round 2
-def test_interrupted_and_resumed_distillation_equals_the_straight_one(teacher, stop_at):
-    assert distill.main(args(teacher, "run_name=straight")) == 0
+def test_interrupted_and_resumed_distillation_equals_the_straight_one(teacher, straight, stop_at):
     assert stopped_run(teacher, stop_at, "resumed")["interrupted"] == "stop_at"
     assert load_checkpoint("checkpoints/resumed/last.pt")["step"] == stop_at
     assert distill.main(args(teacher, "run_name=resumed", "--resume")) == 0
     for name in ("last.pt", "steps_0008.pt", "steps_0004.pt"):
-        a, b = (load_checkpoint(Path("checkpoints") / run / name) for run in ("straight", "resumed"))
+        a, b = load_checkpoint(straight / name), load_checkpoint(Path("checkpoints/resumed") / name)
         for key in ("model", "ema", "ema_num_updates", "teacher_model", "optimizer", "lr_scheduler", "step",
                     "data_state", "rng"):
             assert_same(a[key], b[key], f"{name}: {key}")
     # round 2's teacher is round 1's student; round 1's the teacher checkpoint's EMA
-    last, first = (load_checkpoint(Path("checkpoints/straight") / n) for n in ("last.pt", "steps_0008.pt"))
+    last, first = load_checkpoint(straight / "last.pt"), load_checkpoint(straight / "steps_0008.pt")
     assert all(torch.equal(last["teacher_model"][k], v) for k, v in first["ema"].items())
     assert all(torch.equal(first["teacher_model"][k], v) for k, v in load_checkpoint(teacher)["ema"].items())
     assert first["config"]["sample"]["steps"] == 8 and last["config"]["sample"]["steps"] == 4
@@ -166,6 +179,8 @@ CASES = [
     Case("start-not-a-power-of-two-multiple", ["distill.py", "--teacher", "teacher.pt", "--start-steps", "12"], 1,
          r"start_steps=12 must be final_steps=4 times a power of two", lambda r: weights_only(r, *TINY),
          keep=KEEP, absent=ABSENT),
+    Case("model-override", ["distill.py", "--teacher", "teacher.pt", "--start-steps", "8", "model.channels=16"], 1,
+         r"cannot override 'model.channels'", lambda r: weights_only(r, *TINY), keep=KEEP, absent=ABSENT),
     Case("start-above-T", ["distill.py", "--teacher", "teacher.pt", "--start-steps", "32"], 1,
          r"start_steps <= num_timesteps=20", lambda r: weights_only(r, *TINY), keep=KEEP, absent=ABSENT),
 ]
