@@ -120,7 +120,7 @@ class DistillTrainer(Trainer):
 
     def __init__(self, cfg: Config, resume=None, checkpoint: Optional[dict] = None, overwrite: bool = False,
                  stop_at: Optional[int] = None, *, plan: DistillPlan):
-        self.plan = plan
+        self.plan, self._overwrite = plan, overwrite
         super().__init__(cfg, resume, checkpoint, overwrite, stop_at)
 
     def setup_model(self) -> None:
@@ -140,6 +140,17 @@ class DistillTrainer(Trainer):
         steps = self.plan.rounds[index]
         self.triples = student_triples(self.diffusion, steps, self.plan.start_steps)
         set_student_grid(self.cfg, steps, folded_guidance=self.cfg.model.num_classes > 0)
+
+    def _setup_state(self, ckpt: Optional[dict], resumed_from) -> None:
+        """A fresh run (after prepare_run_dir refused or, with --overwrite, cleared the step files) must not
+        leave another distillation's round students next to its own: --overwrite deletes them too."""
+        stale = sorted(self.run_dir.glob("steps_*.pt")) if ckpt is None and self.dist.is_main else []
+        if stale and not self._overwrite:
+            raise ConfigError(f"{self.run_dir}/ holds the students of another distillation ({stale[0].name}): "
+                              "continue it with --resume, or pass --overwrite to delete them and start over")
+        for path in stale:
+            path.unlink()
+        super()._setup_state(ckpt, resumed_from)
 
     def _restore(self, ckpt: dict) -> None:
         super()._restore(ckpt)

@@ -69,9 +69,14 @@ def args(teacher, *extra):
     return ["--teacher", str(teacher), "--start-steps", "16", "--steps", "4", "--round-steps", "3", *extra]
 
 
-def test_command_makes_a_student_that_sample_py_uses_by_default(teacher):
-    assert distill.main(["--teacher", str(teacher), "--start-steps", "8", "--steps", "4", "--round-steps", "3"]) == 0
+def test_command_makes_a_student_that_sample_py_uses_by_default(teacher, capsys):
     run = Path("checkpoints/tt_distill")
+    run.mkdir(parents=True)
+    (run / "steps_0002.pt").write_bytes(b"another distillation's student")
+    command = ["--teacher", str(teacher), "--start-steps", "8", "--steps", "4", "--round-steps", "3"]
+    assert distill.main(command) == 1 and "holds the students of another" in capsys.readouterr().err
+    assert (run / "steps_0002.pt").is_file()
+    assert distill.main([*command, "--overwrite"]) == 0 and not (run / "steps_0002.pt").exists()
     last, student = load_checkpoint(run / "last.pt"), load_checkpoint(run / "steps_0004.pt")
     cfg = last["config"]
     assert (cfg["sample"]["sampler"], cfg["sample"]["steps"], cfg["sample"]["eta"]) == ("ddim", 4, 0.0)
