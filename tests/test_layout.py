@@ -10,7 +10,7 @@ from pathlib import Path
 import pytest
 
 REPO = Path(__file__).resolve().parents[1]
-TOP_SCRIPTS = {"train", "sample", "evaluate", "export"}
+TOP_SCRIPTS = {"train", "sample", "evaluate", "export", "distill"}
 
 
 def bench_scripts() -> set[str]:

@@ -1,0 +1,196 @@
+"""distill.py (issue #16, progressive distillation): the command, exact resume, the loss it trains, bad inputs.
+
+A tiny class-conditional digits teacher (8x8, an 8-channel U-Net, T=20, guidance 2 from configs/digits.yaml)
+trained 2 steps, distilled in rounds of 3 optimizer steps, in a temporary working directory."""
+import functools
+import os
+import sys
+from pathlib import Path
+
+import pytest
+import torch
+
+import distill
+import sample
+from config import load_config, to_dict
+from distill_trainer import DistillTrainer
+from distillation import distillation_target, sample_triples, student_loss, student_triples
+from loading import load_for_sampling
+from model import build_model
+from trainer import train
+from utils import CHECKPOINT_VERSION, load_checkpoint
+
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+from safety import DIGITS, REPO, TINY, Case, run_case  # noqa: E402
+
+COND = [o for o in TINY if not o.startswith("model.num_classes")]  # digits: 10 classes, guidance 2
+
+
+@pytest.fixture(scope="module")
+def teacher(tmp_path_factory):
+    """checkpoints/tt/last.pt of a 2-step conditional run (absolute path)."""
+    root = tmp_path_factory.mktemp("teacher")
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    cwd = Path.cwd()
+    try:
+        os.chdir(root)
+        train(load_config(DIGITS, COND + ["run_name=tt", "train.max_steps=2"]))
+    finally:
+        os.chdir(cwd)
+        torch.set_num_threads(threads)
+    return root / "checkpoints" / "tt" / "last.pt"
+
+
+@pytest.fixture(scope="module")
+def straight(teacher):
+    """checkpoints/straight/ of an uninterrupted 16 -> 8 -> 4 distillation (3 steps per round), absolute."""
+    root, cwd, threads = teacher.parents[2], Path.cwd(), torch.get_num_threads()
+    torch.set_num_threads(1)
+    try:
+        os.chdir(root)
+        assert distill.main(args(teacher, "run_name=straight")) == 0
+    finally:
+        os.chdir(cwd)
+        torch.set_num_threads(threads)
+    return root / "checkpoints" / "straight"
+
+
+@pytest.fixture(autouse=True)
+def workdir(tmp_path, monkeypatch):
+    monkeypatch.chdir(tmp_path)
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield tmp_path
+    torch.set_num_threads(threads)
+
+
+def args(teacher, *extra):
+    return ["--teacher", str(teacher), "--start-steps", "16", "--steps", "4", "--round-steps", "3", *extra]
+
+
+def test_command_makes_a_student_that_sample_py_uses_by_default(teacher, capsys):
+    run = Path("checkpoints/tt_distill")
+    run.mkdir(parents=True)
+    (run / "steps_0002.pt").write_bytes(b"another distillation's student")
+    command = ["--teacher", str(teacher), "--start-steps", "8", "--steps", "4", "--round-steps", "3"]
+    assert distill.main(command) == 1 and "holds the students of another" in capsys.readouterr().err
+    assert (run / "steps_0002.pt").is_file()
+    assert distill.main([*command, "--overwrite"]) == 0 and not (run / "steps_0002.pt").exists()
+    last, student = load_checkpoint(run / "last.pt"), load_checkpoint(run / "steps_0004.pt")
+    cfg = last["config"]
+    assert (cfg["sample"]["sampler"], cfg["sample"]["steps"], cfg["sample"]["eta"]) == ("ddim", 4, 0.0)
+    assert cfg["diffusion"]["timestep_spacing"] == "trailing"
+    assert cfg["sample"]["guidance_scale"] == 1.0  # folded into the student: sampling must not guide again
+    assert last["distill"]["teacher"] == str(teacher) and last["distill"]["guidance_scale"] == 2.0
+    assert (last["distill"]["rounds"], last["distill"]["start_steps"], last["distill"]["steps"]) == ([4], 8, 4)
+    assert last["step"] == 3
+    assert_same(student["ema"], last["ema"], "steps_0004.pt is the final student")
+    teacher_ema = load_checkpoint(teacher)["ema"]
+    assert any(not torch.equal(v, teacher_ema[k]) for k, v in last["ema"].items())  # it trained
+    assert sample.main(["--checkpoint", str(run / "last.pt")]) == 0
+    assert Path("results/images/tt_distill/ddim_4_0/grid.png").is_file()
+
+
+def assert_same(a, b, where):
+    """Bitwise equality of nested checkpoint entries."""
+    if torch.is_tensor(a):
+        assert torch.is_tensor(b) and a.dtype == b.dtype and torch.equal(a, b), where
+    elif isinstance(a, dict):
+        assert a.keys() == b.keys(), where
+        for key in a:
+            assert_same(a[key], b[key], f"{where}.{key}")
+    elif isinstance(a, (list, tuple)):
+        assert len(a) == len(b), where
+        for i, (x, y) in enumerate(zip(a, b)):
+            assert_same(x, y, f"{where}[{i}]")
+    else:
+        assert a == b, where
+
+
+def stopped_run(teacher, stop_at, run_name):
+    plan, cfg = distill.plan_and_config(distill.parse_args(args(teacher, f"run_name={run_name}")))
+    return train(cfg, stop_at=stop_at, trainer_class=functools.partial(DistillTrainer, plan=plan))
+
+
+@pytest.mark.parametrize("stop_at", [3, 4])  # at the round boundary, and inside round 2
+def test_interrupted_and_resumed_distillation_equals_the_straight_one(teacher, straight, stop_at):
+    assert stopped_run(teacher, stop_at, "resumed")["interrupted"] == "stop_at"
+    assert load_checkpoint("checkpoints/resumed/last.pt")["step"] == stop_at
+    assert distill.main(args(teacher, "run_name=resumed", "--resume")) == 0
+    for name in ("last.pt", "steps_0008.pt", "steps_0004.pt"):
+        a, b = load_checkpoint(straight / name), load_checkpoint(Path("checkpoints/resumed") / name)
+        for key in ("model", "ema", "ema_num_updates", "teacher_model", "optimizer", "lr_scheduler", "step",
+                    "data_state", "rng"):
+            assert_same(a[key], b[key], f"{name}: {key}")
+    # round 2's teacher is round 1's student; round 1's the teacher checkpoint's EMA
+    last, first = load_checkpoint(straight / "last.pt"), load_checkpoint(straight / "steps_0008.pt")
+    assert all(torch.equal(last["teacher_model"][k], v) for k, v in first["ema"].items())
+    assert all(torch.equal(first["teacher_model"][k], v) for k, v in load_checkpoint(teacher)["ema"].items())
+    assert first["config"]["sample"]["steps"] == 8 and last["config"]["sample"]["steps"] == 4
+
+
+def test_a_resume_with_other_round_settings_is_refused(teacher, capsys):
+    stopped_run(teacher, 2, "changed")
+    assert distill.main(args(teacher, "run_name=changed", "--resume", "--steps", "8")) == 1
+    assert "the distillation differs (steps 4 -> 8)" in capsys.readouterr().err
+
+
+def test_compute_loss_is_the_student_loss_against_the_guided_two_step_teacher(teacher):
+    plan, cfg = distill.plan_and_config(distill.parse_args(args(teacher, "run_name=loss")))
+    # Weights far from the zero-initialised output layer of a 2-step run, so guided and unguided differ.
+    gen = torch.Generator().manual_seed(1)
+    plan.teacher_weights = {k: v + 0.3 * torch.randn(v.shape, generator=gen) if v.is_floating_point() else v
+                            for k, v in plan.teacher_weights.items()}
+    trainer = DistillTrainer(cfg, plan=plan)
+    try:
+        with torch.no_grad():  # a student that has moved away from its teacher (round 1 starts equal)
+            for p in trainer.net.parameters():
+                p.add_(0.1 * torch.randn(p.shape, generator=gen))
+        x0, y = trainer.next_batch()
+        torch.manual_seed(5)
+        losses, t = trainer.compute_loss((x0, y))
+        d = trainer.diffusion
+        torch.manual_seed(5)
+        t2, t_mid, t_next = sample_triples(student_triples(d, 8, 16), x0.shape[0])
+        xt = d.q_sample(x0, t2, torch.randn_like(x0))
+        model = load_for_sampling(teacher)[0]
+        model.load_state_dict(plan.teacher_weights)
+        target, weight = distillation_target(d, d._model_fn(model, y, 2.0), xt, t2, t_mid, t_next, clip_x0=True)
+        expected = student_loss(d, trainer.net(xt, t2, y), xt, t2, target, weight)
+        assert torch.equal(t, t2)
+        assert torch.equal(losses, expected)
+    finally:
+        trainer.close()
+
+
+# ----------------------------------------------------------------------------- bad inputs
+def weights_only(root: Path, *overrides, config=DIGITS):
+    cfg = load_config(config, [*overrides])
+    torch.save({"format_version": CHECKPOINT_VERSION, "step": 1, "config": to_dict(cfg),
+                "model": build_model(cfg).state_dict()}, root / "teacher.pt")
+
+
+def foreign(root: Path):
+    torch.save({"weights": torch.zeros(2)}, root / "teacher.pt")
+
+
+KEEP, ABSENT = ("teacher.pt",), ("checkpoints/*",)
+CASES = [
+    Case("not-a-ddpm-lab-checkpoint", ["distill.py", "--teacher", "teacher.pt"], 1, r"not a ddpm-lab checkpoint",
+         foreign, keep=KEEP, absent=ABSENT),
+    Case("toy-2d-teacher", ["distill.py", "--teacher", "teacher.pt"], 1, r"distillation needs an image model",
+         functools.partial(weights_only, config=str(REPO / "configs" / "toy2d.yaml")), keep=KEEP, absent=ABSENT),
+    Case("start-not-a-power-of-two-multiple", ["distill.py", "--teacher", "teacher.pt", "--start-steps", "12"], 1,
+         r"start_steps=12 must be final_steps=4 times a power of two", lambda r: weights_only(r, *TINY),
+         keep=KEEP, absent=ABSENT),
+    Case("model-override", ["distill.py", "--teacher", "teacher.pt", "--start-steps", "8", "model.channels=16"], 1,
+         r"cannot override 'model.channels'", lambda r: weights_only(r, *TINY), keep=KEEP, absent=ABSENT),
+    Case("start-above-T", ["distill.py", "--teacher", "teacher.pt", "--start-steps", "32"], 1,
+         r"start_steps <= num_timesteps=20", lambda r: weights_only(r, *TINY), keep=KEEP, absent=ABSENT),
+]
+
+
+@pytest.mark.parametrize("case", CASES, ids=lambda c: c.id)
+def test_bad_input(case, tmp_path):
+    run_case(case, tmp_path / "w")
