@@ -149,7 +149,9 @@ def existing_runs_hint() -> str:
     runs = []
     for folder in sorted(p for p in CHECKPOINT_ROOT.glob("*") if p.is_dir()):
         files = [f for f in [folder / "last.pt", *reversed(list_checkpoints(folder))] if zipfile.is_zipfile(f)]
-        if files:
+        if files and any(folder.glob("steps_*.pt")):  # round students: distill.py's run, resumed by it
+            runs.append(f"distillation '{folder.name}': python distill.py --teacher TEACHER --resume")
+        elif files:
             runs.append(f"run '{folder.name}': python train.py --resume {files[0]}")
     if not runs:
         return (f"{CHECKPOINT_ROOT}/ holds no run: start one without --resume, "

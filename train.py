@@ -65,6 +65,10 @@ def main(argv: Optional[list[str]] = None) -> int:
             checkpoint = load_resume_checkpoint(resume)
             cfg = (load_config(args.config, args.overrides) if args.config
                    else config_for_resume(checkpoint, args.overrides))
+        if checkpoint is not None and isinstance(checkpoint.get("distill"), dict):  # distill.py's, not ours
+            teacher = checkpoint["distill"].get("teacher", "TEACHER")
+            raise CheckpointError(f"{resume} is a distillation checkpoint: continue it with "
+                                  f"python distill.py --teacher {teacher} --resume")
         summary = train(cfg, resume, checkpoint=checkpoint, overwrite=args.overwrite)
     except (ConfigError, CheckpointError, DatasetMissingError, NonFiniteLossError) as err:
         print(f"error: {err}", file=sys.stderr)

@@ -17,6 +17,7 @@ from distill_trainer import DistillTrainer
 from distillation import distillation_target, sample_triples, student_loss, student_triples
 from loading import load_for_sampling
 from model import build_model
+from train import main as train_main
 from trainer import train
 from utils import CHECKPOINT_VERSION, load_checkpoint
 
@@ -90,6 +91,15 @@ def test_command_makes_a_student_that_sample_py_uses_by_default(teacher, capsys)
     assert any(not torch.equal(v, teacher_ema[k]) for k, v in last["ema"].items())  # it trained
     assert sample.main(["--checkpoint", str(run / "last.pt")]) == 0
     assert Path("results/images/tt_distill/ddim_4_0/grid.png").is_file()
+
+
+def test_train_py_sends_a_distillation_back_to_distill_py(straight, capsys):
+    """train.py --resume on a student would silently train it with the plain loss: it names distill.py."""
+    assert train_main(["--resume", str(straight / "last.pt")]) == 1
+    assert "python distill.py --teacher" in capsys.readouterr().err
+    Path("checkpoints").symlink_to(straight.parent, target_is_directory=True)
+    assert train_main(["--resume"]) == 1  # the cifar10 preset's run does not exist: the hint lists this one
+    assert "distillation 'straight': python distill.py" in capsys.readouterr().err
 
 
 def assert_same(a, b, where):
