@@ -143,6 +143,17 @@ def resume_path(resume: bool | str | Path, run_name: str) -> Path:
     raise CheckpointError(f"cannot resume: no checkpoint at {path}; {existing_runs_hint()}")
 
 
+def start_message(cfg, *, step: int, params: int, items: int, world_size: int, device: torch.device, amp: str,
+                  channels_last: bool) -> str:
+    """The line a run starts with: what trains, on what, and where its checkpoints go."""
+    where = f"resuming at step {step}" if step else "starting"
+    threads = f" ({torch.get_num_threads()} threads)" if device.type == "cpu" else ""
+    return (f"training {cfg.run_name}: {where} of {cfg.train.max_steps} | {params / 1e6:.2f}M parameters | "
+            f"{items} items, batch {cfg.train.batch_size} x {cfg.train.grad_accum} accum x {world_size} "
+            f"process(es) | {device}{threads}, amp {amp}, {'channels_last' if channels_last else 'NCHW'} | "
+            f"checkpoints in {RunPaths(cfg.run_name).checkpoints}/")
+
+
 def existing_runs_hint() -> str:
     """'; '-joined resume commands for the runs under checkpoints/ that hold a checkpoint (a zip: torch.save's
     format; checked without loading, so this stays fast for big files)."""

@@ -2,20 +2,11 @@
 command line; a variant of training (e.g. progressive distillation) subclasses Trainer and overrides
 compute_loss (and setup_model for extra networks) instead of copying the loop.
 
-Resume is exact (bitwise on CPU): the data order and random flips continue exactly where the run
-stopped (see data_order.py); every rank's python/numpy/torch/CUDA RNG state is saved and restored
-(dropout, t, noise). (Same hardware and CPU thread count assumed: train.cpu_threads pins the count, and a
-resume warns when it differs.) A resume may change train.* (max_steps, lr, intervals, ...), device, run_name
-and data.num_workers/root/download; a changed seed, model.*, diffusion.* or other data.* key is refused with
-the list of differences (train_resume.py). A fresh run never overwrites an existing checkpoints/<run_name>/
-unless asked to (overwrite=True, --overwrite).
-
-A step whose loss or gradient is non-finite is skipped (no weight, optimizer or EMA change), counted and
-logged. A finite loss that explodes (above max(10 x its running level, 1): train_utils.LossWatch) is
-trained on but, like a non-finite one, unhealthy: train.max_nonfinite unhealthy steps in a row stop the run
-(NonFiniteLossError), and the message names the last good checkpoint (run_folder.CheckpointHealth), which
-checkpoint rotation never deletes. checkpoints/<run>/.lock keeps a second train.py off a run in progress; a
-lock left by a dead process is taken over.
+Resume is exact (bitwise on CPU, same thread count): data order, flips and every RNG state continue where
+the run stopped (data_order.py, train_resume.py, which also refuses changed model/diffusion/data settings).
+Unhealthy steps (a non-finite loss or gradient: skipped; an exploding loss: train_utils.LossWatch) stop the
+run after train.max_nonfinite in a row, naming the last good checkpoint, which rotation never deletes
+(run_folder.CheckpointHealth); the run lock and --overwrite live in run_folder.py too (README: Safety).
 
 Host syncs: each step reads its loss, gradient norm and health flags on the host once (`.tolist()` in
 _read_step), and the skip of a non-finite step is a plain `if`. Earlier versions kept all of this on the
@@ -43,7 +34,8 @@ from dataset import build_dataset, check_data
 from diffusion import build_diffusion
 from model import build_model, count_parameters
 from paths import RunPaths
-from run_folder import RESULTS_ROOT, CheckpointHealth, end_message, lock_run_dir, prepare_run_dir, resume_path
+from run_folder import (RESULTS_ROOT, CheckpointHealth, end_message, lock_run_dir, prepare_run_dir, resume_path,
+                        start_message)
 from train_resume import check_resumable, load_resume_checkpoint, restore_optimization, restore_rng, warn_thread_count
 from train_utils import (EMA, LossWatch, RunLogger, StopSignals, all_finite, build_optimizer, gather_rng_states,
                          lr_factor, save_samples, setup_distributed)
@@ -374,17 +366,11 @@ class Trainer:
         return self._finish(code, time.perf_counter() - start)
 
     def _announce(self) -> None:
-        if not self.dist.is_main:
-            return
-        cfg, tcfg = self.cfg, self.tcfg
-        where = f"resuming at step {self.step}" if self.step else "starting"
-        threads = f" ({torch.get_num_threads()} threads)" if self.device.type == "cpu" else ""
-        tqdm.write(f"training {cfg.run_name}: {where} of {tcfg.max_steps} | {count_parameters(self.net) / 1e6:.2f}M "
-                   f"parameters | {len(self.base_dataset)} items, batch {tcfg.batch_size} x {tcfg.grad_accum} accum "
-                   f"x {self.dist.world_size} process(es) | {self.device}{threads}, amp {self.amp}, "
-                   f"{'channels_last' if self.channels_last else 'NCHW'} | "
-                   f"checkpoints in {self.run_dir}/", file=sys.stdout)
-        sys.stdout.flush()
+        if self.dist.is_main:
+            tqdm.write(start_message(self.cfg, step=self.step, params=count_parameters(self.net),
+                                     items=len(self.base_dataset), world_size=self.dist.world_size,
+                                     device=self.device, amp=self.amp, channels_last=self.channels_last))
+            sys.stdout.flush()
 
     def _finish(self, code: int, wall: float) -> dict:
         if code == NONFINITE:
