@@ -15,7 +15,7 @@ import torch
 from tqdm.auto import tqdm
 
 from diffusion import Diffusion
-from utils import amp_autocast, derive_seed, resolve_amp
+from utils import autocast as amp_autocast, derive_seed, resolve_amp
 
 
 class SampleError(ValueError):

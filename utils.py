@@ -276,13 +276,6 @@ def save_image_grid(x: torch.Tensor, path: str | Path, nrow: Optional[int] = Non
     return path
 
 
-def amp_autocast(device: torch.device, amp: str):
-    """The autocast context of a resolved amp mode ('off' | 'bf16' | 'fp16'; see resolve_amp)."""
-    if amp == "off":
-        return contextlib.nullcontext()
-    return torch.autocast(device.type, dtype=torch.bfloat16 if amp == "bf16" else torch.float16)
-
-
 # ----------------------------------------------------------------------------- training helpers
 def derive_seed(*keys: int) -> int:
     """A 63-bit seed from integer keys (numpy's SeedSequence hash): (seed, purpose, epoch, index) tuples

@@ -28,7 +28,7 @@ from torch.utils.flop_counter import FlopCounterMode  # noqa: E402
 from config import ConfigError, load_config  # noqa: E402
 from diffusion import Diffusion  # noqa: E402
 from model import build_model  # noqa: E402
-from utils import amp_autocast  # noqa: E402
+from utils import autocast  # noqa: E402
 
 
 RESULTS = REPO / "bench" / "RESULTS.md"
@@ -205,7 +205,7 @@ class Variant:
         return f"{self.dtype} {'channels_last' if self.fmt == 'cl' else 'NCHW'}{' compile' if self.compiled else ''}"
 
     def autocast(self):
-        return amp_autocast(self.device, "off" if self.dtype == "fp32" else self.dtype)
+        return autocast(self.device, "off" if self.dtype == "fp32" else self.dtype)
 
     def memory(self, x: torch.Tensor) -> torch.Tensor:
         return x.contiguous(memory_format=torch.channels_last) if self.fmt == "cl" else x.contiguous()
