@@ -13,7 +13,8 @@ from tqdm.auto import tqdm
 
 from config import Config, ConfigError, from_dict, parse_overrides, to_dict, validate
 from data_order import NOISE
-from utils import CheckpointError, derive_seed, list_checkpoints, load_checkpoint, seed_everything, set_rng_state
+from utils import (CheckpointError, derive_seed, list_checkpoints, load_checkpoint, loadable_checkpoints,
+                   seed_everything, set_rng_state)
 
 # Resuming may change these; any other change under seed/data/model/diffusion means another experiment.
 RESUME_FIXED = ("seed", "data.", "model.", "diffusion.")
@@ -62,17 +63,10 @@ def warn_thread_count(ckpt: dict, device: torch.device) -> None:
                    f"resume is not bitwise exact (set train.cpu_threads={saved} to match)", file=sys.stderr)
 
 
-def loadable_checkpoints(folder: Path, exclude: Optional[Path] = None) -> list[tuple[Path, int]]:
-    """(path, step) of the step files in folder that load, newest first."""
-    good = []
-    for path in reversed(list_checkpoints(folder)):
-        if exclude is not None and path.resolve() == exclude.resolve():
-            continue
-        try:
-            good.append((path, int(load_checkpoint(path)["step"])))
-        except (CheckpointError, KeyError, TypeError, ValueError):
-            pass
-    return good
+def loadable_step_files(folder: Path, exclude: Optional[Path] = None) -> list[tuple[Path, int]]:
+    """(path, step) of the step files in folder that load (utils.loadable_checkpoints), newest first."""
+    loadable = set(loadable_checkpoints(folder, exclude=exclude))
+    return [(p, int(p.stem.split("_")[1])) for p in reversed(list_checkpoints(folder)) if p.name in loadable]
 
 
 def load_resume_checkpoint(path: str | Path) -> dict:
@@ -81,7 +75,7 @@ def load_resume_checkpoint(path: str | Path) -> dict:
     try:
         return load_checkpoint(path)
     except CheckpointError as err:
-        good = loadable_checkpoints(path.parent, exclude=path)
+        good = loadable_step_files(path.parent, exclude=path)
         if good:
             names = ", ".join(f"{p} (step {s})" for p, s in good)
             hint = (f" These older checkpoints load: {names}. Resume from the newest with: "
