@@ -13,13 +13,11 @@ sampling does (generation.py), and for --num-samples K per input, output j is re
 from __future__ import annotations
 
 import json
-import math
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Callable, Optional
 
 import torch
-from PIL import Image
 
 from editing import INPAINT_SAMPLERS, sdedit_timesteps
 from generation import SampleError, SampleNoise, autocast, parse_class_labels, sampling_settings
