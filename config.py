@@ -249,11 +249,12 @@ def load_config(path: Optional[str | Path] = None, overrides: Optional[list[str]
     if not path.is_file():
         presets = sorted(p.stem for p in DEFAULT_CONFIG.parent.glob("*.yaml"))
         raise ConfigError(f"config file '{path}' not found (presets in configs/: {', '.join(presets)})")
-    raw = _read_yaml_file(path)
-    merged = _merge(to_dict(from_dict(raw)), parse_overrides(overrides or []))
-    cfg = from_dict(merged)
-    validate(cfg)
-    return cfg
+    return config_with_overrides(_read_yaml_file(path), overrides)
+
+
+def config_with_overrides(d: dict, overrides: Optional[list[str]] = None) -> Config:
+    """A config dict (a preset's, or the one stored in a checkpoint) with dotted overrides applied, validated."""
+    return validate(from_dict(_merge(to_dict(from_dict(d)), parse_overrides(overrides or []))))
 
 
 def _read_yaml_file(path: Path) -> dict:

@@ -11,7 +11,7 @@ from typing import Optional
 import torch
 from tqdm.auto import tqdm
 
-from config import Config, ConfigError, from_dict, parse_overrides, to_dict, validate
+from config import Config, ConfigError, config_with_overrides, from_dict, to_dict
 from data_order import NOISE
 from utils import (CheckpointError, derive_seed, list_checkpoints, load_checkpoint, loadable_checkpoints,
                    seed_everything, set_rng_state)
@@ -87,12 +87,7 @@ def load_resume_checkpoint(path: str | Path) -> dict:
 
 def config_for_resume(ckpt: dict, overrides: list[str]) -> Config:
     """The checkpoint's own config with command-line overrides applied (for --resume PATH without --config)."""
-    def merge(base: dict, extra: dict) -> dict:
-        for key, value in extra.items():
-            nested = isinstance(value, dict) and isinstance(base.get(key), dict)
-            base[key] = merge(base[key], value) if nested else value
-        return base
-    return validate(from_dict(merge(to_dict(from_dict(ckpt["config"])), parse_overrides(overrides))))
+    return config_with_overrides(ckpt["config"], overrides)
 
 
 # ----------------------------------------------------------------------------- loading the training state
