@@ -67,6 +67,8 @@ class DataConfig:
     dataset: str = "cifar10"
     root: str = "data"                 # where torchvision datasets / image folders live
     split: str = "train"               # which split to train on: train | test (e.g. MNIST's t10k files)
+    holdout: int = 0                   # > 0: this many images of that split (a fixed seeded draw) are never
+                                       # trained on and become the held-out set (editing / super-res benches)
     image_size: int = 32
     channels: int = 0                  # folder only: 0 = auto (1 when every image is grey, else 3), 1 or 3
     random_flip: bool = True           # horizontal flips (CIFAR-10); never for digits
@@ -350,7 +352,8 @@ def _check_counts(cfg: Config) -> None:
                      ("model.mlp_emb_size", model.mlp_emb_size)]:
         _positive(key, val)
     for key, val in [("train.warmup_steps", train.warmup_steps), ("model.num_classes", model.num_classes),
-                     ("data.num_workers", data.num_workers), ("sample.eta", sample.eta),
+                     ("data.num_workers", data.num_workers), ("data.holdout", data.holdout),
+                     ("sample.eta", sample.eta),
                      ("train.weight_decay", train.weight_decay), ("train.cond_drop_prob", train.cond_drop_prob),
                      ("train.num_sample_images", train.num_sample_images),
                      ("train.cpu_threads", train.cpu_threads or 0)]:
@@ -385,6 +388,8 @@ def validate(cfg: Config) -> Config:
     _check_ranges(cfg)
     _check_run_name(cfg.run_name)
     _check_unet_levels(cfg)
+    if cfg.data.holdout and cfg.data.dataset == "toy2d":
+        raise ConfigError("data.holdout is for image data sets; toy2d draws its own held-out points: set data.holdout=0")
     if (cfg.data.dataset == "toy2d") != (cfg.model.kind == "mlp"):
         raise ConfigError("data.dataset=toy2d goes with model.kind=mlp (and images with model.kind=unet); "
                           f"got data.dataset={cfg.data.dataset!r}, model.kind={cfg.model.kind!r}")

@@ -20,6 +20,7 @@ data set is built. A bad file raises BadDataError (a DatasetMissingError) naming
 from __future__ import annotations
 
 import argparse
+import dataclasses
 import functools
 import math
 import socket
@@ -35,7 +36,7 @@ import numpy as np
 import torch
 import torch.nn.functional as F
 from PIL import Image
-from torch.utils.data import Dataset, TensorDataset
+from torch.utils.data import Dataset, Subset, TensorDataset
 
 from config import DATASETS, TOY_DISTRIBUTIONS, Config, ConfigError, DataConfig
 from data_files import (BAD_FILES_SHOWN, CIFAR10_ARCHIVE, CIFAR10_CLASSES, CIFAR10_FOLDER, CIFAR_FIX,  # noqa: F401
@@ -253,8 +254,33 @@ def toy2d_dataset(name: str, num_points: int, seed: int) -> TensorDataset:
 
 
 # ----------------------------------------------------------------------------- public entry points
-def build_dataset(data_cfg, train: bool = True) -> Dataset:
-    """The train (or test) split of data_cfg.dataset; see the module docstring for the item format."""
+HOLDOUT_SEED = 1234  # fixed, not cfg.seed: every tool finds the same held-out images from the config alone
+
+
+def holdout_indices(n: int, holdout: int) -> tuple[torch.Tensor, torch.Tensor]:
+    """(kept, held) sorted indices into a split of n items: `holdout` of them drawn by a fixed seed."""
+    if not 0 < holdout < n:
+        raise ConfigError(f"data.holdout={holdout} must be below the {n} images of the training split: "
+                          f"set data.holdout to at most {n - 1} (or 0 to train on all of them)")
+    order = torch.randperm(n, generator=torch.Generator().manual_seed(HOLDOUT_SEED))
+    return order[holdout:].sort().values, order[:holdout].sort().values
+
+
+def build_dataset(data_cfg, train: bool = True, held_out: bool = False) -> Dataset:
+    """The train (or test) split of data_cfg.dataset; see the module docstring for the item format. With
+    data.holdout > 0 the training split loses its held-out images, and held_out=True returns just those
+    (unflipped)."""
+    holdout = getattr(data_cfg, "holdout", 0)
+    if held_out and not holdout:
+        raise ConfigError("no held-out images: this config has data.holdout=0")
+    if holdout and train:
+        whole = _build_split(dataclasses.replace(data_cfg, random_flip=data_cfg.random_flip and not held_out), True)
+        kept, held = holdout_indices(len(whole), holdout)
+        return Subset(whole, (held if held_out else kept).tolist())
+    return _build_split(data_cfg, train)
+
+
+def _build_split(data_cfg, train: bool) -> Dataset:
     name = data_cfg.dataset
     if name == "toy2d":
         return toy2d_dataset(data_cfg.toy_distribution, data_cfg.toy_num_points, TOY_SEEDS[train])
