@@ -89,6 +89,15 @@ def write_result(record: dict, run_name: str, results_dir: Path = EVAL_RECORDS) 
 SAMPLING_KEYS = ("sampler", "steps", "eta", "seed", "guidance_scale", "timestep_spacing", "amp", "sampling_wall_s")
 
 
+def _distilled_from(ckpt: Optional[dict]) -> Optional[dict]:
+    """A distill.py student's teacher file, student steps and teacher steps (None for other checkpoints)."""
+    plan = (ckpt or {}).get("distill")
+    if not isinstance(plan, dict):
+        return None
+    return {"teacher": plan.get("teacher"), "student_steps": plan.get("student_steps"),
+            "teacher_start_steps": plan.get("start_steps"), "guidance_scale": plan.get("guidance_scale")}
+
+
 def protocol_record(args, run_name: str, ckpt: Optional[dict], sampling: Optional[dict], num_samples: int,
                     extractor, ref: dict, metrics: dict, eval_wall_s: float) -> dict:
     """Everything needed to reproduce and compare a number (sampling fields are None for --samples)."""
@@ -98,6 +107,7 @@ def protocol_record(args, run_name: str, ckpt: Optional[dict], sampling: Optiona
         "run_name": run_name, "command": " ".join(["python evaluate.py", *sys.argv[1:]]),
         "checkpoint": args.checkpoint, "checkpoint_step": None if ckpt is None else int(ckpt.get("step", -1)),
         "ema": None if ckpt is None else (not args.no_ema and ckpt.get("ema") is not None),
+        "distilled_from": _distilled_from(ckpt),
         "samples_dir": args.samples, **sampling, "num_samples": num_samples, "batch_size": args.batch_size,
         "feature_extractor": extractor.name,
         "reference": {"dataset": ref["dataset"], "split": ref["split"], "image_size": int(ref["image_size"]),

@@ -204,3 +204,10 @@ CASES = [
 @pytest.mark.parametrize("case", CASES, ids=lambda c: c.id)
 def test_bad_input(case, tmp_path):
     run_case(case, tmp_path / "w")
+
+
+def test_evaluate_record_names_the_teacher_and_the_steps(straight, teacher):
+    import evaluate
+    found = evaluate._distilled_from(load_checkpoint(straight / "last.pt"))
+    assert found == {"teacher": str(teacher), "student_steps": 4, "teacher_start_steps": 16, "guidance_scale": 2.0}
+    assert evaluate._distilled_from(load_checkpoint(teacher)) is None
