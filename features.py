@@ -62,7 +62,8 @@ def split_dataset(data_cfg: DataConfig, split: str):
     and classifier data are of the images themselves, and deterministic). build_dataset's training set is the
     split that data.split names."""
     from dataset import build_dataset
-    return build_dataset(dataclasses.replace(data_cfg, split=split, random_flip=False), train=True)
+    holdout = data_cfg.holdout if split == data_cfg.split else 0  # data.holdout is a part of data.split only
+    return build_dataset(dataclasses.replace(data_cfg, split=split, random_flip=False, holdout=holdout), train=True)
 
 
 def load_split_uint8(data_cfg: DataConfig, split: str, limit: Optional[int] = None, seed: int = 0,

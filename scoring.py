@@ -46,7 +46,9 @@ def reference_stats(data_cfg: DataConfig, split: str, extractor, num_ref: Option
     once and cached as <cache_dir>/<reference_key>.npz (plain arrays, loaded without pickle)."""
     dataset = split_dataset(data_cfg, split)
     n = len(dataset) if num_ref is None else min(num_ref, len(dataset))
-    key = reference_key(reference_source(data_cfg), split, data_cfg.image_size, extractor.name, n)
+    held = data_cfg.holdout if split == data_cfg.split else 0  # that split without its held-out images
+    key = reference_key(reference_source(data_cfg), f"{split}-minus{held}" if held else split, data_cfg.image_size,
+                        extractor.name, n)
     path = Path(cache_dir) / f"{key}.npz"
     if not path.is_file():
         images, _ = load_split_uint8(data_cfg, split, limit=n, seed=seed, dataset=dataset)
