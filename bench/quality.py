@@ -5,6 +5,8 @@
     python bench/quality.py --num-samples 2000 --image-size 28      # more compute, better numbers
     python bench/quality.py --samplers ddim:50,dpmpp2m:20 --set diffusion.objective=eps --tag eps --no-write
     python bench/quality.py --skip-train           # re-score the last trained model (e.g. after a sampler change)
+    python bench/quality.py --tag holdout --set data.holdout=1000 --distill 64:1:1000 --section distill \
+        --samplers ddpm:1000,ddim:50 --skip-train # distil it 64 -> 1 steps; rows per student (issue #16)
 
 What it does (every size is a flag):
   1. reads the MNIST test split (10,000 real digits, t10k IDX files) from ../shared/data/mnist, resized to
@@ -21,22 +23,23 @@ What it does (every size is a flag):
      measured: hence N=500 for DDPM too.) The metric's floor at each N is the row "real images": N real
      digits from that split scored the same way. FIDs are means over the seeds: one seed's FID at N=500
      moved by up to 8 points between seeds, more than most sampler differences;
-  5. writes a markdown table between <!-- quality:start --> and <!-- quality:end --> in bench/RESULTS.md.
+  5. with --distill N0:N:M, first distils the model with `python distill.py` (N0 -> N steps in halving rounds of
+     M optimizer steps) and adds two rows per round: the student, and the teacher's DDIM at the student's step
+     count on the same ("trailing") grid, the no-distillation baseline;
+  6. writes a markdown table between <!-- quality:start --> and <!-- quality:end --> in bench/RESULTS.md.
 """
 from __future__ import annotations
 
 import argparse
 import json
 import os
-import platform
-import statistics
 import subprocess
 import sys
 import time
 from pathlib import Path
 
 REPO = Path(__file__).resolve().parents[1]
-sys.path.insert(0, str(REPO))
+sys.path[:0] = [str(REPO), str(REPO / "bench")]
 
 import torch  # noqa: E402
 
@@ -44,13 +47,12 @@ import features as feat  # noqa: E402
 import scoring  # noqa: E402
 from config import DataConfig, load_config  # noqa: E402
 from paths import CLASSIFIERS, FID_REFS, RunPaths, eval_records_file  # noqa: E402
+from quality_report import (END, RESULTS, START, commit, machine, mean_sd, render, table_rows,  # noqa: E402,F401
+                            targets, write_section)
 from utils import save_checkpoint  # noqa: E402
 
 MNIST = REPO.parent / "shared" / "data" / "mnist"
-RESULTS = REPO / "bench" / "RESULTS.md"
-START, END = "<!-- quality:start -->", "<!-- quality:end -->"
 SAMPLERS = "ddpm:1000,ddim:10,ddim:20,ddim:50,ddim:100,ddim:50:1,dpmpp2m:10,dpmpp2m:20"  # sampler:steps[:eta]
-NAMES = {"ddpm": "DDPM", "ddim": "DDIM", "dpmpp2m": "DPM-Solver++(2M)"}
 
 
 def parse_args(argv=None) -> argparse.Namespace:
@@ -75,6 +77,13 @@ def parse_args(argv=None) -> argparse.Namespace:
     p.add_argument("--tag", default="", help="suffix of the run name (for comparing training settings)")
     p.add_argument("--skip-train", action="store_true", help="reuse checkpoints/<run>/last.pt if it exists")
     p.add_argument("--threads", type=int, default=None, help="torch threads (default: torch's choice)")
+    p.add_argument("--distill", metavar="N0:N:M", help="also distil the trained model (python distill.py "
+                   "--start-steps N0 --steps N --round-steps M) and add a row per round's student, plus the "
+                   "teacher's DDIM on the students' grid at each student's step count")
+    p.add_argument("--distill-set", nargs="*", default=[], metavar="key=value",
+                   help="distill.py train.* overrides (e.g. train.lr=2e-4)")
+    p.add_argument("--section", default="quality", help="the RESULTS.md section written: between "
+                   "<!-- SECTION:start --> and <!-- SECTION:end --> (another name keeps the quality table)")
     p.add_argument("--no-write", action="store_true", help="print the table only, leave RESULTS.md alone")
     return p.parse_args(argv)
 
@@ -108,6 +117,31 @@ def run_train(args) -> float | None:
     return time.perf_counter() - start
 
 
+def run_distill(args, teacher: Path) -> dict | None:
+    """`python distill.py` on the trained model (a subprocess): {"command", "wall_s", "rounds": [(steps,
+    seconds), ...], "students": {steps: path}}, saved beside the students so that --skip-train reuses them;
+    None if it failed."""
+    n0, n, m = (int(part) for part in args.distill.split(":"))
+    folder = teacher.parent.with_name(teacher.parent.name + "_distill")
+    timing = folder / "bench_distill_time.json"
+    argv = ["--teacher", str(teacher.relative_to(REPO)), "--start-steps", str(n0), "--steps", str(n),
+            "--round-steps", str(m), "--overwrite", *args.distill_set]
+    command = "python distill.py " + " ".join(argv)
+    if not (args.skip_train and timing.is_file() and json.loads(timing.read_text())["command"] == command):
+        print(command, flush=True)
+        start = time.time()
+        if subprocess.run([sys.executable, str(REPO / "distill.py"), *argv], cwd=REPO).returncode != 0:
+            print("distill.py failed: see its output above", file=sys.stderr)
+            return None
+        steps = sorted((int(p.stem.split("_")[1]) for p in folder.glob("steps_*.pt")), reverse=True)
+        ends = [start] + [(folder / f"steps_{k:04d}.pt").stat().st_mtime for k in steps]
+        rounds = [(k, ends[i + 1] - ends[i]) for i, k in enumerate(steps)]  # a round ends with its student file
+        timing.write_text(json.dumps({"command": command, "wall_s": time.time() - start, "rounds": rounds}))
+    record = json.loads(timing.read_text())
+    record["students"] = {k: folder / f"steps_{k:04d}.pt" for k, _ in record["rounds"]}
+    return record
+
+
 def ensure_classifier(args, data_cfg: DataConfig, folder: Path) -> dict:
     path = feat.classifier_path("mnist", args.image_size, folder)
     if not path.is_file():
@@ -116,7 +150,8 @@ def ensure_classifier(args, data_cfg: DataConfig, folder: Path) -> dict:
     return feat.load_classifier(path)[1]
 
 
-def run_evaluate(ckpt: Path, sampler: str, steps: int, eta: float, seed: int, args, common: list[str]) -> dict:
+def run_evaluate(ckpt: Path, sampler: str, steps: int, eta: float, seed: int, args, common: list[str],
+                 spacing: str | None = None) -> dict:
     """One `python evaluate.py` run (a subprocess); returns its JSON record. DDPM draws only ddpm_samples;
     the others are also scored on their first ddpm_samples samples."""
     run_name = f"bench_quality{'_' + args.tag if args.tag else ''}"
@@ -125,6 +160,7 @@ def run_evaluate(ckpt: Path, sampler: str, steps: int, eta: float, seed: int, ar
     also = ["--also-at", str(n_ddpm)] if n > n_ddpm else []
     argv = ["--checkpoint", str(ckpt), "--num-samples", str(n), *also, "--sampler", sampler,
             "--steps", str(steps), *(["--eta", str(eta)] if sampler == "ddim" else []), "--seed", str(seed),
+            *(["--timestep-spacing", spacing] if spacing else []),
             "--batch-size", str(args.sample_batch_size), "--run-name", run_name, *common]
     print("python evaluate.py " + " ".join(argv), flush=True)
     if subprocess.run([sys.executable, str(REPO / "evaluate.py"), *argv], cwd=REPO).returncode != 0:
@@ -151,123 +187,32 @@ def real_floors(args, data_cfg: DataConfig, dirs: dict, seeds: list[int]) -> dic
     return floors
 
 
-def mean_sd(values: list) -> str:
-    """'12.34 ± 0.56' (sample sd over seeds), or the single value."""
-    if len(values) < 2:
-        return f"{values[0]:.2f}"
-    return f"{statistics.fmean(values):.2f} ± {statistics.stdev(values):.2f}"
+def score_all(args, ckpt: Path, common: list[str], distilled: dict | None) -> list[list[dict]]:
+    """Every row's records, one per sampling seed: the samplers of --samplers, then with --distill the teacher's
+    DDIM on the students' (trailing) grid at each student's step count and each round's student."""
+    seeds = [int(seed) for seed in args.sample_seeds.split(",")]
+    groups = []
+    for item in args.samplers.split(","):
+        sampler, steps, *eta = item.split(":")
+        eta = float(eta[0]) if eta else 0.0
+        groups.append([run_evaluate(ckpt, sampler, int(steps), eta, seed, args, common) for seed in seeds])
+    for steps, student in sorted((distilled or {}).get("students", {}).items(), key=lambda kv: -int(kv[0])):
+        groups.append([run_evaluate(ckpt, "ddim", int(steps), 0.0, seed, args, common, spacing="trailing")
+                       for seed in seeds])
+        groups.append([run_evaluate(student, "ddim", int(steps), 0.0, seed, args, common) for seed in seeds])
+    return groups
 
 
-def machine() -> str:
-    model = next((line.split(":", 1)[1].strip() for line in Path("/proc/cpuinfo").read_text().splitlines()
-                  if line.startswith("model name")), platform.processor() or "unknown CPU")
-    return f"{os.cpu_count()} cores ({model}), torch {torch.__version__} ({torch.get_num_threads()} threads)"
-
-
-def commit() -> str:
-    try:
-        return subprocess.run(["git", "rev-parse", "--short", "HEAD"], cwd=REPO, capture_output=True,
-                              text=True, check=True).stdout.strip()
-    except (OSError, subprocess.CalledProcessError):
-        return "unknown"
-
-
-def fid_at(record: dict, n: int):
-    """FID of a record's first n samples (None if it has fewer)."""
-    m = record["metrics"]
-    if record["num_samples"] == n:
-        return m["fid"]
-    return m.get("at_n", {}).get(str(n), {}).get("fid")
-
-
-def table_rows(groups: list[list[dict]], floors: dict, n_all: int, n_ddpm: int) -> list[str]:
-    """One row per sampler: FIDs as mean ± sd over the sampling seeds, the other metrics as means."""
-    small = n_ddpm < n_all
-    head = f"| sampler | steps (NFE) | FID ↓ (N={n_all}) |" + (f" FID ↓ (N={n_ddpm}) |" if small else "")
-    rows = [head + " precision ↑ | recall ↑ | classifier IS ↑ | sampling wall time (per seed) |",
-            "| --- | ---: | ---: |" + (" ---: |" if small else "") + " ---: | ---: | ---: | ---: |"]
-    for group in groups:
-        r, n = group[0], group[0]["num_samples"]
-        mean = {key: statistics.fmean(g["metrics"][key] for g in group) for key in ("precision", "recall", "is")}
-        full = mean_sd([g["metrics"]["fid"] for g in group]) if n == n_all else "–"
-        mark = f" (N={n})" if n != n_all else ""
-        wall = statistics.fmean(g["sampling_wall_s"] for g in group)
-        name = NAMES.get(r["sampler"], r["sampler"])
-        name += f" (eta={r.get('eta', 0.0):g})" if r["sampler"] == "ddim" else ""
-        rows.append(f"| {name} | {r['steps'] or 1000} | {full} |"
-                    + (f" {mean_sd([fid_at(g, n_ddpm) for g in group])} |" if small else "")
-                    + f" {mean['precision']:.3f}{mark} | {mean['recall']:.3f}{mark} | {mean['is']:.2f}{mark} | "
-                    f"{wall:.0f} s for {n} |")
-    fl = {key: statistics.fmean(v) for key, v in floors[n_all].items() if key in ("precision", "recall", "is")}
-    rows.append(f"| real MNIST test images (the metric's floor) | – | {mean_sd(floors[n_all]['fid'])} |"
-                + (f" {mean_sd(floors[n_ddpm]['fid'])} |" if small else "")
-                + f" {fl['precision']:.3f} | {fl['recall']:.3f} | {fl['is']:.2f} | – |")
-    return rows
-
-
-def render(args, groups: list[list[dict]], floors: dict, info: dict) -> str:
-    """The markdown section: setup, table, whether the speed/quality targets hold."""
-    n_all, n_ddpm = args.num_samples, min(args.ddpm_samples, args.num_samples)
-    small = n_ddpm < n_all
-    rows = table_rows(groups, floors, n_all, n_ddpm)
-    ddpm_note = (f" DDPM-1000 (1000 network evaluations per sample) draws only its first {n_ddpm} samples to "
-                 f"stay affordable; every other sampler is also scored on its first {n_ddpm} samples (same "
-                 f"seed, so the same starting noise), and DDPM is compared in that column only."
-                 if small else "")
-    lines = [START, "## Sample quality vs sampler (MNIST test split, CPU)", "",
-             f"- date: {info['date']}; machine: {info['machine']}; commit `{info['commit']}`",
-             f"- load average (1 min) at start / end: {info['load'][0]:.1f} / {info['load'][1]:.1f}"
-             + (" — the machine was shared, wall times are inflated" if max(info['load']) > 2.5 else ""),
-             f"- command: `{info['command']}` ({info['total_min']:.0f} min in all)",
-             f"- model: configs/mnist.yaml with `{' '.join(train_overrides(args)[1:])}`; "
-             f"{info['params'] / 1e6:.2f}M parameters; {args.train_steps} steps, batch {args.batch_size} "
-             f"({info['train_s'] / 60:.1f} min of training"
-             + (", done by an earlier run of this command: --skip-train reused its checkpoint)" if args.skip_train
-                else ")"),
-             f"- scoring: `evaluate.py --features classifier`: the 128-d penultimate features of the digit "
-             f"classifier (trained {args.classifier_steps} steps on the same split, accuracy "
-             f"{info['classifier']['accuracy']:.3f} on {info['classifier']['accuracy_on']}); reference = all "
-             f"{info['num_ref']} test images at {args.image_size}x{args.image_size}; EMA weights; sampling seeds "
-             f"{args.sample_seeds} (FIDs: mean ± sd over them, other metrics: means; the targets compare means), "
-             f"samples quantized to uint8; precision/recall with k=3 on N samples vs N reference images. FIDs "
-             f"at these N are biased upwards (see the real-image floor) and comparable only at equal N."
-             + ddpm_note, "", *rows, ""]
-    fids = {}  # (sampler, steps, "all" | "small") -> mean FID over the seeds
-    for group in (g for g in groups if not g[0].get("eta")):  # the targets are about deterministic DDIM
-        key = (group[0]["sampler"], group[0]["steps"] or 1000)
-        for column, n in (("all", n_all), ("small", n_ddpm)):
-            values = [fid_at(g, n) for g in group]
-            if None not in values:
-                fids[(*key, column)] = statistics.fmean(values)
-    lines += targets(fids)
-    return "\n".join(lines + ["", END])
-
-
-def targets(fid: dict) -> list[str]:
-    """fid[(sampler, steps, "all" | "small")]: FID at N (all) and at the DDPM sample count (small)."""
-    out = []
-    dpm20, ddim50 = fid.get(("dpmpp2m", 20, "all")), fid.get(("ddim", 50, "all"))
-    if dpm20 is not None and ddim50 is not None:
-        verdict = "holds" if dpm20 <= ddim50 else "does NOT hold"
-        out.append(f"- Target \"DPM-Solver++ at 20 steps no worse than DDIM at 50\": {verdict} "
-                   f"(FID {dpm20:.2f} vs {ddim50:.2f}).")
-    ddim50, ddpm = fid.get(("ddim", 50, "small")), fid.get(("ddpm", 1000, "small"))
-    if ddim50 is not None and ddpm is not None:
-        verdict = "holds" if ddim50 <= 1.1 * ddpm else "does NOT hold"
-        out.append(f"- Target \"DDIM-50 within 10% of DDPM-1000\": {verdict} (FID {ddim50:.2f} vs {ddpm:.2f}, "
-                   f"{100 * (ddim50 / ddpm - 1):+.1f}%).")
-    return out
-
-
-def write_section(section: str, path: Path = RESULTS) -> None:
-    """Replace the text between our markers (or append it), leaving every other section untouched."""
-    text = path.read_text() if path.is_file() else ""
-    if START in text and END in text:
-        head, rest = text.split(START, 1)
-        text = head + section + rest.split(END, 1)[1]
-    else:
-        text = (text.rstrip("\n") + "\n\n" if text.strip() else "") + section + "\n"
-    path.write_text(text)
+def trained_model(args, ckpt: Path) -> float | None:
+    """Train unless --skip-train finds the checkpoint; the training's wall seconds (nan if unknown), None if it
+    failed. The time is kept beside the checkpoint so that --skip-train still reports it."""
+    timing = ckpt.parent / "bench_train_time.json"
+    if not (args.skip_train and ckpt.is_file()):
+        train_s = run_train(args)
+        if train_s is None:
+            return None
+        timing.write_text(json.dumps({"train_s": train_s, "load": os.getloadavg()[0]}))
+    return json.loads(timing.read_text())["train_s"] if timing.is_file() else float("nan")
 
 
 def main(argv=None) -> int:
@@ -281,37 +226,33 @@ def main(argv=None) -> int:
     os.chdir(REPO)  # checkpoints/, results/ and data/ caches of the repository
     load_start, wall_start = os.getloadavg()[0], time.perf_counter()
     cfg = load_config(REPO / "configs" / "mnist.yaml", train_overrides(args))
-    # The bench classifier (trained on the test split, for a fixed number of steps) has its own folder.
-    dirs = {"classifier": CLASSIFIERS / f"bench_{args.classifier_steps}steps", "ref": FID_REFS}
+    # The bench classifier (trained on the training images, for a fixed number of steps) has its own folder.
+    held = f"_minus{cfg.data.holdout}" if cfg.data.holdout else ""
+    dirs = {"classifier": CLASSIFIERS / f"bench_{args.classifier_steps}steps{held}", "ref": FID_REFS}
     classifier = ensure_classifier(args, cfg.data, dirs["classifier"])
     print(f"classifier accuracy {classifier['accuracy']:.4f} on {classifier['accuracy_on']}", flush=True)
     ckpt = RunPaths(cfg.run_name).checkpoints / "last.pt"
-    timing = ckpt.parent / "bench_train_time.json"  # so that --skip-train still reports the training time
-    if not (args.skip_train and ckpt.is_file()):
-        train_s = run_train(args)
-        if train_s is None:
-            return 1
-        timing.write_text(json.dumps({"train_s": train_s, "load": os.getloadavg()[0]}))
-    train_s = json.loads(timing.read_text())["train_s"] if timing.is_file() else float("nan")
+    train_s = trained_model(args, ckpt)
+    distilled = run_distill(args, ckpt) if args.distill and train_s is not None else None
+    if train_s is None or (args.distill and distilled is None):
+        return 1
     common = ["--features", "classifier", "--classifier-dir", str(dirs["classifier"]), "--ref-dir", str(dirs["ref"]),
               "--device", "cpu", "--quiet"]
-    seeds = [int(seed) for seed in args.sample_seeds.split(",")]
-    groups = []  # per sampler: one record per sampling seed
-    for item in args.samplers.split(","):
-        sampler, steps, *eta = item.split(":")
-        eta = float(eta[0]) if eta else 0.0
-        groups.append([run_evaluate(ckpt, sampler, int(steps), eta, seed, args, common) for seed in seeds])
-    floors = real_floors(args, cfg.data, dirs, seeds)
+    groups = score_all(args, ckpt, common, distilled)
+    floors = real_floors(args, cfg.data, dirs, [int(seed) for seed in args.sample_seeds.split(",")])
     from model import build_model, count_parameters
     info = {"date": time.strftime("%Y-%m-%d %H:%M %Z"), "machine": machine(), "commit": commit(),
             "load": (load_start, os.getloadavg()[0]), "command": "python bench/quality.py " + " ".join(sys.argv[1:]),
             "params": count_parameters(build_model(cfg)), "train_s": train_s, "classifier": classifier,
+            "overrides": " ".join(train_overrides(args)[1:]), "distill": distilled,
             "num_ref": groups[0][0]["reference"]["num_images"], "total_min": (time.perf_counter() - wall_start) / 60}
+    if args.distill:
+        info["title"] = "Progressive distillation: students vs their teacher (MNIST, CPU)"
     section = render(args, groups, floors, info)
     print(section)
     if not args.no_write:
-        write_section(section)
-        print(f"wrote the quality section of {RESULTS}")
+        write_section(section, name=args.section)
+        print(f"wrote the {args.section} section of {RESULTS}")
     return 0
 
 

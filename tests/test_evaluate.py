@@ -451,10 +451,40 @@ def test_bench_table_averages_fids_over_sampling_seeds():
     args = bench.parse_args(["--num-samples", "500", "--ddpm-samples", "250"])
     info = {"date": "d", "machine": "m", "commit": "c", "load": (0.0, 0.0), "command": "python bench/quality.py",
             "params": 1e6, "train_s": 60.0, "classifier": {"accuracy": 0.99, "accuracy_on": "held-out"},
-            "num_ref": 10000, "total_min": 1.0}
+            "num_ref": 10000, "total_min": 1.0, "overrides": "seed=0"}
     section = bench.render(args, groups, floors, info)
     assert "(FID 21.00 vs 15.00, +40.0%)" in section
     assert bench.mean_sd([3.0]) == "3.00"
+
+
+def test_bench_distillation_rows_and_targets_compare_students_with_the_right_rows():
+    bench = load_bench()
+
+    def record(steps, fid, wall, student=False, spacing="leading"):
+        source = {"teacher": "t.pt", "student_steps": steps, "teacher_start_steps": 64, "guidance_scale": 1.0}
+        return {"sampler": "ddim", "steps": steps, "eta": 0.0, "num_samples": 100, "timestep_spacing": spacing,
+                "metrics": {"fid": fid, "precision": 0.5, "recall": 0.7, "is": 9.0}, "sampling_wall_s": wall,
+                "distilled_from": source if student else None}
+    groups = [[record(50, 10.0, 50.0)], [record(4, 40.0, 4.0, spacing="trailing")],
+              [record(4, 12.0, 4.0, student=True, spacing="trailing")],
+              [record(8, 30.0, 8.0, spacing="trailing")], [record(8, 11.5, 8.0, student=True, spacing="trailing")]]
+    floors = {100: {"fid": [4.0], "precision": [0.9], "recall": [0.9], "is": [9.8]}}
+    rows = bench.table_rows(groups, floors, 100, 100)
+    assert rows[2].startswith("| DDIM (eta=0) | 50 | 10.00 |")
+    assert rows[3].startswith("| DDIM (eta=0, trailing grid) | 4 | 40.00 |")
+    assert rows[4].startswith("| **student** of DDIM-64 (progressive distillation) | 4 | 12.00 |")
+    args = bench.parse_args(["--num-samples", "100", "--ddpm-samples", "100", "--section", "distill"])
+    info = {"date": "d", "machine": "m", "commit": "c", "load": (0.0, 0.0), "command": "python bench/quality.py",
+            "params": 1e6, "train_s": 60.0, "classifier": {"accuracy": 0.99, "accuracy_on": "held-out"},
+            "num_ref": 9000, "total_min": 1.0, "overrides": "seed=0",
+            "distill": {"command": "python distill.py", "wall_s": 120.0, "rounds": [[8, 60.0], [4, 60.0]]}}
+    section = bench.render(args, groups, floors, info)
+    assert section.startswith("<!-- distill:start -->") and section.endswith("<!-- distill:end -->")
+    assert "\"4-step student's FID ≤ 1.25x the teacher's DDIM-50\": holds (FID 12.00 vs 10.00 = 1.20x; " \
+           "the teacher's DDIM-4: FID 40.00)" in section
+    assert "\"8-step student's FID ≤ 1.1x the teacher's DDIM-50\": does NOT hold (FID 11.50 vs 10.00" in section
+    assert "draws 25 images/s, the teacher's DDIM-50 2 images/s (12.5x faster" in section
+    assert "(8 steps 1.0 min, 4 steps 1.0 min)" in section
 
 
 def test_bench_exits_cleanly_without_the_data(tmp_path, capsys):
