@@ -27,7 +27,7 @@ from typing import Optional
 
 import torch
 
-from config import Config, ConfigError, from_dict, parse_overrides, to_dict, validate
+from config import Config, ConfigError, config_with_overrides, to_dict, validate
 from distillation import GRID_SPACING, distillation_rounds, distillation_target, sample_triples, student_loss, \
     student_triples
 from train_utils import lr_factor
@@ -78,17 +78,10 @@ def distill_config(teacher_cfg: Config, plan: DistillPlan, overrides: list[str])
     base["run_name"] = f"{teacher_cfg.run_name}_distill"
     base["diffusion"]["timestep_spacing"] = GRID_SPACING
     base["train"]["warmup_steps"] = 0
-    cfg = from_dict(_merge(base, parse_overrides(overrides)))
+    cfg = config_with_overrides(base, overrides)
     cfg.train.max_steps = len(plan.rounds) * plan.round_steps
     set_student_grid(cfg, plan.rounds[0], folded_guidance=teacher_cfg.model.num_classes > 0)
     return validate(cfg)
-
-
-def _merge(base: dict, extra: dict) -> dict:
-    for key, value in extra.items():
-        nested = isinstance(value, dict) and isinstance(base.get(key), dict)
-        base[key] = _merge(base[key], value) if nested else value
-    return base
 
 
 def set_student_grid(cfg: Config, steps: int, folded_guidance: bool) -> None:
