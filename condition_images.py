@@ -13,7 +13,7 @@ from typing import NamedTuple, Optional
 import torch
 import torch.nn.functional as F
 
-from conditioning import baseline, condition_from_input, low_res
+from conditioning import baseline, condition_from_input, conditioned, low_res
 from generation import SampleError
 
 
@@ -124,3 +124,18 @@ def save_comparison(conds: Conditions, outputs: torch.Tensor, cfg, path: Path) -
     images, k, _ = comparison(conds, outputs, cfg)
     per_row = max(1, int(math.sqrt(len(outputs) / k)))
     return save_image_grid(images, path, nrow=k * per_row)
+
+
+def plan_conditions(args, cfg) -> Optional[Conditions]:
+    """sample.py's conditions: --condition's images, else (an image-conditioned model) held-out targets'; None
+    for other models. Refuses --condition for a model without an image condition, before any sampling."""
+    if not conditioned(cfg):
+        if getattr(args, "condition", None):
+            raise SampleError(f"--condition needs an image-conditioned model (data.task superres or colorize); "
+                              f"this one has data.task={cfg.data.task}: drop --condition")
+        return None
+    if args.condition is None:
+        return held_out_conditions(cfg, args.num_samples or cfg.sample.num_samples)[0]
+    if args.num_samples is not None:
+        raise SampleError("--condition makes one result per condition image: drop --num-samples")
+    return load_conditions(args.condition, cfg)[0]

@@ -1,0 +1,77 @@
+"""Image-conditioned models from the command line (issue #15): sample.py --condition and held-out conditions,
+evaluate.py's scores with the bicubic baseline, export.py / --pretrained round trip."""
+from pathlib import Path
+
+import numpy as np
+import pytest
+import torch
+from PIL import Image
+
+from condition_images import load_conditions
+from config import load_config, to_dict
+from generation import generate
+from model import build_model
+from diffusion import Diffusion
+from utils import save_checkpoint
+
+REPO = Path(__file__).resolve().parents[1]
+DIGITS = str(REPO / "configs" / "digits.yaml")
+TINY = ["device=cpu", "data.image_size=16", "model.channels=8", "model.norm_groups=4", "model.channel_mult=[1,2]",
+        "model.num_res_blocks=1", "model.attention_resolutions=[]", "model.num_heads=1", "model.num_classes=0",
+        "diffusion.num_timesteps=20", "train.sample_steps=2", "sample.steps=2", "sample.num_samples=3", "sample.batch_size=2",
+        "data.task=superres", "data.sr_factor=4", "run_name=sr"]
+
+
+def write_checkpoint(path: Path, cfg) -> Path:
+    torch.manual_seed(0)
+    state = build_model(cfg).state_dict()
+    save_checkpoint({"step": 0, "config": to_dict(cfg), "model": state, "ema": state}, path)
+    return path
+
+
+@pytest.fixture
+def sr_checkpoint(tmp_path, monkeypatch):
+    monkeypatch.chdir(tmp_path)
+    return write_checkpoint(tmp_path / "ckpt.pt", load_config(DIGITS, TINY))
+
+
+def test_sample_condition_upscales_a_png_to_the_model_size(sr_checkpoint, tmp_path):
+    import sample
+    Image.fromarray(np.arange(16, dtype=np.uint8).reshape(4, 4) * 16).save(tmp_path / "low.png")
+    sample.main(["--checkpoint", str(sr_checkpoint), "--condition", "low.png", "--out", "out"])
+    with Image.open(tmp_path / "out" / "000000.png") as image:
+        assert image.size == (16, 16) and image.mode == "L"
+    with Image.open(tmp_path / "out" / "grid.png") as grid:  # condition | bicubic | ddpm-lab: 3 cells of 64 px
+        assert grid.width == 3 * 64 + 4 * 2
+    assert not (tmp_path / "out" / "000001.png").exists()
+
+
+def test_sample_without_condition_uses_held_out_images_and_shows_the_targets(sr_checkpoint, tmp_path):
+    import sample
+    sample.main(["--checkpoint", str(sr_checkpoint), "--out", "out"])
+    assert sorted(p.name for p in (tmp_path / "out").glob("0*.png")) == ["000000.png", "000001.png", "000002.png"]
+    with Image.open(tmp_path / "out" / "grid.png") as grid:  # 4 columns per item: ... | target
+        assert grid.width == 4 * 64 + 5 * 2
+
+
+def test_conditioned_samples_do_not_depend_on_the_batch_size():
+    cfg = load_config(DIGITS, TINY)
+    model, diffusion = build_model(cfg).eval(), Diffusion(20)
+    torch.nn.init.normal_(model.conv_out.weight, std=0.1)  # zero at initialisation: it would hide the condition
+    cond = torch.rand(3, 1, 16, 16) * 2 - 1
+    a = generate(model, diffusion, cfg, 3, 3, 0, "ddim", 2, conditions=cond, progress=False)
+    b = generate(model, diffusion, cfg, 3, 1, 0, "ddim", 2, conditions=cond, progress=False)
+    assert torch.allclose(a, b, atol=1e-5)
+    c = generate(model, diffusion, cfg, 3, 3, 0, "ddim", 2, conditions=cond.flip(0), progress=False)
+    assert not torch.allclose(a, c)  # the condition reaches the network
+
+
+def test_colorize_takes_any_image_as_grey_and_knows_the_target_of_a_colour_one(tmp_path):
+    cfg = load_config(REPO / "configs" / "cifar10.yaml", ["data.task=colorize"])
+    rgb = (np.random.default_rng(0).random((40, 40, 3)) * 255).astype(np.uint8)
+    Image.fromarray(rgb).save(tmp_path / "a.png")
+    conds, files = load_conditions(str(tmp_path / "a.png"), cfg)
+    assert conds.cond.shape == (1, 1, 32, 32) and conds.targets.shape == (1, 3, 32, 32)
+    Image.fromarray(rgb[..., 0]).save(tmp_path / "a.png")
+    conds, _ = load_conditions(str(tmp_path / "a.png"), cfg)
+    assert conds.targets is None and conds.cond.shape == (1, 1, 32, 32)
