@@ -47,12 +47,12 @@ def conditions_from_targets(targets: torch.Tensor, labels: Optional[torch.Tensor
 
 
 def held_out_conditions(cfg, n: int) -> tuple[Conditions, str]:
-    """The first n held-out targets (unflipped) and their conditions; (conditions, where they come from)."""
+    """The first n held-out targets (unflipped), their labels and conditions; (conditions, where they come from)."""
     dataset, where = held_out_split(cfg.data)
     n = min(n, len(dataset))
     items = [dataset[i] for i in range(n)]
     targets = torch.stack([x for x, _ in items])
-    labels = torch.stack([torch.as_tensor(y) for _, y in items]).long() if cfg.model.num_classes else None
+    labels = torch.stack([torch.as_tensor(y) for _, y in items]).long()
     return conditions_from_targets(targets, labels, cfg), where
 
 

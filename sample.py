@@ -332,7 +332,7 @@ def run_sampling(args) -> list[Path]:
         out_dir = out_dir.with_name(f"{out_dir.name}_{cfg.data.task}")
     if not args.out and not args.overwrite:
         out_dir = free_default_folder(out_dir)
-    if conds and conds.labels is not None and kw["labels"] is None:  # held-out targets: their own classes
+    if conds and conds.labels is not None and cfg.model.num_classes and kw["labels"] is None:  # their own classes
         kw["labels"] = conds.labels.tolist()
     kw["labels"], nrow = plan_labels(cfg.model.num_classes, kw["labels"], num_samples)
     names = planned_files(cfg, num_samples, args.animation)

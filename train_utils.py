@@ -234,7 +234,7 @@ def save_samples(diffusion, ema_model: torch.nn.Module, cfg: Config, path: Path,
     model, y = ema_model, torch.arange(n, device=device) % classes if classes else None
     if conditions is not None:
         n, model = len(conditions.cond), with_condition(ema_model, conditions.cond.to(device))
-        y = conditions.labels.to(device) if conditions.labels is not None else None
+        y = conditions.labels.to(device) if classes else None  # the held-out targets' own classes
     shape = (n, 2) if toy else (n, cfg.model.in_channels, cfg.data.image_size, cfg.data.image_size)
     x = diffusion.sample(model, shape, "ddim", steps=cfg.train.sample_steps,
                          generator=torch.Generator().manual_seed(cfg.seed), y=y,

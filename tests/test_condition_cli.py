@@ -5,6 +5,7 @@ from pathlib import Path
 import numpy as np
 import pytest
 import torch
+import torch.nn.functional as F
 from PIL import Image
 
 from condition_images import load_conditions
@@ -75,3 +76,43 @@ def test_colorize_takes_any_image_as_grey_and_knows_the_target_of_a_colour_one(t
     Image.fromarray(rgb[..., 0]).save(tmp_path / "a.png")
     conds, _ = load_conditions(str(tmp_path / "a.png"), cfg)
     assert conds.targets is None and conds.cond.shape == (1, 1, 32, 32)
+
+
+def test_pixel_metrics_psnr_ssim_and_consistency():
+    from condition_eval import pixel_metrics
+    from condition_images import conditions_from_targets
+    cfg = load_config(DIGITS, TINY)
+    targets = torch.rand(4, 1, 16, 16) * 2 - 1
+    conds = conditions_from_targets(targets, None, cfg)
+    perfect = pixel_metrics(targets, conds, cfg)
+    assert perfect["psnr"] == 100 and perfect["ssim"] == pytest.approx(1.0) and perfect["consistency_mse"] < 1e-5
+    q = lambda x: ((x.clamp(-1, 1) + 1) * 127.5).round() / 255  # noqa: E731  (the PNG values)
+    base = pixel_metrics(conds.cond, conds, cfg)
+    mse = (q(conds.cond) - q(targets)).pow(2).flatten(1).mean(1)
+    assert base["psnr"] == pytest.approx(float((10 * torch.log10(1 / mse)).mean()), rel=1e-4)
+    assert base["ssim"] < 0.9
+    by_hand = (F.avg_pool2d(q(conds.cond), 4) - q(conds.inputs)).pow(2).mean()  # SR3: downsample the output
+    assert base["consistency_mse"] == pytest.approx(float(by_hand), rel=1e-5)
+    shifted = pixel_metrics(conds.cond.roll(1, -1), conds, cfg)
+    assert shifted["consistency_mse"] > base["consistency_mse"]
+
+
+def test_evaluate_scores_model_and_bicubic_baseline_in_one_record(sr_checkpoint, tmp_path):
+    import json
+
+    import evaluate
+    import features
+    from config import DataConfig
+    ckpt = features.train_classifier(DataConfig(dataset="digits", image_size=16, random_flip=False), "train",
+                                     steps=30, batch_size=64, lr=3e-3, progress=False)
+    save_checkpoint(ckpt, features.classifier_path("digits", 16, tmp_path / "cls"))
+    rc = evaluate.main(["--checkpoint", str(sr_checkpoint), "--num-samples", "6", "--batch-size", "4", "--steps", "2",
+                        "--classifier-dir", str(tmp_path / "cls"), "--ref-dir", str(tmp_path / "refs"),
+                        "--results-dir", str(tmp_path / "eval"), "--num-ref", "50", "--quiet", "--device", "cpu"])
+    assert rc == 0
+    record = json.loads((tmp_path / "eval" / "sr.jsonl").read_text().splitlines()[-1])
+    m = record["metrics"]
+    assert m["task"] == "superres" and m["baseline"] == "bicubic" and m["num_images"] == 6
+    for key in ("model", "bicubic"):
+        assert {"psnr", "ssim", "consistency_mse", "fid", "classifier_accuracy"} <= set(m[key])
+    assert m["model"]["psnr"] != m["bicubic"]["psnr"] and "classifier_accuracy" in m["targets"]
