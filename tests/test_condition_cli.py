@@ -116,3 +116,31 @@ def test_evaluate_scores_model_and_bicubic_baseline_in_one_record(sr_checkpoint,
     for key in ("model", "bicubic"):
         assert {"psnr", "ssim", "consistency_mse", "fid", "classifier_accuracy"} <= set(m[key])
     assert m["model"]["psnr"] != m["bicubic"]["psnr"] and "classifier_accuracy" in m["targets"]
+
+
+@pytest.mark.parametrize("preset,overrides,extra", [("digits", TINY, 1), ("cifar10", ["data.task=colorize"], 1),
+                                                    ("cifar10", ["data.task=superres"], 3)])
+def test_export_and_pretrained_round_trip_a_conditioned_unet(tmp_path, capsys, preset, overrides, extra):
+    diffusers = pytest.importorskip("diffusers")
+    import export
+    import pretrained
+    cfg = load_config(REPO / "configs" / f"{preset}.yaml", overrides)
+    model = build_model(cfg).eval()
+    with torch.no_grad():
+        for p in model.parameters():
+            p.add_(0.05 * torch.randn(p.shape, generator=torch.Generator().manual_seed(p.numel())))
+    save_checkpoint({"step": 3, "config": to_dict(cfg), "model": model.state_dict(), "ema": model.state_dict()},
+                    tmp_path / "ckpt.pt")
+    assert export.main(["--checkpoint", str(tmp_path / "ckpt.pt"), "--out", str(tmp_path / "out")]) == 0
+    assert "torch.cat([x_t, cond], dim=1)" in capsys.readouterr().out
+    c, size = cfg.model.in_channels, cfg.data.image_size
+    unet = diffusers.UNet2DModel.from_pretrained(tmp_path / "out" / "unet").eval()
+    assert (unet.config.in_channels, unet.config.out_channels) == (c + extra, c)
+    x, t = torch.randn(2, c + extra, size, size), torch.tensor([5, 900])
+    back, _, back_cfg = pretrained.load_pretrained(str(tmp_path / "out"))
+    assert (back_cfg.data.task, back_cfg.data.sr_factor) == (cfg.data.task, cfg.data.sr_factor)
+    assert back_cfg.model.in_channels == c and back.conv_in.in_channels == c + extra
+    with torch.no_grad():
+        ours = model(x, t)
+        assert torch.allclose(unet(x, t).sample, ours, atol=1e-4)
+        assert torch.allclose(back(x, t), ours, atol=1e-6)
