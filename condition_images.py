@@ -134,6 +134,9 @@ def plan_conditions(args, cfg) -> Optional[Conditions]:
             raise SampleError(f"--condition needs an image-conditioned model (data.task superres or colorize); "
                               f"this one has data.task={cfg.data.task}: drop --condition")
         return None
+    if args.condition is None and getattr(args, "pretrained", None):
+        raise SampleError("an exported image-conditioned model comes without its data set, so there are no held-out "
+                          "images to condition on: pass --condition IMG")
     if args.condition is None:
         return held_out_conditions(cfg, args.num_samples or cfg.sample.num_samples)[0]
     if args.num_samples is not None:

@@ -170,3 +170,15 @@ def test_a_tiny_superres_run_trains_and_saves_a_conditioned_model(tmp_path, monk
     assert out["step"] == 4 and torch.isfinite(torch.tensor(out["final_loss"]))
     assert out["ema"].conv_in.in_channels == 2
     assert (tmp_path / "results" / "images" / "sr" / "step_0000004.png").is_file()
+
+
+@pytest.mark.parametrize("preset,task,low,inputs", [("mnist_sr", "superres", 7, 2), ("cifar10_sr", "superres", 8, 6),
+                                                    ("cifar10_colorize", "colorize", None, 4)])
+def test_presets(preset, task, low, inputs):
+    import interop
+    cfg = load_config(REPO / "configs" / f"{preset}.yaml")
+    assert cfg.data.task == task and build_model(cfg).conv_in.in_channels == inputs
+    if low:
+        assert cfg.data.image_size // cfg.data.sr_factor == low
+    back = interop.diffusers_config_to_ours(*interop.ours_to_diffusers_config(cfg))
+    assert (back.data.task, back.model.in_channels) == (task, cfg.model.in_channels)
