@@ -22,6 +22,7 @@ DEFAULT_CONFIG = Path(__file__).resolve().parent / "configs" / "cifar10.yaml"
 
 TASKS = ("generate", "superres", "colorize")  # what a model makes: samples, or images from a condition image
 DATASETS = ("cifar10", "mnist", "fashion_mnist", "folder", "digits", "toy2d")
+GREY_DATASETS = ("mnist", "fashion_mnist", "digits")
 TOY_DISTRIBUTIONS = ("gaussian", "heart", "moons", "swissroll", "8gaussians")
 SCHEDULES = ("linear", "cosine")
 OBJECTIVES = ("eps", "x0", "v")
@@ -393,9 +394,10 @@ def _check_task(cfg: Config) -> None:
         return
     if data.dataset == "toy2d":
         raise ConfigError(f"data.task={task} conditions on images; toy2d data are 2-D points: set data.task=generate")
-    if task == "colorize" and cfg.model.in_channels != 3:
+    if task == "colorize" and (cfg.model.in_channels != 3 or data.dataset in GREY_DATASETS):
         raise ConfigError(f"data.task=colorize makes RGB images from grey ones, but model.in_channels="
-                          f"{cfg.model.in_channels} (grey data): use RGB data with model.in_channels=3, or "
+                          f"{cfg.model.in_channels}, data.dataset={data.dataset}: use RGB data with "
+                          "model.in_channels=3, or "
                           "data.task=superres / generate")
     if task == "superres" and (data.sr_factor < 2 or data.image_size % data.sr_factor):
         raise ConfigError(f"data.sr_factor={data.sr_factor} must be >= 2 and divide data.image_size="

@@ -144,3 +144,12 @@ def test_export_and_pretrained_round_trip_a_conditioned_unet(tmp_path, capsys, p
         ours = model(x, t)
         assert torch.allclose(unet(x, t).sample, ours, atol=1e-4)
         assert torch.allclose(back(x, t), ours, atol=1e-6)
+
+
+def test_the_animation_shows_the_condition_next_to_the_denoising(sr_checkpoint, tmp_path):
+    import sample
+    from utils import image_grid
+    sample.main(["--checkpoint", str(sr_checkpoint), "--out", "out", "--animation"])
+    panel = image_grid(torch.zeros(2, 1, 16, 16), min_cell=64).width  # the first batch (sample.batch_size=2)
+    with Image.open(tmp_path / "out" / "animation.gif") as gif:
+        assert gif.width == 3 * panel + 2 * 10  # condition | x_t | predicted x0

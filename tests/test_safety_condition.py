@@ -35,12 +35,27 @@ def with_text_file(workdir: Path) -> None:
     (workdir / "low.png").write_text("not an image")
 
 
+def grey_folder(workdir: Path) -> None:
+    from PIL import Image
+    (workdir / "imgs").mkdir()
+    for i in range(4):
+        Image.new("L", (8, 8), 40 * i).save(workdir / "imgs" / f"{i}.png")
+
+
 TRAIN = ["train.py", "--config", DIGITS, *TINY, "train.max_steps=1"]
 SAMPLE = ["sample.py", "--checkpoint", "ckpt.pt", "--device", "cpu", "--out", "out"]
 KEEP = ("ckpt.pt", "*.png")
 CASES = [
     Case("colorize-grey-data", [*TRAIN, "data.task=colorize"], 1, r"error: .*data.task=colorize.*grey",
          absent=("checkpoints/*",)),
+    Case("colorize-mnist-as-rgb", [*TRAIN, "data.dataset=mnist", "model.in_channels=3", "data.task=colorize"], 1,
+         r"error: .*data.task=colorize.*data.dataset=mnist", absent=("checkpoints/*",)),
+    Case("colorize-grey-folder", [*TRAIN, "data.dataset=folder", "data.root=imgs", "model.in_channels=3",
+                                  "data.task=colorize"], 1,
+         r"error: data.task=colorize makes RGB images from grey ones, but data.dataset=folder has grey images",
+         grey_folder, keep=("imgs/*",), absent=("checkpoints/*",)),
+    Case("distill-a-conditioned-teacher", ["distill.py", "--teacher", "ckpt.pt"], 1,
+         r"error: .*image-conditioned.*distils unconditioned", checkpoint(*SR), keep=("ckpt.pt",)),
     Case("sr-factor-does-not-divide", [*TRAIN, "data.task=superres", "data.sr_factor=3"], 1,
          r"error: .*data.sr_factor=3 must be >= 2 and divide data.image_size=8", absent=("checkpoints/*",)),
     Case("sr-factor-one", [*TRAIN, "data.task=superres", "data.sr_factor=1"], 1, r"error: .*data.sr_factor=1",
