@@ -169,7 +169,9 @@ def test_a_tiny_superres_run_trains_and_saves_a_conditioned_model(tmp_path, monk
     out = train(tiny("run_name=sr", "train.max_steps=4", "train.sample_every=4", "train.ckpt_every=4"))
     assert out["step"] == 4 and torch.isfinite(torch.tensor(out["final_loss"]))
     assert out["ema"].conv_in.in_channels == 2
-    assert (tmp_path / "results" / "images" / "sr" / "step_0000004.png").is_file()
+    from PIL import Image
+    with Image.open(tmp_path / "results" / "images" / "sr" / "step_0000004.png") as grid:  # also TensorBoard's
+        assert grid.size == (4 * 64 + 5 * 2, 4 * 64 + 5 * 2)  # condition | bicubic | output | target, 4 rows
 
 
 @pytest.mark.parametrize("preset,task,low,inputs", [("mnist_sr", "superres", 7, 2), ("cifar10_sr", "superres", 8, 6),
