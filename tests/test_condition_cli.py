@@ -153,3 +153,15 @@ def test_the_animation_shows_the_condition_next_to_the_denoising(sr_checkpoint, 
     panel = image_grid(torch.zeros(2, 1, 16, 16), min_cell=64).width  # the first batch (sample.batch_size=2)
     with Image.open(tmp_path / "out" / "animation.gif") as gif:
         assert gif.width == 3 * panel + 2 * 10  # condition | x_t | predicted x0
+
+
+@pytest.mark.parametrize("value", [{"task": "deblur", "sr_factor": 4}, {"task": "superres"}, "superres"])
+def test_a_malformed_condition_record_in_config_json_is_one_clear_error(value):
+    import interop
+    from config import ConfigError
+    unet, scheduler = interop.ours_to_diffusers_config(load_config(DIGITS, TINY))
+    with pytest.raises(ConfigError, match="_ddpm_lab_condition"):
+        interop.diffusers_config_to_ours({**unet, "_ddpm_lab_condition": value}, scheduler)
+    unet.pop("_ddpm_lab_condition")  # without the record, extra input channels are not ours to guess
+    with pytest.raises(ConfigError, match="out_channels"):
+        interop.diffusers_config_to_ours(unet, scheduler)

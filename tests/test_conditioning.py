@@ -184,3 +184,15 @@ def test_presets(preset, task, low, inputs):
         assert cfg.data.image_size // cfg.data.sr_factor == low
     back = interop.diffusers_config_to_ours(*interop.ours_to_diffusers_config(cfg))
     assert (back.data.task, back.model.in_channels) == (task, cfg.model.in_channels)
+
+
+def test_a_resumed_superres_run_ends_with_the_same_weights(tmp_path, monkeypatch):
+    """Resume stays exact for a conditioned run with flips and a sample grid (held-out conditions) in between."""
+    monkeypatch.chdir(tmp_path)
+    flips = "data.random_flip=true"
+    straight = train(tiny("run_name=a", "train.max_steps=4", "train.sample_every=2", flips))
+    train(tiny("run_name=b", "train.max_steps=2", "train.sample_every=2", flips))
+    resumed = train(tiny("run_name=b", "train.max_steps=4", "train.sample_every=2", flips), resume=True)
+    assert resumed["start_step"] == 2
+    for key, value in straight["ema"].state_dict().items():
+        assert torch.equal(value, resumed["ema"].state_dict()[key]), key
