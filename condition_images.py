@@ -16,7 +16,6 @@ import torch.nn.functional as F
 from conditioning import baseline, condition_from_input, conditioned, low_res
 from generation import SampleError
 
-
 GREY_MODES = ("L", "LA", "1", "I", "I;16", "I;16B", "I;16L", "F")
 
 

@@ -10,17 +10,17 @@ from PIL import Image
 
 from condition_images import load_conditions
 from config import load_config, to_dict
+from diffusion import Diffusion
 from generation import generate
 from model import build_model
-from diffusion import Diffusion
 from utils import save_checkpoint
 
 REPO = Path(__file__).resolve().parents[1]
 DIGITS = str(REPO / "configs" / "digits.yaml")
 TINY = ["device=cpu", "data.image_size=16", "model.channels=8", "model.norm_groups=4", "model.channel_mult=[1,2]",
         "model.num_res_blocks=1", "model.attention_resolutions=[]", "model.num_heads=1", "model.num_classes=0",
-        "diffusion.num_timesteps=20", "train.sample_steps=2", "sample.steps=2", "sample.num_samples=3", "sample.batch_size=2",
-        "data.task=superres", "data.sr_factor=4", "run_name=sr"]
+        "diffusion.num_timesteps=20", "train.sample_steps=2", "sample.steps=2", "sample.num_samples=3",
+        "sample.batch_size=2", "data.task=superres", "data.sr_factor=4", "run_name=sr"]
 
 
 def write_checkpoint(path: Path, cfg) -> Path:

@@ -31,9 +31,8 @@ def tiny(*extra):
 
 
 def rgb_cfg(task="colorize", *extra):
-    return load_config(REPO / "configs" / "cifar10.yaml", ["model.channels=8", "model.norm_groups=4",
-                                                            "model.channel_mult=[1,2]", "model.attention_resolutions=[]",
-                                                            f"data.task={task}", *extra])
+    small = ["model.channels=8", "model.norm_groups=4", "model.channel_mult=[1,2]", "model.attention_resolutions=[]"]
+    return load_config(REPO / "configs" / "cifar10.yaml", [*small, f"data.task={task}", *extra])
 
 
 def test_superres_condition_is_area_average_then_bicubic_at_the_target_size():
