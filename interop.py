@@ -16,9 +16,9 @@ from typing import Optional
 
 import torch
 
+from conditioning import cond_channels
 from config import (SPACINGS, Config, ConfigError, DataConfig, DiffusionConfig, ModelConfig, SampleConfig,
                     TrainConfig, validate)
-from conditioning import cond_channels
 from model import build_model
 from utils import CheckpointError
 
