@@ -195,3 +195,18 @@ def test_a_resumed_superres_run_ends_with_the_same_weights(tmp_path, monkeypatch
     assert resumed["start_step"] == 2
     for key, value in straight["ema"].state_dict().items():
         assert torch.equal(value, resumed["ema"].state_dict()[key]), key
+
+
+def test_a_colorize_run_trains_on_a_folder_of_rgb_images(tmp_path, monkeypatch):
+    from PIL import Image
+    monkeypatch.chdir(tmp_path)
+    (tmp_path / "imgs").mkdir()
+    rng = np.random.default_rng(0)
+    for i in range(6):
+        Image.fromarray((rng.random((20, 20, 3)) * 255).astype(np.uint8)).save(tmp_path / "imgs" / f"{i}.png")
+    out = train(tiny("run_name=col", "data.task=colorize", "data.dataset=folder", "data.root=imgs",
+                     "model.in_channels=3", "data.random_flip=true", "train.batch_size=4", "train.max_steps=2",
+                     "train.sample_every=2", "train.num_sample_images=2"))
+    assert out["step"] == 2 and out["ema"].conv_in.in_channels == 4
+    with Image.open(tmp_path / "results" / "images" / "col" / "step_0000002.png") as grid:
+        assert grid.size == (3 * 64 + 4 * 2, 2 * 64 + 3 * 2)  # condition | output | target, 2 rows
