@@ -20,7 +20,9 @@ import yaml
 
 DEFAULT_CONFIG = Path(__file__).resolve().parent / "configs" / "cifar10.yaml"
 
+TASKS = ("generate", "superres", "colorize")  # what a model makes: samples, or images from a condition image
 DATASETS = ("cifar10", "mnist", "fashion_mnist", "folder", "digits", "toy2d")
+GREY_DATASETS = ("mnist", "fashion_mnist", "digits")
 TOY_DISTRIBUTIONS = ("gaussian", "heart", "moons", "swissroll", "8gaussians")
 SCHEDULES = ("linear", "cosine")
 OBJECTIVES = ("eps", "x0", "v")
@@ -70,6 +72,9 @@ class DataConfig:
     holdout: int = 0                   # > 0: this many images of that split (a fixed seeded draw) are never
                                        # trained on and become the held-out set (editing / super-res benches)
     image_size: int = 32
+    task: str = "generate"             # generate | superres | colorize: the last two condition on an image made
+                                       # from each target (conditioning.py): its low-res version, its grey version
+    sr_factor: int = 4                 # superres: low-res side = image_size / sr_factor
     channels: int = 0                  # folder only: 0 = auto (1 when every image is grey, else 3), 1 or 3
     random_flip: bool = True           # horizontal flips (CIFAR-10); never for digits
     num_workers: int = 2
@@ -325,6 +330,7 @@ def _check_choices(cfg: Config) -> None:
     data, model, dcfg, train, sample = cfg.data, cfg.model, cfg.diffusion, cfg.train, cfg.sample
     _choice("data.dataset", data.dataset, DATASETS)
     _choice("data.split", data.split, ("train", "test"))
+    _choice("data.task", data.task, TASKS)
     _choice("data.toy_distribution", data.toy_distribution, TOY_DISTRIBUTIONS)
     _choice("model.kind", model.kind, ("unet", "mlp"))
     _choice("diffusion.schedule", dcfg.schedule, SCHEDULES)
@@ -349,7 +355,7 @@ def _check_counts(cfg: Config) -> None:
                      ("sample.batch_size", sample.batch_size), ("diffusion.min_snr_gamma", dcfg.min_snr_gamma),
                      ("model.norm_eps", model.norm_eps), ("train.max_nonfinite", train.max_nonfinite),
                      ("model.mlp_hidden", model.mlp_hidden), ("model.mlp_layers", model.mlp_layers),
-                     ("model.mlp_emb_size", model.mlp_emb_size)]:
+                     ("model.mlp_emb_size", model.mlp_emb_size), ("data.sr_factor", data.sr_factor)]:
         _positive(key, val)
     for key, val in [("train.warmup_steps", train.warmup_steps), ("model.num_classes", model.num_classes),
                      ("data.num_workers", data.num_workers), ("data.holdout", data.holdout),
@@ -381,6 +387,24 @@ def _check_ranges(cfg: Config) -> None:
                               f"diffusion.num_timesteps = {dcfg.num_timesteps}")
 
 
+def _check_task(cfg: Config) -> None:
+    """Image conditioning (data.task) needs images of a kind the task can be made from."""
+    data, task = cfg.data, cfg.data.task
+    if task == "generate":
+        return
+    if data.dataset == "toy2d":
+        raise ConfigError(f"data.task={task} conditions on images; toy2d data are 2-D points: set data.task=generate")
+    if task == "colorize" and (cfg.model.in_channels != 3 or data.dataset in GREY_DATASETS):
+        raise ConfigError(f"data.task=colorize makes RGB images from grey ones, but model.in_channels="
+                          f"{cfg.model.in_channels}, data.dataset={data.dataset}: use RGB data with "
+                          "model.in_channels=3, or "
+                          "data.task=superres / generate")
+    if task == "superres" and (data.sr_factor < 2 or data.image_size % data.sr_factor):
+        raise ConfigError(f"data.sr_factor={data.sr_factor} must be >= 2 and divide data.image_size="
+                          f"{data.image_size} (the low-res side is image_size / sr_factor): e.g. data.sr_factor="
+                          f"{next((f for f in (4, 2, 3, 5, 7) if data.image_size % f == 0), 2)}")
+
+
 def validate(cfg: Config) -> Config:
     """Check values (types were checked on load). Raises ConfigError naming the key."""
     _check_choices(cfg)
@@ -390,6 +414,7 @@ def validate(cfg: Config) -> Config:
     _check_unet_levels(cfg)
     if cfg.data.holdout and cfg.data.dataset == "toy2d":
         raise ConfigError("data.holdout is for image data sets; toy2d draws its own held-out points: set data.holdout=0")
+    _check_task(cfg)
     if (cfg.data.dataset == "toy2d") != (cfg.model.kind == "mlp"):
         raise ConfigError("data.dataset=toy2d goes with model.kind=mlp (and images with model.kind=unet); "
                           f"got data.dataset={cfg.data.dataset!r}, model.kind={cfg.model.kind!r}")

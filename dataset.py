@@ -311,6 +311,9 @@ def check_data(cfg: Config, dataset: Dataset) -> None:
     info, (x, _) = dataset_info(cfg.data), dataset[0]
     name = f"data.dataset={cfg.data.dataset}"
     channels = x.shape[0] if x.ndim == 3 else x.shape[-1]
+    if cfg.data.task == "colorize" and channels != 3:  # before the channel advice below, which would not fit
+        raise ConfigError(f"data.task=colorize makes RGB images from grey ones, but {name} has grey images: use "
+                          "a folder of RGB images, or data.task=superres / generate")
     if info.channels != cfg.model.in_channels or channels != cfg.model.in_channels:
         wanted = cfg.model.in_channels
         rgb = (f" (or data.channels={wanted} to read the images as {'RGB' if wanted == 3 else 'grey'})"

@@ -54,6 +54,9 @@ def plan_and_config(args):
     if args.round_steps < 1:
         raise ConfigError(f"--round-steps {args.round_steps}: each round needs at least 1 optimizer step")
     teacher, _, teacher_cfg, _ = load_for_sampling(args.teacher, "cpu")
+    if teacher_cfg.data.task != "generate":  # the student's loss does not pass a condition image
+        raise ConfigError(f"the teacher is image-conditioned (data.task={teacher_cfg.data.task}); distill.py "
+                          "distils unconditioned and class-conditional models only")
     scale = teacher_cfg.sample.guidance_scale if args.guidance_scale is None else args.guidance_scale
     if teacher_cfg.model.num_classes == 0 and args.guidance_scale is None:
         scale = 1.0

@@ -19,6 +19,8 @@ Protocol (each result is one JSON line in results/eval/<run_name>.jsonl, with ev
     (Salimans et al. 2016; with the digit classifier it is the usual "MNIST IS", at most the number of classes),
     and label_entropy = H(p(y)) / log(K), 1.0 when the predicted classes are perfectly balanced. The same
     scores of the reference images are stored next to them (ref_is, ref_label_entropy) for scale.
+An image-conditioned checkpoint (data.task superres / colorize) is scored on held-out images instead: PSNR,
+SSIM, consistency and FID of its outputs and of the bicubic (or grey) baseline, in one record (condition_eval.py).
 """
 from __future__ import annotations
 
@@ -34,6 +36,8 @@ from typing import Optional
 import numpy as np
 import torch
 
+from condition_eval import evaluate_conditioned, summary_lines
+from conditioning import conditioned
 from config import SAMPLERS, SPACINGS, ConfigError, DataConfig
 from features import CLASSIFIER_DATASETS, INCEPTION_FILE, build_extractor, classifier_path, train_classifier
 from generation import SampleError, check_eta, generate, random_labels, sampling_settings
@@ -235,6 +239,8 @@ def evaluate_main(argv: list[str]) -> int:
     extractor = build_extractor(args.features, data_cfg.dataset, data_cfg.image_size, device,
                                 Path(args.classifier_dir), args.inception_weights)
     ref = reference_stats(data_cfg, data_cfg.split, extractor, args.num_ref, Path(args.ref_dir), args.batch_size)
+    if cfg is not None and conditioned(cfg):  # an image-conditioned model: scored against held-out targets
+        return evaluate_conditioned_main(args, (model, diffusion, cfg, ckpt), kw, run_name, extractor, ref, device)
     sampling = None
     if images is None:
         images, seconds = draw_samples(model, diffusion, cfg, args, kw)
@@ -248,6 +254,26 @@ def evaluate_main(argv: list[str]) -> int:
     path = write_result(record, run_name, Path(args.results_dir))
     what = f"{args.sampler} steps={sampling['steps']}" if sampling else f"PNGs in {args.samples}"
     print_summary(run_name, what, images, extractor, ref, metrics, path, sampling)
+    return 0
+
+
+def evaluate_conditioned_main(args, loaded: tuple, kw: dict, run_name: str, extractor, ref: dict,
+                              device: torch.device) -> int:
+    """condition_eval.py's scores of the model and the baseline on --num-samples held-out images, one record."""
+    model, diffusion, cfg, ckpt = loaded
+    start = time.perf_counter()
+    metrics, seconds = evaluate_conditioned(model, diffusion, cfg, args.num_samples, args.batch_size, args.seed,
+                                            kw, args.amp, ref, extractor, args.k, progress=not args.quiet)
+    sampling = {"sampler": kw["sampler"], "steps": kw["steps"], "eta": kw["eta"], "seed": args.seed,
+                "guidance_scale": kw["guidance_scale"], "timestep_spacing": args.timestep_spacing or
+                cfg.diffusion.timestep_spacing, "amp": resolve_amp(args.amp, device), "sampling_wall_s": seconds}
+    record = protocol_record(args, run_name, ckpt, sampling, metrics["num_images"], extractor, ref, metrics,
+                             time.perf_counter() - start - seconds)
+    path = write_result(record, run_name, Path(args.results_dir))
+    print(f"{run_name} ({cfg.data.task}, {args.sampler} steps={kw['steps']}, N={metrics['num_images']} "
+          f"{metrics['conditions']}, features {extractor.name}):")
+    print("\n".join(summary_lines(metrics)))
+    print(f"  sampling took {seconds:.1f} s; result appended to {path}")
     return 0
 
 

@@ -2,6 +2,8 @@
 
     python export.py --checkpoint checkpoints/cifar10/last.pt --format diffusers --out my-ddpm
 
+An image-conditioned model (data.task superres / colorize) becomes a UNet2DModel with the condition's extra
+input channels (in_channels = out_channels + condition channels); see condition_note for how to call it.
 The conversion is interop.py's (the reverse, running diffusers weights here, is pretrained.py's:
 sample.py --pretrained). Settings diffusers cannot express are refused with a ConfigError naming each.
 """
@@ -52,7 +54,20 @@ def main(argv: Optional[list[str]] = None) -> int:
     if cfg.model.num_classes > 0:
         print(f"  class-conditional: DDPMPipeline passes no class labels, so call pipe.unet(x, t, class_labels=y) "
               f"in your own loop; label {cfg.model.num_classes} is the null (unconditional) label")
+    if cfg.data.task != "generate":
+        print(condition_note(cfg))
     return 0
+
+
+def condition_note(cfg) -> str:
+    """How to call an exported image-conditioned U-Net: no diffusers pipeline passes a condition image."""
+    size = cfg.data.image_size
+    how = (f"the {size // cfg.data.sr_factor}x{size // cfg.data.sr_factor} low-res image in [-1, 1] upsampled with "
+           f"F.interpolate(low, size=({size}, {size}), mode='bicubic', align_corners=False).clamp(-1, 1)"
+           if cfg.data.task == "superres" else
+           "the grey image in [-1, 1] (ITU-R 601 luma, as PIL's convert('L')), shape (B, 1, H, W)")
+    return (f"  image-conditioned (data.task={cfg.data.task}): DDPMPipeline passes no condition image, so in your "
+            f"own scheduler loop call pipe.unet(torch.cat([x_t, cond], dim=1), t).sample with cond = {how}")
 
 
 if __name__ == "__main__":

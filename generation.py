@@ -14,6 +14,7 @@ from typing import Callable, Iterable, Optional
 import torch
 from tqdm.auto import tqdm
 
+from conditioning import with_condition
 from diffusion import Diffusion
 from utils import autocast as amp_autocast, derive_seed, resolve_amp
 
@@ -54,10 +55,12 @@ def autocast(device: torch.device, amp: str):
 def generate(model: Callable, diffusion: Diffusion, cfg, num_samples: int, batch_size: int, seed: int,
              sampler: str, steps: Optional[int], eta: float = 0.0, timestep_spacing: Optional[str] = None,
              labels: Optional[list[int]] = None, guidance_scale: float = 1.0, clip_x0: bool = True,
-             amp: str = "auto", callback: Optional[Callable] = None, progress: bool = True) -> torch.Tensor:
+             amp: str = "auto", callback: Optional[Callable] = None, progress: bool = True,
+             conditions: Optional[torch.Tensor] = None) -> torch.Tensor:
     """num_samples samples (N, *sample_shape) on the CPU. Sample i draws its noise from its own generator
     seeded from (seed, i) (SampleNoise), so it does not depend on batch_size or the device. `callback(i, t,
-    x_t, x0_pred)` sees the first batch only (enough for an animation)."""
+    x_t, x0_pred)` sees the first batch only (enough for an animation). An image-conditioned model gets sample
+    i's condition image conditions[i] (N, Cc, S, S; conditioning.py)."""
     device, shape = diffusion.betas.device, sample_shape(cfg)
     y_all = torch.tensor(labels, dtype=torch.long) if labels is not None else None
     out = []
@@ -65,8 +68,9 @@ def generate(model: Callable, diffusion: Diffusion, cfg, num_samples: int, batch
     for b, start in enumerate(tqdm(starts, desc="batches", disable=not progress or len(starts) == 1)):
         n = min(batch_size, num_samples - start)
         y = y_all[start:start + n].to(device) if y_all is not None else None
+        cond = conditions[start:start + n].to(device) if conditions is not None else None
         with autocast(device, amp):
-            x = diffusion.sample(model, (n, *shape), sampler=sampler, steps=steps, eta=eta,
+            x = diffusion.sample(with_condition(model, cond), (n, *shape), sampler=sampler, steps=steps, eta=eta,
                                  generator=SampleNoise(seed, range(start, start + n)), y=y,
                                  guidance_scale=guidance_scale, clip_x0=clip_x0, progress=progress,
                                  callback=callback if b == 0 else None, timestep_spacing=timestep_spacing)

@@ -16,6 +16,7 @@ from typing import Optional
 
 import torch
 
+from conditioning import cond_channels
 from config import (SPACINGS, Config, ConfigError, DataConfig, DiffusionConfig, ModelConfig, SampleConfig,
                     TrainConfig, validate)
 from model import build_model
@@ -65,7 +66,8 @@ _UNET_RULES = [
     ("class_embed_type", lambda c: c["class_embed_type"] is None, "null (class labels via num_class_embeds)"),
     ("num_class_embeds", lambda c: c["num_class_embeds"] is None or c["num_class_embeds"] >= 2,
      "null or >= 2 (num_classes + 1 null label)"),
-    ("out_channels", lambda c: c["out_channels"] == c["in_channels"], "equal to in_channels"),
+    ("out_channels", lambda c: c["out_channels"] == c["in_channels"] - _cond_width(c),
+     "equal to in_channels (minus the condition's channels of an image-conditioned export)"),
     ("attn_norm_num_groups", lambda c: c["attn_norm_num_groups"] in (None, c["norm_num_groups"]),
      "null (= norm_num_groups)"),
     ("time_embedding_dim", lambda c: c["time_embedding_dim"] in (None, 4 * c["block_out_channels"][0]),
@@ -111,6 +113,29 @@ _SCHEDULER_TYPES = {"num_train_timesteps": "int", "beta_start": "num", "beta_end
 def _type_problems(config: dict, types: dict, what: str) -> list[str]:
     return [f"{what} {key} must be {_KINDS[kind][1]}, got {config.get(key)!r}"
             for key, kind in types.items() if not _KINDS[kind][0](config.get(key))]
+
+
+# An image-conditioned model (data.task, conditioning.py) takes its condition as extra input channels; the
+# export records the task under this key, which diffusers ignores (a leading "_" marks private config keys).
+CONDITION_KEY = "_ddpm_lab_condition"
+
+
+def _condition(c: dict) -> Optional[dict]:
+    """The recorded condition {"task", "sr_factor"} of an exported config.json, or None; checked values."""
+    cond = c.get(CONDITION_KEY)
+    if cond is None:
+        return None
+    if (not isinstance(cond, dict) or cond.get("task") not in ("superres", "colorize")
+            or not _is_int(cond.get("sr_factor")) or cond["sr_factor"] < 1):
+        raise ConfigError(f"config.json {CONDITION_KEY} = {cond!r} must be {{\"task\": \"superres\" or "
+                          "\"colorize\", \"sr_factor\": a positive integer}")
+    return cond
+
+
+def _cond_width(c: dict) -> int:
+    """The condition's input channels: in_channels minus out_channels as cond_channels of the task has it."""
+    cond = _condition(c)
+    return 0 if cond is None else cond_channels(cond["task"], c["out_channels"])
 
 
 def _square(size) -> Optional[int]:
@@ -166,7 +191,7 @@ def diffusers_config_to_ours(unet_config: dict, scheduler_config: dict) -> Confi
                           "schedule: " + "; ".join(problems))
     widths, size, T = list(u["block_out_channels"]), _square(u["sample_size"]), int(s["num_train_timesteps"])
     model = ModelConfig(
-        kind="unet", in_channels=u["in_channels"], channels=widths[0],
+        kind="unet", in_channels=u["out_channels"], channels=widths[0],
         channel_mult=[w // widths[0] for w in widths],
         num_res_blocks=u["layers_per_block"], attention_resolutions=[size >> i for i, a in enumerate(attn) if a],
         num_heads=1, num_head_channels=u["attention_head_dim"] or -1, dropout=float(u["dropout"]),
@@ -176,7 +201,9 @@ def diffusers_config_to_ours(unet_config: dict, scheduler_config: dict) -> Confi
         num_timesteps=T, schedule=SCHEDULES[s["beta_schedule"]], beta_start=float(s["beta_start"]),
         beta_end=float(s["beta_end"]), objective=OBJECTIVES[s["prediction_type"]],
         var_type=VAR_TYPES[s["variance_type"]], timestep_spacing=s["timestep_spacing"])
-    data = DataConfig(dataset="folder", image_size=size, random_flip=False, download=False)
+    cond = _condition(u) or {"task": "generate", "sr_factor": DataConfig.sr_factor}
+    data = DataConfig(dataset="folder", image_size=size, random_flip=False, download=False, task=cond["task"],
+                      sr_factor=cond["sr_factor"])
     return validate(Config(run_name="pretrained", data=data, model=model, diffusion=diffusion,
                            train=TrainConfig(sample_steps=min(50, T)),
                            sample=SampleConfig(steps=min(50, T), clip_x0=bool(s["clip_sample"]))))
@@ -211,13 +238,16 @@ def ours_to_diffusers_config(cfg: Config) -> tuple[dict, dict]:
     head_dim = _export_head_dim(m, [w for w, a in zip(widths, attn) if a] + widths[-1:])
     version = _diffusers_version()
     unet = {"_class_name": "UNet2DModel", "_diffusers_version": version, **UNET_DEFAULTS,
-            "sample_size": cfg.data.image_size, "in_channels": m.in_channels, "out_channels": m.in_channels,
+            "sample_size": cfg.data.image_size, "out_channels": m.in_channels,
+            "in_channels": m.in_channels + cond_channels(cfg.data.task, m.in_channels),
             "flip_sin_to_cos": False, "freq_shift": 1, "downsample_padding": 0, "norm_eps": m.norm_eps,
             "block_out_channels": widths, "layers_per_block": m.num_res_blocks, "dropout": m.dropout,
             "down_block_types": ["AttnDownBlock2D" if a else "DownBlock2D" for a in attn],
             "up_block_types": ["AttnUpBlock2D" if a else "UpBlock2D" for a in attn][::-1],
             "attention_head_dim": head_dim, "norm_num_groups": m.norm_groups,
             "num_class_embeds": m.num_classes + 1 if m.num_classes > 0 else None}
+    if cfg.data.task != "generate":
+        unet[CONDITION_KEY] = {"task": cfg.data.task, "sr_factor": cfg.data.sr_factor}
     theirs = {ours: name for table in (SCHEDULES, OBJECTIVES, VAR_TYPES)
               for name, ours in reversed(table.items())}  # fixed_small -> fixed_small, not fixed_small_log
     scheduler = {"_class_name": "DDPMScheduler", "_diffusers_version": version, **SCHEDULER_DEFAULTS,

@@ -20,6 +20,7 @@ import torch
 import torch.nn as nn
 import torch.nn.functional as F
 
+from conditioning import cond_channels
 from config import ConfigError
 
 
@@ -147,19 +148,20 @@ class UNet(nn.Module):
                  num_res_blocks: int = 2, attention_resolutions=(16,), image_size: int = 32,
                  num_heads: int = 1, num_head_channels: int = -1, dropout: float = 0.1,
                  num_classes: int = 0, norm_groups: int = 32, norm_eps: float = 1e-6,
-                 out_channels: Optional[int] = None):
+                 out_channels: Optional[int] = None, cond_channels: int = 0):
         """Builds the whole network here, in the order data flows through it (time embedding, down levels,
         middle, up levels with skips, output), as DDPM's published model does: one screen to compare with the
         paper's network and with diffusers' UNet2DModel, which is why this function runs over 40 lines."""
         super().__init__()
         _check_unet_args(channels, channel_mult, image_size, norm_groups)
-        self.in_channels, self.num_classes = in_channels, num_classes
+        # cond_channels: an image condition (conditioning.py) enters as extra input channels; it only widens conv_in
+        self.in_channels, self.num_classes, self.cond_channels = in_channels, num_classes, cond_channels
         time_dim = 4 * channels
         self.channels = channels
         self.time_mlp = nn.Sequential(nn.Linear(channels, time_dim), nn.SiLU(), nn.Linear(time_dim, time_dim))
         # Row num_classes is the null label used for unconditional passes (CFG).
         self.class_emb = nn.Embedding(num_classes + 1, time_dim) if num_classes > 0 else None
-        self.conv_in = nn.Conv2d(in_channels, channels, 3, padding=1)
+        self.conv_in = nn.Conv2d(in_channels + cond_channels, channels, 3, padding=1)
 
         def heads(ch: int) -> int:
             return ch // num_head_channels if num_head_channels > 0 else num_heads
@@ -273,7 +275,8 @@ class MLPDenoiser(nn.Module):
 
 
 def build_model(cfg) -> nn.Module:
-    """Network from a full Config (model section + data.image_size)."""
+    """Network from a full Config (model section + data.image_size, and data.task for the extra input channels
+    of an image-conditioned model)."""
     m = cfg.model
     if m.kind == "mlp":
         return MLPDenoiser(2, m.mlp_hidden, m.mlp_layers, m.mlp_emb_size, m.num_classes)
@@ -281,7 +284,8 @@ def build_model(cfg) -> nn.Module:
         raise ConfigError(f"config key 'model.kind' = {m.kind!r} is not one of: unet, mlp")
     return UNet(m.in_channels, m.channels, tuple(m.channel_mult), m.num_res_blocks,
                 tuple(m.attention_resolutions), cfg.data.image_size, m.num_heads, m.num_head_channels,
-                m.dropout, m.num_classes, m.norm_groups, m.norm_eps)
+                m.dropout, m.num_classes, m.norm_groups, m.norm_eps,
+                cond_channels=cond_channels(cfg.data.task, m.in_channels))
 
 
 def count_parameters(model: nn.Module) -> int:

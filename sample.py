@@ -30,6 +30,8 @@ import numpy as np
 import torch
 from PIL import Image, ImageDraw, ImageFont
 
+from condition_images import display_inputs, plan_conditions, save_comparison
+from conditioning import conditioned
 from config import AMP_MODES, SAMPLERS, SPACINGS, ConfigError, load_config
 from dataset import DatasetMissingError
 from diffusion import Diffusion, build_diffusion
@@ -74,6 +76,9 @@ def parse_args(argv: Optional[list[str]] = None) -> argparse.Namespace:
                    "or the next free <folder>-2, -3, ... when that one holds files)")
     p.add_argument("--overwrite", action="store_true", help="write into a non-empty output folder, replacing "
                    "only the files an earlier sample.py run wrote there (listed in its " + MANIFEST + ")")
+    p.add_argument("--condition", metavar="IMG", help="image-conditioned models (data.task): an image or folder "
+                   "to upscale (superres: low-res images of the trained size) or colorize (any image, made grey); "
+                   "default: held-out images of the data set, shown next to their targets")
     p.add_argument("--animation", action="store_true", help="also write animation.gif and trajectory.png")
     p.add_argument("--forward", action="store_true",
                    help="only draw the forward process (results/plots/<run_name>/forward_noise.png)")
@@ -124,21 +129,23 @@ def save_gif(frames: list[Image.Image], path: Path, ms: int = 80, hold_ms: int =
     return path
 
 
-def save_animation(rec: Recorder, path: Path) -> Path:
-    """Reverse process as a GIF: x_t (left) next to the predicted x0 (right), labeled with t."""
+def save_animation(rec: Recorder, path: Path, condition: Optional[torch.Tensor] = None) -> Path:
+    """Reverse process as a GIF: x_t (left) next to the predicted x0 (right), labeled with t; an
+    image-conditioned model's condition (the recorded samples') on the far left."""
     try:
         font = ImageFont.load_default(size=14)
     except TypeError:  # Pillow < 10.1 has one fixed-size default font
         font = ImageFont.load_default()
-    frames = []
+    frames, cond = [], _grid_image(condition) if condition is not None else None
     for label, x_t, x0 in rec.frames:
-        left, right = _grid_image(x_t), _grid_image(x0)
-        frame = Image.new("RGB", (left.width + right.width + 10, left.height + 22), "white")
-        frame.paste(left, (0, 22))
-        frame.paste(right, (left.width + 10, 22))
-        draw = ImageDraw.Draw(frame)
-        draw.text((4, 3), f"x_t   {label}", fill="black", font=font)
-        draw.text((left.width + 14, 3), "predicted x0", fill="black", font=font)
+        panels = [(cond, "condition")] if cond else []
+        panels += [(_grid_image(x_t), f"x_t   {label}"), (_grid_image(x0), "predicted x0")]
+        frame = Image.new("RGB", (sum(p.width + 10 for p, _ in panels) - 10, panels[0][0].height + 22), "white")
+        draw, left = ImageDraw.Draw(frame), 0
+        for panel, title in panels:
+            frame.paste(panel, (left, 22))
+            draw.text((left + 4, 3), title, fill="black", font=font)
+            left += panel.width + 10
         frames.append(frame)
     return save_gif(frames, path)
 
@@ -311,13 +318,22 @@ def run_sampling(args) -> list[Path]:
         raise SampleError(f"--out {output_folder_problem(args.out)}: choose another output folder")
     model, diffusion, cfg, run = load_source(args, device)
     if edit_mode(args):
+        if args.condition or conditioned(cfg):
+            raise SampleError("the editing modes run models without an image condition (data.task=generate): "
+                              "drop --condition / the editing flag")
         return run_editing(args, model, diffusion, cfg, run)
     kw, seed = settings(args, cfg, diffusion), cfg.seed if args.seed is None else args.seed
-    num_samples, batch_size = args.num_samples or cfg.sample.num_samples, args.batch_size or cfg.sample.batch_size
+    conds = plan_conditions(args, cfg)  # image-conditioned models: --condition's images or held-out ones
+    num_samples = len(conds.cond) if conds else args.num_samples or cfg.sample.num_samples
+    batch_size = args.batch_size or cfg.sample.batch_size
     timesteps = diffusion.sampling_timesteps(kw["sampler"], kw["steps"], kw["timestep_spacing"])
     out_dir = out_folder(args, run, kw, len(timesteps), seed, cfg.model.num_classes > 0)
+    if conds and not args.out:
+        out_dir = out_dir.with_name(f"{out_dir.name}_{cfg.data.task}")
     if not args.out and not args.overwrite:
         out_dir = free_default_folder(out_dir)
+    if conds and conds.labels is not None and cfg.model.num_classes and kw["labels"] is None:  # their own classes
+        kw["labels"] = conds.labels.tolist()
     kw["labels"], nrow = plan_labels(cfg.model.num_classes, kw["labels"], num_samples)
     names = planned_files(cfg, num_samples, args.animation)
     stale = check_out_dir(out_dir, names, args.overwrite)
@@ -325,15 +341,20 @@ def run_sampling(args) -> list[Path]:
     max_items = first_batch if cfg.model.kind == "mlp" else 16
     rec = Recorder(timesteps, first_batch, max_items=max_items) if args.animation else None
     print(f"sampling {num_samples} with {kw['sampler']} ({len(timesteps)} steps), seed {seed}, on {device}")
-    x = generate(model, diffusion, cfg, num_samples, batch_size, seed, callback=rec, **kw)
+    x = generate(model, diffusion, cfg, num_samples, batch_size, seed, callback=rec,
+                 conditions=conds.cond if conds else None, **kw)
     start_out_dir(out_dir, names, stale)
     if cfg.model.kind == "mlp":
         from dataset import sample_toy2d
         data = sample_toy2d(cfg.data.toy_distribution, len(x), torch.Generator().manual_seed(seed + 1))
         return save_toy_outputs(x, data, diffusion.cpu(), out_dir, rec, seed)
     paths = save_samples(x, out_dir, nrow)
+    if conds:  # grid.png: condition | bicubic | output | target
+        save_comparison(conds, x, cfg, out_dir / "grid.png")
     if rec is not None:
-        paths += [save_animation(rec, out_dir / "animation.gif"), save_trajectory(rec, out_dir / "trajectory.png")]
+        shown = display_inputs(conds, cfg)[rec.items] if conds else None
+        paths += [save_animation(rec, out_dir / "animation.gif", shown),
+                  save_trajectory(rec, out_dir / "trajectory.png")]
     return paths
 
 

@@ -16,6 +16,8 @@ import torch
 import torch.distributed as dist
 from tqdm.auto import tqdm
 
+from condition_images import save_comparison
+from conditioning import with_condition
 from config import Config, ConfigError
 from utils import check_cuda_index, get_device, get_rng_state, save_image_grid, save_loss_plot, save_scatter_plot
 
@@ -220,19 +222,27 @@ class RunLogger:
 
 
 @torch.no_grad()
-def save_samples(diffusion, ema_model: torch.nn.Module, cfg: Config, path: Path, dataset, title: str) -> None:
+def save_samples(diffusion, ema_model: torch.nn.Module, cfg: Config, path: Path, dataset, title: str,
+                 conditions=None) -> None:
     """train.num_sample_images EMA samples (DDIM, train.sample_steps) from a generator seeded with cfg.seed,
     so the grids of a run are comparable over time: an image grid at `path`, or for the 2-D toy data a
-    scatter plot next to the data. The caller forks the RNG and sets autocast."""
+    scatter plot next to the data. An image-conditioned model samples from `conditions` (held-out targets,
+    condition_images.Conditions) and the grid shows condition | bicubic | output | target side by side.
+    The caller forks the RNG and sets autocast."""
     n, toy, classes = cfg.train.num_sample_images, cfg.model.kind == "mlp", cfg.model.num_classes
     device = next(ema_model.parameters()).device
+    model, y = ema_model, torch.arange(n, device=device) % classes if classes else None
+    if conditions is not None:
+        n, model = len(conditions.cond), with_condition(ema_model, conditions.cond.to(device))
+        y = conditions.labels.to(device) if classes else None  # the held-out targets' own classes
     shape = (n, 2) if toy else (n, cfg.model.in_channels, cfg.data.image_size, cfg.data.image_size)
-    y = torch.arange(n, device=device) % classes if classes else None
-    x = diffusion.sample(ema_model, shape, "ddim", steps=cfg.train.sample_steps,
+    x = diffusion.sample(model, shape, "ddim", steps=cfg.train.sample_steps,
                          generator=torch.Generator().manual_seed(cfg.seed), y=y,
                          guidance_scale=cfg.sample.guidance_scale, clip_x0=cfg.sample.clip_x0 and not toy,
                          progress=False)
-    if toy:
+    if conditions is not None:
+        save_comparison(conditions, x, cfg, path)
+    elif toy:
         save_scatter_plot(torch.stack([dataset[i][0] for i in range(min(len(dataset), n))]), x, path, title)
     else:
         save_image_grid(x.float(), path, nrow=classes if classes and n >= classes else None)

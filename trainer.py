@@ -28,6 +28,8 @@ import torch
 import torch.distributed as dist
 from tqdm.auto import tqdm
 
+from condition_images import held_out_conditions
+from conditioning import condition_for, conditioned, with_condition
 from config import Config, ConfigError, to_dict
 from data_order import NOISE, DataStream, EpochBatches, KeyedItems
 from dataset import build_dataset, check_data
@@ -104,6 +106,10 @@ class Trainer:
                 dist.barrier(group=info.control)
         check_data(cfg, base)
         self.base_dataset = base
+        # An image-conditioned model's grids: the same held-out conditions every time, so they show progress
+        self.sample_conditions = None
+        if conditioned(cfg) and info.is_main and self.tcfg.num_sample_images:
+            self.sample_conditions = held_out_conditions(cfg, self.tcfg.num_sample_images)[0]
         sampler = EpochBatches(len(base), batch_size=self.tcfg.batch_size, seed=cfg.seed, rank=info.rank,
                                world_size=info.world_size)
         items = KeyedItems(base, seed=cfg.seed, augmented=cfg.data.random_flip)
@@ -183,8 +189,10 @@ class Trainer:
         """Per-example losses (B,) and their timesteps t (B,) for one micro-batch: the method a variant of
         training overrides (distillation: the student's loss against the teacher's targets)."""
         x0, y = batch
+        # An image-conditioned model (data.task) sees its condition made from the augmented target itself
+        model = with_condition(self.model, condition_for(self.cfg, x0))
         with autocast(self.device, self.amp):
-            return self.diffusion.training_losses(self.model, x0, y)
+            return self.diffusion.training_losses(model, x0, y)
 
     def train_step(self) -> None:
         """train.grad_accum micro-batches, clipping, then the update of weights, LR and EMA. A step whose loss
@@ -285,7 +293,8 @@ class Trainer:
         cuda = [self.device.index or 0] if self.device.type == "cuda" else []
         with torch.random.fork_rng(devices=cuda), autocast(self.device, self.amp):
             save_samples(self.diffusion, self.ema.model, self.cfg, path, self.base_dataset,
-                         title=f"{self.cfg.run_name} step {self.step}: EMA, DDIM {self.tcfg.sample_steps}")
+                         title=f"{self.cfg.run_name} step {self.step}: EMA, DDIM {self.tcfg.sample_steps}",
+                         conditions=self.sample_conditions)
         self.logger.image("samples/ema_ddim", path, self.step)
         self.logger.plot(force=True)
         self._paused += time.perf_counter() - start
