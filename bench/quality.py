@@ -124,7 +124,7 @@ def run_distill(args, teacher: Path) -> dict | None:
     n0, n, m = (int(part) for part in args.distill.split(":"))
     folder = teacher.parent.with_name(teacher.parent.name + "_distill")
     timing = folder / "bench_distill_time.json"
-    argv = ["--teacher", str(teacher.relative_to(REPO)), "--start-steps", str(n0), "--steps", str(n),
+    argv = ["--teacher", str(teacher), "--start-steps", str(n0), "--steps", str(n),
             "--round-steps", str(m), "--overwrite", *args.distill_set]
     command = "python distill.py " + " ".join(argv)
     if not (args.skip_train and timing.is_file() and json.loads(timing.read_text())["command"] == command):
