@@ -104,6 +104,8 @@ def test_reconstruct_weights_of_a_random_walk_from_checkpoint_and_snapshot_files
         spread = (value - ema.averages[0][direct.names.index(name)]).abs().max().item()
         error = (weights[name] - value).abs().max().item()
         assert error < 0.02 * spread + 1e-6, (name, error, spread)  # 50x closer than the 0.05 profile
+    with pytest.raises(ValueError, match="--ema-length = 0.3 "):
+        reconstruct_weights(ckpt, tmp_path, 0.3, net.state_dict())
 
 
 # ----------------------------------------------------------------------------- config and training
