@@ -177,7 +177,7 @@ class DdpmLabSteps:
         self.opt.step()
         self.opt.zero_grad(set_to_none=True)
         self.ema.update(self.model)
-        return float(loss)
+        return loss.item()
 
     def sample(self, n: int, batch_size: int, seed: int) -> torch.Tensor:
         from generation import generate
