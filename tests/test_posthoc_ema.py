@@ -148,6 +148,19 @@ def test_resume_with_profiles_is_bitwise_exact_and_off_leaves_checkpoints_as_bef
     assert "phema" not in load_checkpoint("checkpoints/off/last.pt") and not Path("checkpoints/off/ema").exists()
 
 
+def test_a_fresh_run_over_old_snapshots_needs_overwrite_which_removes_them(workdir):
+    # Snapshots of an earlier run would otherwise be overwritten one by one and mixed into the new run's.
+    old = Path("checkpoints/snap/ema/ema_0000003.pt")
+    old.parent.mkdir(parents=True)
+    old.write_bytes(b"an earlier run's snapshot")
+    cfg = load_config(DIGITS, TINY + PROFILES + ["run_name=snap", "train.max_steps=2"])
+    with pytest.raises(ConfigError, match="already holds a run .*ema_0000003.pt.*--overwrite"):
+        train(cfg)
+    assert old.read_bytes() == b"an earlier run's snapshot"
+    train(cfg, overwrite=True)
+    assert not old.exists() and sorted(p.name for p in old.parent.iterdir()) == ["ema_0000002.pt"]
+
+
 # ----------------------------------------------------------------------------- the command line
 _CACHE: dict[str, Path] = {}
 
