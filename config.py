@@ -354,7 +354,8 @@ def _check_counts(cfg: Config) -> None:
                      ("sample.batch_size", sample.batch_size), ("diffusion.min_snr_gamma", dcfg.min_snr_gamma),
                      ("model.norm_eps", model.norm_eps), ("train.max_nonfinite", train.max_nonfinite),
                      ("model.mlp_hidden", model.mlp_hidden), ("model.mlp_layers", model.mlp_layers),
-                     ("model.mlp_emb_size", model.mlp_emb_size), ("train.ema_snapshot_every", train.ema_snapshot_every)]:
+                     ("model.mlp_emb_size", model.mlp_emb_size),
+                     ("train.ema_snapshot_every", train.ema_snapshot_every)]:
         _positive(key, val)
     for key, val in [("train.warmup_steps", train.warmup_steps), ("model.num_classes", model.num_classes),
                      ("data.num_workers", data.num_workers), ("data.holdout", data.holdout),

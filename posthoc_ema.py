@@ -26,7 +26,7 @@ import copy
 import math
 import re
 from pathlib import Path
-from typing import Optional, Sequence
+from typing import Sequence
 
 import numpy as np
 import torch
@@ -183,19 +183,16 @@ def reconstruct_weights(ckpt: dict, snapshot_folder: Path, sigma_rel: float,
     sources = [(s, None) for s in earlier] + [(step, state["averages"])]
     steps = [s for s, _ in sources for _ in profiles]
     coefficients = posthoc_coefficients(steps, profiles * len(sources), step, sigma_rel)
-    total: Optional[dict] = None
+    floats = {name for name, value in template.items() if value.is_floating_point()}
+    total = {name: torch.zeros_like(template[name], dtype=torch.float64) for name in floats}
     for index, (snap_step, averages) in enumerate(sources):  # one snapshot in memory at a time
         averages = averages or _read_snapshot(Path(snapshot_folder) / snapshot_name(snap_step), snap_step, profiles)
         for k, average in enumerate(averages):
-            weight = float(coefficients[index * len(profiles) + k])
-            if total is None:
-                total = {name: torch.zeros_like(value, dtype=torch.float64) for name, value in average.items()}
-            for name, value in average.items():
-                total[name].add_(value.double(), alpha=weight)
-    floats = {name for name, value in template.items() if value.is_floating_point()}
-    if set(total) != floats:
-        raise CheckpointError(f"the post-hoc EMA profiles do not fit the model (entries "
-                              f"{sorted(set(total) ^ floats)[:3]} differ): the checkpoint was edited")
+            if set(average) != floats or any(average[n].shape != total[n].shape for n in floats):
+                raise CheckpointError(f"the post-hoc EMA profiles of step {snap_step} do not fit the model its "
+                                      f"config describes (an edited file or another run's): restore the run's own")
+            for name in floats:
+                total[name].add_(average[name].double(), alpha=float(coefficients[index * len(profiles) + k]))
     weights = {name: (total[name].to(value.dtype) if name in floats else value) for name, value in template.items()}
     return weights, {"sigma_rel": sigma_rel, "step": step, "snapshot_steps": earlier + [step],
                      "coefficients": coefficients.tolist()}

@@ -258,8 +258,9 @@ def load_source(args, device: torch.device):
         run_name = "pretrained_" + re.sub(r"[^A-Za-z0-9._-]+", "_", name)  # a name, never a path
         return model.to(device).eval(), diffusion.to(device), cfg, run_name
     path = resolve_checkpoint(args.checkpoint, args.config)
-    model, diffusion, cfg, ckpt = load_for_sampling(path, device, use_ema=args.ema, ema_length=args.ema_length)
-    what = f"post-hoc EMA {args.ema_length:g}" if args.ema_length is not None else "EMA" if args.ema else "raw"
+    length = getattr(args, "ema_length", None)
+    model, diffusion, cfg, ckpt = load_for_sampling(path, device, use_ema=args.ema, ema_length=length)
+    what = f"post-hoc EMA {length:g}" if length is not None else "EMA" if args.ema else "raw"
     print(f"checkpoint {path}: step {ckpt.get('step')}, {what} weights")
     return model, diffusion, cfg, cfg.run_name
 
@@ -292,7 +293,7 @@ def out_folder(args, run: str, kw: dict, num_steps: int, seed: int, conditional:
         name += f"_g{kw['guidance_scale']:g}"
     if kw["labels"] is not None:
         name += "_y" + "-".join(map(str, dict.fromkeys(kw["labels"])))
-    if args.ema_length is not None:
+    if getattr(args, "ema_length", None) is not None:
         name += f"_phema{args.ema_length:g}"
     return RunPaths(run).images / name
 

@@ -93,7 +93,8 @@ def run(argv: list[str], work: Path, threads: int) -> float:
 
 # ----------------------------------------------------------------------------- the recipes
 def ddpm_lab_overrides(args, steps: int) -> list[str]:
-    return [f"run_name=bench_budget_ddpm-lab_{steps}", f"train.max_steps={steps}", f"train.batch_size={args.batch_size}",
+    return [f"run_name=bench_budget_ddpm-lab_{steps}", f"train.max_steps={steps}",
+            f"train.batch_size={args.batch_size}",
             f"seed={args.seed}", "device=cpu", f"data.root={args.data}", "data.split=test", "data.download=false",
             f"train.cpu_threads={args.threads}", "train.num_sample_images=0"]
 
@@ -188,35 +189,44 @@ class DdpmLabSteps:
 
 
 def time_recipe(name: str, args, images: torch.Tensor, steps: int) -> dict:
-    """Median seconds per training step (after 2 warm-up steps) and seconds per DDIM-50 image (one batch)."""
+    """Median seconds per training step (after 2 warm-up steps) and seconds per DDIM-50 image (one batch of 20),
+    as wall time and as this process's CPU time: at 1 thread the CPU time is what the step costs on a quiet
+    core, nearly immune to other jobs on the machine (the wall time is not)."""
     recipe = DdpmLabSteps(args, steps) if name == "ddpm-lab" else PEERS[name](steps, seed=args.seed)
-    batches, times = Batches(images, args.batch_size, seed=args.seed), []
+    batches, wall, cpu = Batches(images, args.batch_size, seed=args.seed), [], []
     for i in range(2 + args.timing_steps):
-        start = time.perf_counter()
+        start, start_cpu = time.perf_counter(), time.process_time()
         recipe.step(batches.next())
         if i >= 2:
-            times.append(time.perf_counter() - start)
+            wall.append(time.perf_counter() - start)
+            cpu.append(time.process_time() - start_cpu)
     n = min(args.sample_batch_size, 20)
-    start = time.perf_counter()
+    start, start_cpu = time.perf_counter(), time.process_time()
     recipe.sample(n, n, args.seed)
-    return {"recipe": name, "step_s": statistics.median(times), "image_s": (time.perf_counter() - start) / n,
+    return {"recipe": name, "step_s": statistics.median(wall), "step_cpu_s": statistics.median(cpu),
+            "image_s": (time.perf_counter() - start) / n, "image_cpu_s": (time.process_time() - start_cpu) / n,
             "params": recipe.params}
 
 
 def time_only(args, images: torch.Tensor, budgets: list[int], recipes: list[str]) -> list[dict]:
-    """Print per-recipe costs at 1 thread and the projected wall time of the full benchmark."""
+    """Print per-recipe costs at 1 thread and the projected time of the full benchmark (from CPU seconds,
+    i.e. on a quiet core, and from the wall seconds measured now)."""
     torch.set_num_threads(1)
+    load = os.getloadavg()[0]
     rows = [time_recipe(name, args, images, max(budgets)) for name in recipes]
-    total = 0.0
-    print(f"\nbatch {args.batch_size}, 1 thread, load {os.getloadavg()[0]:.2f}; projection for budgets {budgets} "
-          f"and {args.num_samples} samples per run:")
+    print(f"\nbatch {args.batch_size}, 1 thread, load average {load:.2f} -> {os.getloadavg()[0]:.2f}; projection "
+          f"for budgets {budgets} and {args.num_samples} samples per run (CPU time | wall time now):")
+    total = {"cpu": 0.0, "wall": 0.0}
     for r in rows:
-        train_h = sum(budgets) * r["step_s"] / 3600
-        sample_h = len(budgets) * args.num_samples * r["image_s"] / 3600
-        total += train_h + sample_h
-        print(f"  {r['recipe']:<11} {r['params'] / 1e6:5.2f} M params  {r['step_s']:.3f} s/step  "
-              f"{r['image_s']:.3f} s/image (DDIM-50)  -> train {train_h:.2f} h + sample {sample_h:.2f} h")
-    print(f"  total {total:.1f} h at 1 thread (plus the classifier and scoring, minutes)")
+        hours = {}
+        for kind, step, image in (("cpu", r["step_cpu_s"], r["image_cpu_s"]), ("wall", r["step_s"], r["image_s"])):
+            hours[kind] = (sum(budgets) * step / 3600, len(budgets) * args.num_samples * image / 3600)
+            total[kind] += sum(hours[kind])
+        print(f"  {r['recipe']:<11} {r['params'] / 1e6:5.2f} M params  step {r['step_cpu_s']:.2f} | {r['step_s']:.2f} s"
+              f"  DDIM-50 image {r['image_cpu_s']:.2f} | {r['image_s']:.2f} s  -> train {hours['cpu'][0]:.1f} | "
+              f"{hours['wall'][0]:.1f} h, sample {hours['cpu'][1]:.1f} | {hours['wall'][1]:.1f} h")
+    print(f"  total {total['cpu']:.1f} h (CPU time, 1 quiet core) | {total['wall']:.1f} h (wall time now), plus "
+          f"the classifier and scoring (minutes)")
     return rows
 
 
@@ -271,7 +281,8 @@ def run_all(args, budgets: list[int], recipes: list[str], images: torch.Tensor, 
             row = (train_ddpm_lab(args, steps, work, out) if name == "ddpm-lab"
                    else train_peer(name, args, steps, images, out))
             metrics = score(args, out, f"bench_budget_{name}_{steps}", work, common)
-            rows.append({"recipe": name, "steps": steps, **row, **{k: metrics[k] for k in ("fid", "precision", "recall")}})
+            scores = {k: metrics[k] for k in ("fid", "precision", "recall")}
+            rows.append({"recipe": name, "steps": steps, **row, **scores})
             print(f"{name} {steps} steps: train {row['train_s']:.0f} s, FID {metrics['fid']:.2f}", flush=True)
     return rows
 
@@ -288,7 +299,8 @@ def main(argv=None) -> int:
         return 0
     work = Path(args.work).resolve()
     work.mkdir(parents=True, exist_ok=True)
-    load_start, command = os.getloadavg()[0], "python bench/budget.py " + " ".join(sys.argv[1:] if argv is None else argv)
+    load_start = os.getloadavg()[0]
+    command = "python bench/budget.py " + " ".join(sys.argv[1:] if argv is None else argv)
     rows = run_all(args, budgets, recipes, images, work)
     (work / "results" / "bench_budget.json").write_text(json.dumps(rows, indent=1))
     info = {"date": time.strftime("%Y-%m-%d %H:%M %Z"), "commit": commit(), "machine": machine(),

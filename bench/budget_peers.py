@@ -105,7 +105,8 @@ class Diffusers:
         self.ema.store(self.model.parameters())
         self.ema.copy_to(self.model.parameters())           # sample with the EMA weights, as the script does
         try:
-            pipe = DDIMPipeline(unet=self.model.eval(), scheduler=DDIMScheduler.from_config(self.noise_scheduler.config))
+            scheduler = DDIMScheduler.from_config(self.noise_scheduler.config)
+            pipe = DDIMPipeline(unet=self.model.eval(), scheduler=scheduler)
             pipe.set_progress_bar_config(disable=True)
             out = []
             for b, i in enumerate(range(0, n, batch_size)):
