@@ -188,7 +188,8 @@ def reconstruct_weights(ckpt: dict, snapshot_folder: Path, sigma_rel: float,
     for index, (snap_step, averages) in enumerate(sources):  # one snapshot in memory at a time
         averages = averages or _read_snapshot(Path(snapshot_folder) / snapshot_name(snap_step), snap_step, profiles)
         for k, average in enumerate(averages):
-            if len(averages) != len(profiles) or set(average) != floats or any(average[n].shape != total[n].shape for n in floats):
+            if (len(averages) != len(profiles) or set(average) != floats
+                    or any(average[n].shape != total[n].shape for n in floats)):
                 raise CheckpointError(f"the post-hoc EMA profiles of step {snap_step} do not fit the model its "
                                       f"config describes (an edited file or another run's): restore the run's own")
             for name in floats:
