@@ -64,7 +64,8 @@ def test_budget_trains_samples_scores_and_writes_rows_table_and_plot(tmp_path):
     rows = json.loads((tmp_path / "work" / "results" / "bench_budget.json").read_text())
     assert [(r["recipe"], r["steps"]) for r in rows] == [(name, 1) for name in recipes]
     assert all(math.isfinite(r["fid"]) and r["train_s"] > 0 and r["params"] > 1e6 for r in rows)
-    assert len(list((tmp_path / "work" / "results" / "images" / "bench_budget" / f"{recipes[0]}_1").glob("*.png"))) == 4
+    samples = tmp_path / "work" / "results" / "images" / "bench_budget" / f"{recipes[0]}_1"
+    assert len(list(samples.glob("0*.png"))) == 4  # 000000.png ... (sample.py adds grid.png)
     text = results.read_text()
     assert text.count("| 1 |") == len(recipes) and "<!-- budget:end -->" in text
     assert (tmp_path / "budget_fid_vs_time.png").read_bytes()[:4] == b"\x89PNG"
