@@ -130,6 +130,11 @@ class TrainConfig:
     grad_accum: int = 1
     ema_decay: float = 0.9999
     ema_warmup: bool = True            # decay ramps up as min(decay, (1+n)/(10+n))
+    # Post-hoc EMA (EDM2, posthoc_ema.py): relative lengths sigma_rel of the power-function EMA profiles to
+    # track, e.g. [0.05, 0.1]; [] = off. Snapshots of them go to checkpoints/<run>/ema/ every
+    # ema_snapshot_every steps; sample.py / evaluate.py --ema-length then rebuild any length from them.
+    ema_profiles: list[float] = field(default_factory=list)
+    ema_snapshot_every: int = 1000
     amp: str = "auto"                  # auto | off | bf16 | fp16 (fp16 needs CUDA); auto: bf16 where it is fast
     channels_last: Optional[bool] = None  # None (null) = auto: on for CUDA, off on CPU (measured)
     compile: bool = False
@@ -355,7 +360,8 @@ def _check_counts(cfg: Config) -> None:
                      ("sample.batch_size", sample.batch_size), ("diffusion.min_snr_gamma", dcfg.min_snr_gamma),
                      ("model.norm_eps", model.norm_eps), ("train.max_nonfinite", train.max_nonfinite),
                      ("model.mlp_hidden", model.mlp_hidden), ("model.mlp_layers", model.mlp_layers),
-                     ("model.mlp_emb_size", model.mlp_emb_size), ("data.sr_factor", data.sr_factor)]:
+                     ("model.mlp_emb_size", model.mlp_emb_size), ("data.sr_factor", data.sr_factor),
+                     ("train.ema_snapshot_every", train.ema_snapshot_every)]:
         _positive(key, val)
     for key, val in [("train.warmup_steps", train.warmup_steps), ("model.num_classes", model.num_classes),
                      ("data.num_workers", data.num_workers), ("data.holdout", data.holdout),
@@ -373,6 +379,7 @@ def _check_ranges(cfg: Config) -> None:
                           f"got {dcfg.beta_start} and {dcfg.beta_end}")
     if not 0 <= train.ema_decay < 1:
         raise ConfigError(f"config key 'train.ema_decay' must be in [0, 1), got {train.ema_decay}")
+    _check_ema_profiles(train.ema_profiles)
     if not 0 <= train.min_lr_ratio <= 1:
         raise ConfigError(f"config key 'train.min_lr_ratio' must be in [0, 1] (the cosine floor as a fraction of "
                           f"train.lr), got {train.min_lr_ratio}")
@@ -403,6 +410,16 @@ def _check_task(cfg: Config) -> None:
         raise ConfigError(f"data.sr_factor={data.sr_factor} must be >= 2 and divide data.image_size="
                           f"{data.image_size} (the low-res side is image_size / sr_factor): e.g. data.sr_factor="
                           f"{next((f for f in (4, 2, 3, 5, 7) if data.image_size % f == 0), 2)}")
+
+
+def _check_ema_profiles(profiles: list[float]) -> None:
+    from posthoc_ema import SIGMA_REL_MAX  # the range of a power-function EMA's length
+    for value in profiles:
+        if not 0 < value < SIGMA_REL_MAX:
+            raise ConfigError(f"config key 'train.ema_profiles' = {profiles}: {value} is not a power-function EMA "
+                              f"length; each sigma_rel must be in (0, {SIGMA_REL_MAX:.4f}), e.g. [0.05,0.1] (EDM2)")
+    if len(set(profiles)) != len(profiles):
+        raise ConfigError(f"config key 'train.ema_profiles' = {profiles} lists a length twice: list each once")
 
 
 def validate(cfg: Config) -> Config:

@@ -111,6 +111,7 @@ def protocol_record(args, run_name: str, ckpt: Optional[dict], sampling: Optiona
         "run_name": run_name, "command": " ".join(["python evaluate.py", *sys.argv[1:]]),
         "checkpoint": args.checkpoint, "checkpoint_step": None if ckpt is None else int(ckpt.get("step", -1)),
         "ema": None if ckpt is None else (not args.no_ema and ckpt.get("ema") is not None),
+        "ema_length": args.ema_length,
         "distilled_from": _distilled_from(ckpt),
         "samples_dir": args.samples, **sampling, "num_samples": num_samples, "batch_size": args.batch_size,
         "feature_extractor": extractor.name,
@@ -144,6 +145,8 @@ def _eval_parser() -> argparse.ArgumentParser:
     p.add_argument("--guidance-scale", type=float, default=None, help="class-conditional models (default: config)")
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--no-ema", action="store_true", help="use the raw weights instead of the EMA ones")
+    p.add_argument("--ema-length", type=float, metavar="SIGMA_REL", help="a post-hoc EMA of this relative "
+                   "length (e.g. 0.08), rebuilt from the run's snapshots (needs train.ema_profiles)")
     p.add_argument("--batch-size", type=int, default=250)
     p.add_argument("--device", default="auto")
     p.add_argument("--features", choices=("auto", "classifier", "inception"), default="auto",
@@ -180,6 +183,7 @@ def check_arguments(args) -> torch.device:
         if value is not None and value < 1:
             raise EvalError(f"{flag} must be a positive integer, got {value}")
     check_eta(args.eta)
+    check_ema_length(args)
     for flag, folder in [("--results-dir", args.results_dir), ("--ref-dir", args.ref_dir)]:
         problem = output_folder_problem(folder)
         if problem:
@@ -188,6 +192,20 @@ def check_arguments(args) -> torch.device:
         return get_device(args.device)
     except RuntimeError as e:  # unknown name, or CUDA asked for but absent
         raise EvalError(f"--device {args.device}: {str(e).splitlines()[0]}") from None
+
+
+def check_ema_length(args) -> None:
+    """--ema-length: a valid sigma_rel, for a checkpoint's EMA weights (checked before anything loads)."""
+    if args.ema_length is None:
+        return
+    from posthoc_ema import check_sigma_rel
+    try:
+        check_sigma_rel(args.ema_length, "--ema-length")
+    except ValueError as err:
+        raise EvalError(str(err)) from None
+    if args.samples is not None or args.no_ema:
+        raise EvalError("--ema-length rebuilds the EMA weights of a --checkpoint from the run's snapshots: drop "
+                        f"{'--samples' if args.samples is not None else '--no-ema'}, or drop --ema-length")
 
 
 def png_source(args) -> tuple[torch.Tensor, str]:
@@ -203,7 +221,8 @@ def png_source(args) -> tuple[torch.Tensor, str]:
 def checkpoint_source(args, device: torch.device) -> tuple[tuple, dict, str]:
     """--checkpoint: ((model, diffusion, cfg, ckpt), sampling settings, run name); flags checked before
     anything is sampled, with the defaults sample.py uses (generation.sampling_settings)."""
-    model, diffusion, cfg, ckpt = load_for_sampling(args.checkpoint, device, use_ema=not args.no_ema)
+    model, diffusion, cfg, ckpt = load_for_sampling(args.checkpoint, device, use_ema=not args.no_ema,
+                                                    ema_length=args.ema_length)
     if cfg.data.dataset == "toy2d":
         raise EvalError("FID and precision/recall here are for images; toy2d checkpoints are 2-D points")
     kw = sampling_settings(cfg, diffusion.num_timesteps, args.sampler, args.steps, args.eta,

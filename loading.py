@@ -10,7 +10,7 @@ import torch
 from config import Config, ConfigError, from_dict, load_config, validate
 from diffusion import build_diffusion
 from model import build_model
-from paths import CHECKPOINTS, RunPaths
+from paths import CHECKPOINTS, RunPaths, ema_snapshot_folder
 from utils import CheckpointError, find_latest_checkpoint, list_checkpoints, load_checkpoint
 
 TRAIN_HINT = "Train one first: `python train.py --config configs/digits.yaml`, or pass --checkpoint PATH."
@@ -47,14 +47,18 @@ def read_checkpoint(path: str | Path) -> tuple[dict, Config]:
         raise CheckpointError(f"the config stored in '{path}' is not valid for this ddpm-lab: {e}") from None
 
 
-def load_for_sampling(checkpoint: str | Path, device: str | torch.device = "cpu", use_ema: bool = True):
-    """(model in eval mode, diffusion, cfg, ckpt), all rebuilt from the config stored in the checkpoint."""
+def load_for_sampling(checkpoint: str | Path, device: str | torch.device = "cpu", use_ema: bool = True,
+                      ema_length: Optional[float] = None):
+    """(model in eval mode, diffusion, cfg, ckpt), all rebuilt from the config stored in the checkpoint.
+    ema_length: a post-hoc EMA of that sigma_rel, rebuilt from the run's snapshots (posthoc_ema.py)."""
     ckpt, cfg = read_checkpoint(checkpoint)
     weights = ckpt.get("ema") if use_ema else ckpt["model"]
     if weights is None:
         print(f"note: '{checkpoint}' has no EMA weights; using the raw model weights")
         weights = ckpt["model"]
     model = build_model(cfg)
+    if ema_length is not None:
+        weights = posthoc_weights(ckpt, Path(checkpoint), ema_length, model.state_dict())
     mismatch = first_mismatch(model.state_dict(), weights)
     if mismatch:
         raise CheckpointError(f"the weights in '{checkpoint}' do not fit the model its config describes: the "
@@ -76,3 +80,16 @@ def first_mismatch(expected: dict, weights) -> Optional[str]:
             return f"{key} has shape {shape} in the checkpoint but {tuple(tensor.shape)} in the model"
     extra = sorted(set(weights) - set(expected))
     return f"the checkpoint has {len(extra)} keys the model lacks, first {extra[0]}" if extra else None
+
+
+def posthoc_weights(ckpt: dict, checkpoint: Path, sigma_rel: float, template: dict) -> dict:
+    """The post-hoc EMA of length sigma_rel at the checkpoint's step, from the snapshots in the ema/ folder
+    next to the checkpoint (posthoc_ema.reconstruct_weights); a bad length is a CheckpointError too."""
+    from posthoc_ema import reconstruct_weights
+    try:
+        weights, summary = reconstruct_weights(ckpt, ema_snapshot_folder(checkpoint.parent), sigma_rel, template)
+    except ValueError as err:  # the length is out of range
+        raise CheckpointError(str(err)) from None
+    print(f"post-hoc EMA sigma_rel={sigma_rel:g} at step {summary['step']}: from "
+          f"{len(summary['snapshot_steps'])} snapshot(s) of profiles {ckpt['phema']['sigma_rels']}")
+    return weights

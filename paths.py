@@ -4,6 +4,7 @@ All paths are relative to the working directory (as they always were), so runnin
 keeps that folder's runs apart. A run R owns:
 
     checkpoints/R/            last.pt, step_XXXXXXX.pt            RunPaths(R).checkpoints
+    checkpoints/R/ema/        post-hoc EMA snapshots ema_XXXXXXX.pt RunPaths(R).ema_snapshots
     results/images/R/         sample grids and sample.py folders  RunPaths(R).images
     results/plots/R/          loss curve, forward-process figure  RunPaths(R).plots
     results/logs/R/           TensorBoard                         RunPaths(R).logs
@@ -35,6 +36,10 @@ class RunPaths:
         return CHECKPOINTS / self.run_name
 
     @property
+    def ema_snapshots(self) -> Path:
+        return ema_snapshot_folder(self.checkpoints)
+
+    @property
     def images(self) -> Path:
         return RESULTS / "images" / self.run_name
 
@@ -54,3 +59,8 @@ class RunPaths:
 def eval_records_file(run_name: str, folder: Path = EVAL_RECORDS) -> Path:
     """<folder>/<run_name>.jsonl: evaluate.py's results file of a run (folder: --results-dir)."""
     return Path(folder) / f"{run_name}.jsonl"
+
+
+def ema_snapshot_folder(checkpoint_folder: Path) -> Path:
+    """<folder>/ema/: the post-hoc EMA snapshots (posthoc_ema.py) of the run whose checkpoints lie in folder."""
+    return Path(checkpoint_folder) / "ema"

@@ -93,9 +93,10 @@ def lock_run_dir(run_dir: Path, info) -> Optional[RunLock]:
 
 def prepare_run_dir(run_name: str, info, resuming: bool, overwrite: bool) -> None:
     """A fresh run into a folder that holds one: a ConfigError unless `overwrite`, which deletes its
-    checkpoints, logs and sample grids (rank 0, after every rank has looked)."""
+    checkpoints (and post-hoc EMA snapshots), logs and sample grids (rank 0, after every rank has looked)."""
     run_dir = RunPaths(run_name).checkpoints
-    existing = list_checkpoints(run_dir) + [p for p in [run_dir / "last.pt"] if p.is_file()]
+    existing = sorted(RunPaths(run_name).ema_snapshots.glob("ema_*.pt"))  # post-hoc EMA snapshots (posthoc_ema.py)
+    existing += list_checkpoints(run_dir) + [p for p in [run_dir / "last.pt"] if p.is_file()]
     if info.enabled:
         dist.barrier(group=info.control)
     if resuming or not existing:

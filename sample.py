@@ -59,6 +59,8 @@ def parse_args(argv: Optional[list[str]] = None) -> argparse.Namespace:
     p.add_argument("--config", help="YAML preset whose run_name picks the checkpoint folder")
     p.add_argument("--pretrained", metavar="NAME_OR_PATH", help="a converted diffusers DDPM (export.py)")
     p.add_argument("--no-ema", dest="ema", action="store_false", help="use the raw weights, not the EMA")
+    p.add_argument("--ema-length", type=float, metavar="SIGMA_REL", help="a post-hoc EMA of this relative "
+                   "length (e.g. 0.08), rebuilt from the run's snapshots (needs train.ema_profiles)")
     p.add_argument("--sampler", choices=SAMPLERS)
     p.add_argument("--steps", type=positive, help="sampling steps (ddpm always uses all T)")
     p.add_argument("--eta", type=float, help="DDIM noise: 0 deterministic, 1 ancestral-like")
@@ -263,8 +265,10 @@ def load_source(args, device: torch.device):
         run_name = "pretrained_" + re.sub(r"[^A-Za-z0-9._-]+", "_", name)  # a name, never a path
         return model.to(device).eval(), diffusion.to(device), cfg, run_name
     path = resolve_checkpoint(args.checkpoint, args.config)
-    model, diffusion, cfg, ckpt = load_for_sampling(path, device, use_ema=args.ema)
-    print(f"checkpoint {path}: step {ckpt.get('step')}, {'EMA' if args.ema else 'raw'} weights")
+    length = getattr(args, "ema_length", None)
+    model, diffusion, cfg, ckpt = load_for_sampling(path, device, use_ema=args.ema, ema_length=length)
+    what = f"post-hoc EMA {length:g}" if length is not None else "EMA" if args.ema else "raw"
+    print(f"checkpoint {path}: step {ckpt.get('step')}, {what} weights")
     return model, diffusion, cfg, cfg.run_name
 
 
@@ -296,6 +300,8 @@ def out_folder(args, run: str, kw: dict, num_steps: int, seed: int, conditional:
         name += f"_g{kw['guidance_scale']:g}"
     if kw["labels"] is not None:
         name += "_y" + "-".join(map(str, dict.fromkeys(kw["labels"])))
+    if getattr(args, "ema_length", None) is not None:
+        name += f"_phema{args.ema_length:g}"
     return RunPaths(run).images / name
 
 
@@ -308,12 +314,27 @@ def planned_files(cfg, num_samples: int, animation: bool) -> list[str]:
     return names + (["animation.gif"] if animation else [])
 
 
+def check_ema_length(args) -> None:
+    """--ema-length: a valid sigma_rel, with a train.py checkpoint's EMA weights (checked before loading)."""
+    if args.ema_length is None:
+        return
+    from posthoc_ema import check_sigma_rel
+    try:
+        check_sigma_rel(args.ema_length, "--ema-length")
+    except ValueError as err:
+        raise SampleError(str(err)) from None
+    if args.pretrained or not args.ema:
+        raise SampleError("--ema-length rebuilds EMA weights from a train.py run's snapshots: drop "
+                          f"{'--pretrained' if args.pretrained else '--no-ema'}, or drop --ema-length")
+
+
 def run_sampling(args) -> list[Path]:
     try:
         device = get_device(args.device)
     except RuntimeError as e:  # unknown name, or CUDA asked for but absent
         raise SampleError(f"--device {args.device}: {str(e).splitlines()[0]}") from None
     check_eta(args.eta)
+    check_ema_length(args)
     if args.out and output_folder_problem(args.out):  # before loading anything
         raise SampleError(f"--out {output_folder_problem(args.out)}: choose another output folder")
     model, diffusion, cfg, run = load_source(args, device)

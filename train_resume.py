@@ -17,7 +17,7 @@ from utils import (CheckpointError, derive_seed, list_checkpoints, load_checkpoi
                    seed_everything, set_rng_state)
 
 # Resuming may change these; any other change under seed/data/model/diffusion means another experiment.
-RESUME_FIXED = ("seed", "data.", "model.", "diffusion.")
+RESUME_FIXED = ("seed", "data.", "model.", "diffusion.", "train.ema_profiles")
 RESUME_MUTABLE = ("data.num_workers", "data.root", "data.download")
 # What --resume needs besides config/model (load_checkpoint checks those): weights-only files lack them.
 RESUME_KEYS = ("step", "ema", "ema_num_updates", "optimizer", "lr_scheduler", "rng", "data_state")
@@ -34,7 +34,8 @@ def _flatten(d: dict, prefix: str = "") -> dict:
 
 
 def resume_differences(old: dict, new: Config) -> list[str]:
-    """'key: old -> new' for every changed key that defines the experiment (seed, data, model, diffusion)."""
+    """'key: old -> new' for every changed key that defines the experiment (seed, data, model, diffusion) or
+    the tracked post-hoc EMA profiles (train.ema_profiles)."""
     flat_old, flat_new = _flatten(to_dict(from_dict(old))), _flatten(to_dict(new))
     return [f"  {key}: {flat_old[key]!r} -> {flat_new[key]!r}" for key in sorted(flat_new)
             if key.startswith(RESUME_FIXED) and key not in RESUME_MUTABLE and flat_old[key] != flat_new[key]]

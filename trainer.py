@@ -36,6 +36,7 @@ from dataset import build_dataset, check_data
 from diffusion import build_diffusion
 from model import build_model, count_parameters
 from paths import RunPaths
+from posthoc_ema import PowerFunctionEMA
 from run_folder import (RESULTS_ROOT, CheckpointHealth, end_message, lock_run_dir, prepare_run_dir, resume_path,
                         start_message)
 from train_resume import check_resumable, load_resume_checkpoint, restore_optimization, restore_rng, warn_thread_count
@@ -127,6 +128,7 @@ class Trainer:
         self.net = net
         self.diffusion = build_diffusion(cfg).to(self.device)
         self.ema = EMA(net, decay=tcfg.ema_decay, warmup=tcfg.ema_warmup)
+        self.phema = PowerFunctionEMA(net, tcfg.ema_profiles) if tcfg.ema_profiles else None  # post-hoc EMA
         self.optimizer = build_optimizer(net, tcfg)
         self.scheduler = torch.optim.lr_scheduler.LambdaLR(self.optimizer, lr_factor(tcfg))
         self.scaler = torch.amp.GradScaler("cuda") if self.amp == "fp16" else None
@@ -155,6 +157,8 @@ class Trainer:
         if self.scaler is not None and ckpt.get("grad_scaler"):
             self.scaler.load_state_dict(ckpt["grad_scaler"])
         self.step = self.last_saved = int(ckpt["step"])
+        if self.phema is not None:
+            self.phema.load_state_dict(ckpt["phema"])
         self.data.load_state_dict(ckpt["data_state"])
         log_state = ckpt.get("log_state") or {}
         self.skipped_total = int(log_state.get("skipped_total", 0))
@@ -254,6 +258,8 @@ class Trainer:
         self.scheduler.step()                  # skipped steps count: the schedule follows the step number
         if not skip:
             self.ema.update(self.net)          # after the optimizer step: the EMA averages the new weights
+        if self.phema is not None:             # every step (a skipped one's unchanged weights too): its profile
+            self.phema.update(self.net, self.step + 1)  # is a function of the step number
         self.optimizer.zero_grad(set_to_none=True)
 
     # -- logging, sampling, checkpoints ----------------------------------------------------------------
@@ -300,6 +306,15 @@ class Trainer:
         self._paused += time.perf_counter() - start
         return path
 
+    def save_ema_snapshot(self) -> Optional[Path]:
+        """checkpoints/<run>/ema/ema_XXXXXXX.pt: the post-hoc EMA profiles now (rank 0; posthoc_ema.py)."""
+        if self.phema is None or not self.dist.is_main:
+            return None
+        start = time.perf_counter()
+        path = self.phema.write_snapshot(RunPaths(self.cfg.run_name).ema_snapshots, self.step)
+        self._paused += time.perf_counter() - start
+        return path
+
     def checkpoint_state(self, rng_states: list) -> dict:
         return {"step": self.step, "config": to_dict(self.cfg), "model": self.net.state_dict(),
                 "ema": self.ema.model.state_dict(), "ema_num_updates": float(self.ema.num_updates),
@@ -310,7 +325,8 @@ class Trainer:
                 "cpu_threads": torch.get_num_threads() if self.device.type == "cpu" else None,
                 "log_state": {"skipped_total": self.skipped_total,
                               "loss_history": torch.tensor(self.history, dtype=torch.float32),
-                              "loss_level": float(self.loss_watch.level)}}
+                              "loss_level": float(self.loss_watch.level)},
+                **({"phema": self.phema.state_dict()} if self.phema is not None else {})}  # post-hoc EMA: on only
 
     def save(self) -> Optional[Path]:
         """step_XXXXXXX.pt and last.pt (atomic writes), then prune to train.keep_last step files.
@@ -365,7 +381,8 @@ class Trainer:
             self.train_step()
             if self.logger:
                 self.logger.bar.update(1)
-            for every, action in ((self.tcfg.log_every, self.log), (self.tcfg.ckpt_every, self.save),
+            for every, action in ((self.tcfg.ema_snapshot_every, self.save_ema_snapshot),
+                                  (self.tcfg.log_every, self.log), (self.tcfg.ckpt_every, self.save),
                                   (self.tcfg.sample_every, self.sample)):
                 if self.step % every == 0 or self.finished:
                     action()
