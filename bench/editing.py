@@ -366,8 +366,9 @@ def setup(args) -> tuple:
     scorer = Scorer(path, reference)
     meta = scorer.extractor.meta
     classifier = (f"features.DigitClassifier, {meta['steps']} steps on the {meta['num_train']} kept images of the "
-                  f"{meta['split']} split (never the held-out ones), accuracy {meta['accuracy']:.3f} on "
-                  f"{meta['accuracy_on']}; on the first {args.num} held-out digits: see the *originals* rows")
+                  f"{meta['split']} split (never the held-out digits), accuracy {meta['accuracy']:.3f} on "
+                  f"{meta['num_test']} other kept images it did not train on; on the first {args.num} held-out "
+                  f"digits: see the *originals* rows")
     params = sum(p.numel() for p in model.parameters())
     described = (f"`{args.checkpoint}` (step {ckpt.get('step', '?')}, {params / 1e6:.2f}M parameters, "
                  f"{cfg.data.dataset} {cfg.data.split} split at {cfg.data.image_size} px, data.holdout="
