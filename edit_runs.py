@@ -29,7 +29,7 @@ ONLY_WITH = {"mask": "inpaint", "resample": "inpaint", "jump": "inpaint", "stren
              "seeds": "interpolate", "frames": "interpolate"}
 # RePaint defaults, measured on the digits quickstart (README, "Editing with a trained model"): resampling each
 # block of 5 steps 5 times joins the generated half to the kept one; 1 (plain replacement) leaves seams.
-RESAMPLE, JUMP, FRAMES = 5, 5, 8
+RESAMPLE, JUMP, FRAMES = 10, 10, 8  # RePaint: best label recovery in bench/RESULTS.md (editing)
 
 
 def add_edit_args(p) -> None:

@@ -75,7 +75,7 @@ def test_slerp_keeps_the_ends_and_the_norm():
 def test_inpainting_keeps_the_black_pixels_of_the_mask_exactly(edit):
     run_main(["--checkpoint", "c.pt", "--inpaint", "ins", "--mask", "mask.png", "--sampler", "ddpm"])
     folder = only_folder(edit)
-    assert folder.name.startswith("inpaint_ddpm_20_0_r5j5")
+    assert folder.name.startswith("inpaint_ddpm_20_0_r10j10")
     keep = np.asarray(Image.open(edit / "mask.png")) < 128
     outputs = pngs(folder)
     assert len(outputs) == 3
