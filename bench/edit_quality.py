@@ -31,15 +31,13 @@ from __future__ import annotations
 import argparse
 import dataclasses
 import os
-import platform
-import subprocess
 import sys
 import time
 import zlib
 from pathlib import Path
 
 REPO = Path(__file__).resolve().parents[1]
-sys.path.insert(0, str(REPO))
+sys.path[:0] = [str(REPO), str(REPO / "bench")]
 
 import torch  # noqa: E402
 
@@ -52,10 +50,10 @@ from images import BUILTIN_MASKS, builtin_mask  # noqa: E402
 from loading import load_for_sampling  # noqa: E402
 from metrics import EvalError, frechet_distance, gaussian_stats  # noqa: E402
 from paths import CLASSIFIERS  # noqa: E402
+from quality_report import RESULTS, commit, machine, markers, write_section  # noqa: E402
 from utils import CheckpointError, save_checkpoint, to_uint8_images  # noqa: E402
 
-RESULTS = REPO / "bench" / "RESULTS.md"
-START, END = "<!-- editing:start -->", "<!-- editing:end -->"
+START, END = markers("editing")
 # sampler:steps:eta:resample:jump. ddim eta 1 = the DDPM posterior step on the respaced grid.
 INPAINT_ROWS = "ddim:50:1:1:1,ddim:50:1:5:5,ddim:50:1:10:10,ddim:50:0:1:1,ddim:50:0:5:5,ddim:50:0:10:10"
 
@@ -324,31 +322,6 @@ def render(args, plan, results: dict, info: dict) -> str:
     return "\n".join(lines)
 
 
-def write_section(section: str, path: Path = RESULTS) -> None:
-    """Replace the text between our markers (or append it), leaving every other section untouched."""
-    text = path.read_text() if path.is_file() else ""
-    if START in text and END in text:
-        head, rest = text.split(START, 1)
-        text = head + section + rest.split(END, 1)[1]
-    else:
-        text = (text.rstrip("\n") + "\n\n" if text.strip() else "") + section + "\n"
-    path.write_text(text)
-
-
-def machine() -> str:
-    model = next((line.split(":", 1)[1].strip() for line in Path("/proc/cpuinfo").read_text().splitlines()
-                  if line.startswith("model name")), platform.processor() or "unknown CPU")
-    return f"{os.cpu_count()} cores ({model}), torch {torch.__version__} ({torch.get_num_threads()} threads)"
-
-
-def commit() -> str:
-    try:
-        return subprocess.run(["git", "rev-parse", "--short", "HEAD"], cwd=REPO, capture_output=True,
-                              text=True, check=True).stdout.strip()
-    except (OSError, subprocess.CalledProcessError):
-        return "unknown"
-
-
 # ----------------------------------------------------------------------------- main
 def setup(args) -> tuple:
     """Model, plan, inputs and scorer: everything checked and loaded before the long runs."""
@@ -402,7 +375,7 @@ def main(argv=None) -> int:
         return 1
     print(section)
     if not args.no_write:
-        write_section(section)
+        write_section(section, RESULTS, name="editing")
         print(f"wrote the editing section of {RESULTS}")
     return 0
 
