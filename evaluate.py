@@ -198,14 +198,11 @@ def check_ema_length(args) -> None:
     """--ema-length: a valid sigma_rel, for a checkpoint's EMA weights (checked before anything loads)."""
     if args.ema_length is None:
         return
-    from posthoc_ema import check_sigma_rel
-    try:
-        check_sigma_rel(args.ema_length, "--ema-length")
-    except ValueError as err:
-        raise EvalError(str(err)) from None
-    if args.samples is not None or args.no_ema:
-        raise EvalError("--ema-length rebuilds the EMA weights of a --checkpoint from the run's snapshots: drop "
-                        f"{'--samples' if args.samples is not None else '--no-ema'}, or drop --ema-length")
+    from posthoc_ema import ema_length_problem
+    conflict = "--samples" if args.samples is not None else ("--no-ema" if args.no_ema else None)
+    problem = ema_length_problem(args.ema_length, conflict, "a --checkpoint")
+    if problem:
+        raise EvalError(problem)
 
 
 def png_source(args) -> tuple[torch.Tensor, str]:

@@ -62,6 +62,19 @@ def check_sigma_rel(value: float, what: str) -> None:
                          f"0.02 ... 0.25)")
 
 
+def ema_length_problem(ema_length: float, conflicting_flag: str | None, source: str) -> str | None:
+    """What is wrong with a command's --ema-length, or None: an invalid sigma_rel, or a flag that takes the
+    weights from elsewhere (`conflicting_flag`, e.g. --no-ema). `source` says where the snapshots come from."""
+    try:
+        check_sigma_rel(ema_length, "--ema-length")
+    except ValueError as err:
+        return str(err)
+    if conflicting_flag:
+        return (f"--ema-length rebuilds the EMA weights of {source} from the run's snapshots: drop "
+                f"{conflicting_flag}, or drop --ema-length")
+    return None
+
+
 def power_ema_beta(gamma: float, step: int) -> float:
     """Eq. 127: the decay of the update after optimizer step `step` (1, 2, ...); 0 at step 1."""
     return (1.0 - 1.0 / step) ** (gamma + 1.0)

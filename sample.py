@@ -318,14 +318,11 @@ def check_ema_length(args) -> None:
     """--ema-length: a valid sigma_rel, with a train.py checkpoint's EMA weights (checked before loading)."""
     if args.ema_length is None:
         return
-    from posthoc_ema import check_sigma_rel
-    try:
-        check_sigma_rel(args.ema_length, "--ema-length")
-    except ValueError as err:
-        raise SampleError(str(err)) from None
-    if args.pretrained or not args.ema:
-        raise SampleError("--ema-length rebuilds EMA weights from a train.py run's snapshots: drop "
-                          f"{'--pretrained' if args.pretrained else '--no-ema'}, or drop --ema-length")
+    from posthoc_ema import ema_length_problem
+    conflict = "--pretrained" if args.pretrained else (None if args.ema else "--no-ema")
+    problem = ema_length_problem(args.ema_length, conflict, "a train.py run")
+    if problem:
+        raise SampleError(problem)
 
 
 def run_sampling(args) -> list[Path]:
