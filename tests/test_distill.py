@@ -57,13 +57,7 @@ def straight(teacher):
     return root / "checkpoints" / "straight"
 
 
-@pytest.fixture(autouse=True)
-def workdir(tmp_path, monkeypatch):
-    monkeypatch.chdir(tmp_path)
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield tmp_path
-    torch.set_num_threads(threads)
+pytestmark = pytest.mark.usefixtures("workdir")  # tests/conftest.py
 
 
 def args(teacher, *extra):

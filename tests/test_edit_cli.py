@@ -10,7 +10,9 @@ from PIL import Image
 
 import images
 from edit_runs import slerp
-from test_sample import expect_error, make_checkpoint, one_thread, run_main, tiny_config, work  # noqa: F401
+from test_sample import expect_error, make_checkpoint, run_main, tiny_config, work  # noqa: F401
+
+pytestmark = pytest.mark.usefixtures("one_thread")  # tests/conftest.py
 
 STEPS = ["--steps", "5"]
 

@@ -7,7 +7,9 @@ from pathlib import Path
 import pytest
 import torch
 
-from test_sample import make_checkpoint, one_thread, tiny_config  # noqa: F401
+from test_sample import make_checkpoint, tiny_config  # noqa: F401
+
+pytestmark = pytest.mark.usefixtures("one_thread")  # tests/conftest.py
 
 REPO = Path(__file__).resolve().parents[1]
 # Loaded by file path (bench/ is not a package).

@@ -27,12 +27,7 @@ def tiny(num_classes: int = 0):
     return model, build_diffusion(cfg), cfg
 
 
-@pytest.fixture(autouse=True, scope="module")
-def one_thread():
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
+pytestmark = pytest.mark.usefixtures("one_thread")  # tests/conftest.py
 
 
 @pytest.mark.parametrize("num_classes, kw", [

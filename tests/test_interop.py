@@ -45,14 +45,7 @@ SMALL = dict(DDPM, sample_size=16, in_channels=1, out_channels=1, block_out_chan
              layers_per_block=1, norm_num_groups=8, attention_head_dim=16)
 
 
-@pytest.fixture(autouse=True, scope="module")
-def one_thread():
-    """These networks are small: a second intra-op thread only adds synchronisation, which costs 10-50x
-    on 2 cores shared with other jobs."""
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
+pytestmark = pytest.mark.usefixtures("one_thread")  # tests/conftest.py
 
 
 def diffusers_unet(config: dict, seed: int = 0) -> UNet2DModel:

@@ -118,15 +118,6 @@ def test_config_checks_the_profiles_and_the_snapshot_interval():
     assert load_config(DIGITS, TINY).train.ema_profiles == []  # off by default
 
 
-@pytest.fixture
-def workdir(tmp_path, monkeypatch):
-    monkeypatch.chdir(tmp_path)
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield tmp_path
-    torch.set_num_threads(threads)
-
-
 PROFILES = ["train.ema_profiles=[0.05,0.1]", "train.ema_snapshot_every=3", "train.max_steps=12",
             "train.ckpt_every=4", "data.num_workers=0"]
 

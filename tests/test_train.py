@@ -63,15 +63,7 @@ def assert_resume_exact(straight, resumed):
         assert_same_state(straight[key], resumed[key])
 
 
-@pytest.fixture(autouse=True)
-def workdir(tmp_path, monkeypatch):
-    monkeypatch.chdir(tmp_path)
-    # One intra-op thread: these models are tiny, and OpenMP threads that spin-wait for a core another
-    # process holds make a shared 2-core machine ~10x slower.
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield tmp_path
-    torch.set_num_threads(threads)
+pytestmark = pytest.mark.usefixtures("workdir")  # tests/conftest.py
 
 
 # ----------------------------------------------------------------------------- helpers

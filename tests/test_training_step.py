@@ -33,13 +33,7 @@ def tiny(run_name, *extra):
     return load_config(DIGITS, TINY + [f"run_name={run_name}", *extra])
 
 
-@pytest.fixture(autouse=True)
-def workdir(tmp_path, monkeypatch):
-    monkeypatch.chdir(tmp_path)  # the Trainer writes checkpoints/ and results/ relative to here
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield tmp_path
-    torch.set_num_threads(threads)
+pytestmark = pytest.mark.usefixtures("workdir")  # tests/conftest.py
 
 
 @contextmanager
