@@ -149,6 +149,18 @@ def classifier_path(dataset: str, image_size: int, folder: Path = CLASSIFIER_DIR
     return Path(folder) / f"{dataset}_{image_size}.pt"
 
 
+def cached_classifier(data_cfg: DataConfig, split: str, folder: Path, steps: int, seed: int = 0) -> Path:
+    """classifier_path(...) in `folder`, trained once with train_classifier (on the CPU) when it is missing: the
+    benches' classifiers, each in its own folder. With data.holdout on `split`, it never sees the held-out images
+    (split_dataset drops them)."""
+    from utils import save_checkpoint
+    path = classifier_path(data_cfg.dataset, data_cfg.image_size, folder)
+    if not path.is_file():
+        print(f"training the digit classifier ({steps} steps) -> {path}", flush=True)
+        save_checkpoint(train_classifier(data_cfg, split, steps=steps, seed=seed, device="cpu"), path)
+    return path
+
+
 def load_classifier(path: Path) -> tuple[DigitClassifier, dict]:
     """(model in eval mode, metadata) from a file written by train-classifier, loaded weights_only."""
     path = Path(path)

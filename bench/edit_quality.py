@@ -51,7 +51,7 @@ from loading import load_for_sampling  # noqa: E402
 from metrics import EvalError, frechet_distance, gaussian_stats  # noqa: E402
 from paths import CLASSIFIERS  # noqa: E402
 from quality_report import RESULTS, commit, machine, markers, write_section  # noqa: E402
-from utils import CheckpointError, save_checkpoint, to_uint8_images  # noqa: E402
+from utils import CheckpointError, to_uint8_images  # noqa: E402
 
 START, END = markers("editing")
 # sampler:steps:eta:resample:jump. ddim eta 1 = the DDPM posterior step on the respaced grid.
@@ -141,16 +141,6 @@ def held_out_digits(cfg, data_root: str) -> tuple[torch.Tensor, torch.Tensor]:
     held = build_dataset(dataclasses.replace(cfg.data, root=data_root), train=True, held_out=True)
     items = [held[i] for i in range(len(held))]
     return torch.stack([x for x, _ in items]).float(), torch.tensor([int(y) for _, y in items])
-
-
-def ensure_classifier(data_cfg, folder: Path, steps: int, seed: int) -> Path:
-    """The digit classifier trained on the kept images of the training split only (split_dataset applies
-    data.holdout), so the held-out inputs are new to it as well; trained once and cached."""
-    path = feat.classifier_path(data_cfg.dataset, data_cfg.image_size, folder)
-    if not path.is_file():
-        print(f"training the digit classifier ({steps} steps, kept images only) -> {path}", flush=True)
-        save_checkpoint(feat.train_classifier(data_cfg, data_cfg.split, steps=steps, seed=seed), path)
-    return path
 
 
 class Scorer:
@@ -335,7 +325,8 @@ def setup(args) -> tuple:
     data_cfg = dataclasses.replace(cfg.data, root=data_root)
     folder = Path(args.classifier_dir) if args.classifier_dir else (
         REPO / CLASSIFIERS / f"bench_editing_{cfg.data.split}_kept{cfg.data.holdout}_{args.classifier_steps}steps")
-    path = ensure_classifier(data_cfg, folder, args.classifier_steps, args.seed)
+    # on the kept images of the training split only: the held-out inputs are new to the classifier as well
+    path = feat.cached_classifier(data_cfg, data_cfg.split, folder, args.classifier_steps, args.seed)
     scorer = Scorer(path, reference)
     meta = scorer.extractor.meta
     classifier = (f"features.DigitClassifier, {meta['steps']} steps on the {meta['num_train']} kept images of the "

@@ -49,7 +49,6 @@ from config import DataConfig, load_config  # noqa: E402
 from paths import CLASSIFIERS, FID_REFS, RunPaths, eval_records_file  # noqa: E402
 from quality_report import (END, RESULTS, START, commit, machine, mean_sd, render, table_rows,  # noqa: E402,F401
                             targets, write_section)
-from utils import save_checkpoint  # noqa: E402
 
 MNIST = REPO.parent / "shared" / "data" / "mnist"
 SAMPLERS = "ddpm:1000,ddim:10,ddim:20,ddim:50,ddim:100,ddim:50:1,dpmpp2m:10,dpmpp2m:20"  # sampler:steps[:eta]
@@ -142,14 +141,6 @@ def run_distill(args, teacher: Path) -> dict | None:
     return record
 
 
-def ensure_classifier(args, data_cfg: DataConfig, folder: Path) -> dict:
-    path = feat.classifier_path("mnist", args.image_size, folder)
-    if not path.is_file():
-        ckpt = feat.train_classifier(data_cfg, "test", steps=args.classifier_steps, seed=args.seed, device="cpu")
-        save_checkpoint(ckpt, path)
-    return feat.load_classifier(path)[1]
-
-
 def run_evaluate(ckpt: Path, sampler: str, steps: int, eta: float, seed: int, args, common: list[str],
                  spacing: str | None = None) -> dict:
     """One `python evaluate.py` run (a subprocess); returns its JSON record. DDPM draws only ddpm_samples;
@@ -229,7 +220,8 @@ def main(argv=None) -> int:
     # The bench classifier (trained on the training images, for a fixed number of steps) has its own folder.
     held = f"_minus{cfg.data.holdout}" if cfg.data.holdout else ""
     dirs = {"classifier": CLASSIFIERS / f"bench_{args.classifier_steps}steps{held}", "ref": FID_REFS}
-    classifier = ensure_classifier(args, cfg.data, dirs["classifier"])
+    classifier_file = feat.cached_classifier(cfg.data, "test", dirs["classifier"], args.classifier_steps, args.seed)
+    classifier = feat.load_classifier(classifier_file)[1]
     print(f"classifier accuracy {classifier['accuracy']:.4f} on {classifier['accuracy_on']}", flush=True)
     ckpt = RunPaths(cfg.run_name).checkpoints / "last.pt"
     train_s = trained_model(args, ckpt)

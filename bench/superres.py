@@ -37,7 +37,6 @@ import features as feat  # noqa: E402
 from config import load_config  # noqa: E402
 from paths import CLASSIFIERS, FID_REFS, RunPaths, eval_records_file  # noqa: E402
 from quality_report import RESULTS, commit, write_section  # noqa: E402
-from utils import save_checkpoint  # noqa: E402
 
 MNIST = REPO.parent / "shared" / "data" / "mnist"
 START, END = "<!-- superres:start -->", "<!-- superres:end -->"
@@ -80,17 +79,6 @@ def run(script: str, argv: list[str]) -> None:
     print(f"python {script} " + " ".join(argv), flush=True)
     if subprocess.run([sys.executable, str(REPO / script), *argv], cwd=REPO).returncode != 0:
         raise SystemExit(f"{script} failed: see its output above")
-
-
-def ensure_classifier(args, cfg, folder: Path) -> dict:
-    path = feat.classifier_path("mnist", cfg.data.image_size, folder)
-    if not path.is_file():
-        # cfg.data keeps data.holdout: the classifier trains on the 9000 kept digits only, so its accuracy on
-        # the held-out real digits is a true test accuracy, the bar the super-resolved ones are held to
-        data_cfg = type(cfg.data)(**{**vars(cfg.data), "random_flip": False})
-        save_checkpoint(feat.train_classifier(data_cfg, "test", steps=args.classifier_steps, seed=args.seed,
-                                              device="cpu"), path)
-    return feat.load_classifier(path)[1]
 
 
 def evaluate(ckpt: Path, sampler: str, n: int, args, common: list[str]) -> dict:
@@ -158,7 +146,10 @@ def main(argv=None) -> int:
     start = time.perf_counter()
     cfg = load_config(REPO / "configs" / "mnist_sr.yaml", train_overrides(args))
     folder = CLASSIFIERS / f"bench_{args.classifier_steps}steps_minus{cfg.data.holdout}"
-    classifier = ensure_classifier(args, cfg, folder)
+    # cfg.data keeps data.holdout: the classifier trains on the 9000 kept digits only, so its accuracy on the
+    # held-out real digits is a true test accuracy, the bar the super-resolved ones are held to
+    classifier = feat.load_classifier(feat.cached_classifier(cfg.data, "test", folder, args.classifier_steps,
+                                                            args.seed))[1]
     ckpt = RunPaths(RUN).checkpoints / "last.pt"
     timing = ckpt.parent / "bench_train_time.json"
     if not (args.skip_train and ckpt.is_file()):
