@@ -413,7 +413,9 @@ def _check_task(cfg: Config) -> None:
 
 
 def _check_ema_profiles(profiles: list[float]) -> None:
-    from posthoc_ema import SIGMA_REL_MAX  # the range of a power-function EMA's length
+    from sampling.posthoc import (
+        SIGMA_REL_MAX,  # the range of a power-function EMA's length
+    )
     for value in profiles:
         if not 0 < value < SIGMA_REL_MAX:
             raise ConfigError(f"config key 'train.ema_profiles' = {profiles}: {value} is not a power-function EMA "
@@ -436,3 +438,8 @@ def validate(cfg: Config) -> Config:
         raise ConfigError("data.dataset=toy2d goes with model.kind=mlp (and images with model.kind=unet); "
                           f"got data.dataset={cfg.data.dataset!r}, model.kind={cfg.model.kind!r}")
     return cfg
+
+
+def cond_channels(task: str, in_channels: int) -> int:
+    """Extra U-Net input channels of a task: superres the image's own channels, colorize one grey channel."""
+    return {"generate": 0, "superres": in_channels, "colorize": 1}[task]

@@ -25,12 +25,15 @@ from typing import Optional
 
 from config import ConfigError
 from dataset import DatasetMissingError
-from distill_trainer import DistillPlan, DistillTrainer, check_resume_plan, distill_config
-from loading import load_for_sampling
-from run_folder import resume_path
-from train_resume import load_resume_checkpoint
-from trainer import NonFiniteLossError, train
-from utils import CheckpointError
+from sampling.loading import load_for_sampling
+from storage.checkpoints import CheckpointError, load_resume_checkpoint, resume_path
+from training.distill_rounds import (
+    DistillPlan,
+    DistillTrainer,
+    check_resume_plan,
+    distill_config,
+)
+from training.trainer import NonFiniteLossError, train
 
 
 def parse_args(argv: Optional[list[str]] = None) -> argparse.Namespace:

@@ -36,16 +36,38 @@ from typing import Optional
 import numpy as np
 import torch
 
-from condition_eval import evaluate_conditioned, summary_lines
-from conditioning import conditioned
 from config import SAMPLERS, SPACINGS, ConfigError, DataConfig
-from features import CLASSIFIER_DATASETS, INCEPTION_FILE, build_extractor, classifier_path, train_classifier
-from generation import SampleError, check_eta, generate, random_labels, sampling_settings
-from loading import load_for_sampling
-from metrics import EvalError
-from paths import CLASSIFIERS, DATA, EVAL_RECORDS, FID_REFS, INCEPTION, eval_records_file
-from scoring import reference_stats, score_images
-from utils import CheckpointError, get_device, output_folder_problem, resolve_amp, save_checkpoint, to_uint8_images
+from evaluation.conditioned import evaluate_conditioned, summary_lines
+from evaluation.features import (
+    CLASSIFIER_DATASETS,
+    INCEPTION_FILE,
+    build_extractor,
+    classifier_path,
+    train_classifier,
+)
+from evaluation.metrics import EvalError
+from evaluation.scoring import reference_stats, score_images
+from sampling.conditioning import conditioned
+from sampling.generation import (
+    SampleError,
+    check_eta,
+    generate,
+    random_labels,
+    sampling_settings,
+)
+from sampling.loading import load_for_sampling
+from sampling.pictures import to_uint8_images
+from storage.checkpoints import CheckpointError, save_checkpoint
+from storage.files import output_folder_problem
+from storage.paths import (
+    CLASSIFIERS,
+    DATA,
+    EVAL_RECORDS,
+    FID_REFS,
+    INCEPTION,
+    eval_records_file,
+)
+from utils import get_device, resolve_amp
 
 
 # ============================================================================= samples
@@ -198,7 +220,7 @@ def check_ema_length(args) -> None:
     """--ema-length: a valid sigma_rel, for a checkpoint's EMA weights (checked before anything loads)."""
     if args.ema_length is None:
         return
-    from posthoc_ema import ema_length_problem
+    from sampling.posthoc import ema_length_problem
     conflict = "--samples" if args.samples is not None else ("--no-ema" if args.no_ema else None)
     problem = ema_length_problem(args.ema_length, conflict, "a --checkpoint")
     if problem:

@@ -15,9 +15,9 @@ from pathlib import Path
 from typing import Optional
 
 from config import ConfigError
-from interop import export_diffusers
-from loading import read_checkpoint
-from utils import CheckpointError, output_folder_problem
+from interop.diffusers import export_diffusers
+from storage.checkpoints import CheckpointError, read_checkpoint
+from storage.files import output_folder_problem
 
 
 def _parse_args(argv: Optional[list[str]]) -> argparse.Namespace:

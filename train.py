@@ -26,10 +26,9 @@ from typing import Optional
 
 from config import ConfigError, load_config
 from dataset import DatasetMissingError
-from run_folder import resume_path
-from train_resume import config_for_resume, load_resume_checkpoint
-from trainer import NonFiniteLossError, train
-from utils import CheckpointError
+from storage.checkpoints import CheckpointError, load_resume_checkpoint, resume_path
+from training.resume import config_for_resume
+from training.trainer import NonFiniteLossError, train
 
 
 def parse_args(argv: Optional[list[str]] = None) -> argparse.Namespace:

@@ -34,11 +34,11 @@ REPO = Path(__file__).resolve().parents[1]
 sys.path[:0] = [str(REPO), str(REPO / "bench")]
 
 import torch  # noqa: E402
-
 from budget_peers import PEERS, Batches  # noqa: E402
-from config import DataConfig, load_config  # noqa: E402
-from features import classifier_path, load_split_uint8  # noqa: E402
 from quality_report import RESULTS, commit, machine, write_section  # noqa: E402
+
+from config import DataConfig, load_config  # noqa: E402
+from evaluation.features import classifier_path, load_split_uint8  # noqa: E402
 
 CANDIDATES = [REPO.parent / "shared" / "data" / "mnist", REPO.parents[1] / "shared" / "data" / "mnist"]
 MNIST = next((p for p in CANDIDATES if p.is_dir()), CANDIDATES[0])
@@ -160,7 +160,8 @@ class DdpmLabSteps:
     def __init__(self, args, steps: int):
         from diffusion import build_diffusion
         from model import build_model, count_parameters
-        from train_utils import EMA, build_optimizer
+        from training.ema import EMA
+        from training.parts import build_optimizer
         from utils import resolve_amp
         self.cfg = load_config(PRESET, ddpm_lab_overrides(args, steps))
         torch.manual_seed(args.seed)
@@ -181,8 +182,8 @@ class DdpmLabSteps:
         return loss.item()
 
     def sample(self, n: int, batch_size: int, seed: int) -> torch.Tensor:
-        from generation import generate
-        from utils import to_uint8_images
+        from sampling.generation import generate
+        from sampling.pictures import to_uint8_images
         x = generate(self.ema.model, self.diffusion, self.cfg, n, batch_size, seed, sampler="ddim", steps=50,
                      amp=self.amp, progress=False)
         return to_uint8_images(x)

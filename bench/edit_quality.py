@@ -40,18 +40,19 @@ REPO = Path(__file__).resolve().parents[1]
 sys.path[:0] = [str(REPO), str(REPO / "bench")]
 
 import torch  # noqa: E402
-
-import features as feat  # noqa: E402
-from config import ConfigError  # noqa: E402
-from data_files import DatasetMissingError  # noqa: E402
-from dataset import build_dataset  # noqa: E402
-from editing import INPAINT_SAMPLERS, repaint_schedule, sdedit_timesteps  # noqa: E402
-from images import BUILTIN_MASKS, builtin_mask  # noqa: E402
-from loading import load_for_sampling  # noqa: E402
-from metrics import EvalError, frechet_distance, gaussian_stats  # noqa: E402
-from paths import CLASSIFIERS  # noqa: E402
 from quality_report import RESULTS, commit, machine, markers, write_section  # noqa: E402
-from utils import CheckpointError, to_uint8_images  # noqa: E402
+
+import evaluation.features as feat  # noqa: E402
+from config import ConfigError  # noqa: E402
+from dataset import build_dataset  # noqa: E402
+from editing.algorithms import INPAINT_SAMPLERS, repaint_schedule, sdedit_timesteps  # noqa: E402
+from evaluation.metrics import EvalError, frechet_distance, gaussian_stats  # noqa: E402
+from sampling.images import BUILTIN_MASKS, builtin_mask  # noqa: E402
+from sampling.loading import load_for_sampling  # noqa: E402
+from sampling.pictures import to_uint8_images
+from storage.checkpoints import CheckpointError  # noqa: E402
+from storage.data_files import DatasetMissingError  # noqa: E402
+from storage.paths import CLASSIFIERS  # noqa: E402
 
 START, END = markers("editing")
 # sampler:steps:eta:resample:jump. ddim eta 1 = the DDPM posterior step on the respaced grid.

@@ -43,10 +43,16 @@ REPO = Path(__file__).resolve().parents[1]
 sys.path[:0] = [str(REPO), str(REPO / "bench")]
 
 import torch  # noqa: E402
-
 import unet_bench as tp  # noqa: E402
-from gpu_correct import (Check, Plan, make_plan, part_correct, run_part, synced_empty_cache,  # noqa: E402
-                         )
+from gpu_correct import (  # noqa: E402
+    Check,
+    Plan,
+    make_plan,
+    part_correct,
+    run_part,
+    synced_empty_cache,
+)
+
 from diffusion import Diffusion  # noqa: E402
 
 RESULTS = REPO / "bench" / "RESULTS.md"
@@ -120,7 +126,7 @@ def diffusers_loop(net, plan: Plan, v) -> Callable:
     """The loop of diffusers' DDIMPipeline: scheduler.set_timesteps, then unet + scheduler.step per step."""
     from diffusers import DDIMScheduler
 
-    import interop
+    import interop.diffusers as interop
 
     _, scheduler_config = interop.ours_to_diffusers_config(net.cfg)
     accepted = inspect.signature(DDIMScheduler.__init__).parameters

@@ -23,10 +23,10 @@ sys.path[:0] = [str(REPO), str(REPO / "bench")]
 
 import torch  # noqa: E402
 import torch.distributed as dist  # noqa: E402
-
 import unet_bench as tp  # noqa: E402
+
 from config import load_config  # noqa: E402
-from utils import load_checkpoint  # noqa: E402
+from storage.checkpoints import load_checkpoint  # noqa: E402
 
 CIFAR10 = REPO / "configs" / "cifar10.yaml"
 TINY_NET = ["data.image_size=8", "model.channels=8", "model.channel_mult=[1,2]", "model.num_res_blocks=1",
@@ -146,7 +146,7 @@ def same(a, b) -> bool:
 
 def nan_guard_check(plan: Plan, data: list, work: Path) -> Check:
     """Step 3 of 6 has a NaN loss: it must change nothing (weights, EMA, Adam), the run goes on."""
-    import trainer as train_mod
+    import training.trainer as train_mod
     amp = "bf16" if plan.dry else "fp16"  # fp16 = GradScaler, which train.py allows on CUDA only
     cfg = load_config(CIFAR10, [*TINY_NET, *data, "data.num_workers=0", "train.batch_size=16", "run_name=nan",
                                 f"device={plan.device.type}", f"train.amp={amp}", "train.max_steps=6",

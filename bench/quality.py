@@ -42,13 +42,23 @@ REPO = Path(__file__).resolve().parents[1]
 sys.path[:0] = [str(REPO), str(REPO / "bench")]
 
 import torch  # noqa: E402
+from quality_report import (  # noqa: E402,F401
+    END,
+    RESULTS,
+    START,
+    commit,
+    machine,
+    mean_sd,
+    render,
+    table_rows,
+    targets,
+    write_section,
+)
 
-import features as feat  # noqa: E402
-import scoring  # noqa: E402
+import evaluation.features as feat  # noqa: E402
+import evaluation.scoring as scoring  # noqa: E402
 from config import DataConfig, load_config  # noqa: E402
-from paths import CLASSIFIERS, FID_REFS, RunPaths, eval_records_file  # noqa: E402
-from quality_report import (END, RESULTS, START, commit, machine, mean_sd, render, table_rows,  # noqa: E402,F401
-                            targets, write_section)
+from storage.paths import CLASSIFIERS, FID_REFS, RunPaths, eval_records_file  # noqa: E402
 
 MNIST = REPO.parent / "shared" / "data" / "mnist"
 SAMPLERS = "ddpm:1000,ddim:10,ddim:20,ddim:50,ddim:100,ddim:50:1,dpmpp2m:10,dpmpp2m:20"  # sampler:steps[:eta]

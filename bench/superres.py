@@ -32,11 +32,11 @@ REPO = Path(__file__).resolve().parents[1]
 sys.path[:0] = [str(REPO), str(REPO / "bench")]
 
 import torch  # noqa: E402
-
-import features as feat  # noqa: E402
-from config import load_config  # noqa: E402
-from paths import CLASSIFIERS, FID_REFS, RunPaths, eval_records_file  # noqa: E402
 from quality_report import RESULTS, commit, write_section  # noqa: E402
+
+import evaluation.features as feat  # noqa: E402
+from config import load_config  # noqa: E402
+from storage.paths import CLASSIFIERS, FID_REFS, RunPaths, eval_records_file  # noqa: E402
 
 MNIST = REPO.parent / "shared" / "data" / "mnist"
 START, END = "<!-- superres:start -->", "<!-- superres:end -->"

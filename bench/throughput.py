@@ -34,9 +34,18 @@ REPO = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(REPO))
 
 import torch  # noqa: E402
-
-from unet_bench import (HEADER, RESULTS, build_net, load, machine, measure_peaks, profile_train_step,  # noqa: E402
-                        report, run_net, write_section)
+from unet_bench import (  # noqa: E402
+    HEADER,
+    RESULTS,
+    build_net,
+    load,
+    machine,
+    measure_peaks,
+    profile_train_step,
+    report,
+    run_net,
+    write_section,
+)
 
 
 def parse_args(argv=None) -> argparse.Namespace:

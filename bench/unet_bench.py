@@ -30,7 +30,6 @@ from diffusion import Diffusion  # noqa: E402
 from model import build_model  # noqa: E402
 from utils import autocast  # noqa: E402
 
-
 RESULTS = REPO / "bench" / "RESULTS.md"
 START, END = "<!-- throughput:start -->", "<!-- throughput:end -->"
 DTYPES = {"fp32": torch.float32, "bf16": torch.bfloat16, "fp16": torch.float16}
@@ -82,7 +81,7 @@ def diffusers_twin(cfg, state_dict: dict) -> torch.nn.Module:
     """diffusers.UNet2DModel with our config and weights (interop.py's mappings), returning a tensor."""
     from diffusers import UNet2DModel
 
-    import interop
+    import interop.diffusers as interop
     unet_config, _ = interop.ours_to_diffusers_config(cfg)
     net = UNet2DModel(**{k: v for k, v in unet_config.items() if not k.startswith("_")})
     net.load_state_dict(interop.convert_state_dict_to_diffusers(state_dict))

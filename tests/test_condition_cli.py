@@ -8,12 +8,12 @@ import torch
 import torch.nn.functional as F
 from PIL import Image
 
-from condition_images import load_conditions
 from config import load_config, to_dict
 from diffusion import Diffusion
-from generation import generate
 from model import build_model
-from utils import save_checkpoint
+from sampling.conditions import load_conditions
+from sampling.generation import generate
+from storage.checkpoints import save_checkpoint
 
 REPO = Path(__file__).resolve().parents[1]
 DIGITS = str(REPO / "configs" / "digits.yaml")
@@ -79,8 +79,8 @@ def test_colorize_takes_any_image_as_grey_and_knows_the_target_of_a_colour_one(t
 
 
 def test_pixel_metrics_psnr_ssim_and_consistency():
-    from condition_eval import pixel_metrics
-    from condition_images import conditions_from_targets
+    from evaluation.conditioned import pixel_metrics
+    from sampling.conditions import conditions_from_targets
     cfg = load_config(DIGITS, TINY)
     targets = torch.rand(4, 1, 16, 16) * 2 - 1
     conds = conditions_from_targets(targets, None, cfg)
@@ -101,7 +101,7 @@ def test_evaluate_scores_model_and_bicubic_baseline_in_one_record(sr_checkpoint,
     import json
 
     import evaluate
-    import features
+    import evaluation.features as features
     from config import DataConfig
     ckpt = features.train_classifier(DataConfig(dataset="digits", image_size=16, random_flip=False), "train",
                                      steps=30, batch_size=64, lr=3e-3, progress=False)
@@ -123,7 +123,7 @@ def test_evaluate_scores_model_and_bicubic_baseline_in_one_record(sr_checkpoint,
 def test_export_and_pretrained_round_trip_a_conditioned_unet(tmp_path, capsys, preset, overrides, extra):
     diffusers = pytest.importorskip("diffusers")
     import export
-    import pretrained
+    import interop.pretrained as pretrained
     cfg = load_config(REPO / "configs" / f"{preset}.yaml", overrides)
     model = build_model(cfg).eval()
     with torch.no_grad():
@@ -148,7 +148,7 @@ def test_export_and_pretrained_round_trip_a_conditioned_unet(tmp_path, capsys, p
 
 def test_the_animation_shows_the_condition_next_to_the_denoising(sr_checkpoint, tmp_path):
     import sample
-    from utils import image_grid
+    from sampling.pictures import image_grid
     sample.main(["--checkpoint", str(sr_checkpoint), "--out", "out", "--animation"])
     panel = image_grid(torch.zeros(2, 1, 16, 16), min_cell=64).width  # the first batch (sample.batch_size=2)
     with Image.open(tmp_path / "out" / "animation.gif") as gif:
@@ -157,7 +157,7 @@ def test_the_animation_shows_the_condition_next_to_the_denoising(sr_checkpoint, 
 
 @pytest.mark.parametrize("value", [{"task": "deblur", "sr_factor": 4}, {"task": "superres"}, "superres"])
 def test_a_malformed_condition_record_in_config_json_is_one_clear_error(value):
-    import interop
+    import interop.diffusers as interop
     from config import ConfigError
     unet, scheduler = interop.ours_to_diffusers_config(load_config(DIGITS, TINY))
     with pytest.raises(ConfigError, match="_ddpm_lab_condition"):

@@ -12,9 +12,9 @@ import numpy as np
 import pytest
 import torch
 
-from condition_eval import pixel_metrics
-from condition_images import conditions_from_targets
-from conditioning import grey, low_res, make_condition, upsample
+from evaluation.conditioned import pixel_metrics
+from sampling.conditioning import grey, low_res, make_condition, upsample
+from sampling.conditions import conditions_from_targets
 
 pytestmark = pytest.mark.usefixtures("one_thread")  # tests/conftest.py
 

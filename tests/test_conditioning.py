@@ -8,12 +8,19 @@ import pytest
 import torch
 import torch.nn.functional as F
 
-from condition_images import comparison, conditions_from_targets, held_out_conditions
-from conditioning import Conditioned, grey, low_res, make_condition, upsample, with_condition
 from config import ConfigError, load_config
 from diffusion import Diffusion
 from model import UNet, build_model
-from trainer import Trainer, train
+from sampling.conditioning import (
+    Conditioned,
+    grey,
+    low_res,
+    make_condition,
+    upsample,
+    with_condition,
+)
+from sampling.conditions import comparison, conditions_from_targets, held_out_conditions
+from training.trainer import Trainer, train
 
 REPO = Path(__file__).resolve().parents[1]
 DIGITS = str(REPO / "configs" / "digits.yaml")
@@ -176,7 +183,7 @@ def test_a_tiny_superres_run_trains_and_saves_a_conditioned_model(tmp_path, monk
 @pytest.mark.parametrize("preset,task,low,inputs", [("mnist_sr", "superres", 7, 2), ("cifar10_sr", "superres", 8, 6),
                                                     ("cifar10_colorize", "colorize", None, 4)])
 def test_presets(preset, task, low, inputs):
-    import interop
+    import interop.diffusers as interop
     cfg = load_config(REPO / "configs" / f"{preset}.yaml")
     assert cfg.data.task == task and build_model(cfg).conv_in.in_channels == inputs
     if low:

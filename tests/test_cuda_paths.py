@@ -11,7 +11,7 @@ import pytest
 import torch
 import torch.multiprocessing as mp
 
-import train_utils
+import training.parts as train_utils
 from config import ConfigError
 from utils import get_device, resolve_amp
 
@@ -90,7 +90,7 @@ def _worker(rank, world, port, workdir):
                       MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port))
     os.chdir(workdir)
     torch.set_num_threads(1)
-    import trainer as train_mod
+    import training.trainer as train_mod
     from config import load_config
     log = Path(workdir) / f"rank{rank}.log"
     build, save = train_mod.build_dataset, train_mod.Trainer.save

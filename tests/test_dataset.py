@@ -19,8 +19,16 @@ import torch
 from PIL import Image
 
 from config import Config, ConfigError, DataConfig
-from dataset import (CIFAR10_CLASSES, BadDataError, DatasetMissingError, build_dataset, check_data, dataset_info,
-                     read_idx, sample_toy2d)
+from dataset import (
+    CIFAR10_CLASSES,
+    BadDataError,
+    DatasetMissingError,
+    build_dataset,
+    check_data,
+    dataset_info,
+    read_idx,
+    sample_toy2d,
+)
 
 REPO = Path(__file__).resolve().parents[1]
 SHARED_MNIST = REPO.parent / "shared" / "data" / "mnist"
@@ -392,7 +400,7 @@ def test_grey_folder_gives_one_channel_and_mixed_gives_three(tmp_path):
 
 
 def test_rgb_folder_info_reads_one_header(tmp_path, monkeypatch):
-    import data_files
+    import storage.data_files as data_files
     for i in range(5):
         write_image(tmp_path / f"{i}.png", color=(i, 0, 0))
     seen = []
@@ -412,7 +420,7 @@ def test_grey_folder_against_an_rgb_model_says_both_fixes(tmp_path):
 
 # ----------------------------------------------------------------------------- reference statistics
 def test_reference_stats_are_of_unflipped_images_and_deterministic(tmp_path):
-    import scoring as ev
+    import evaluation.scoring as ev
 
     class Pixels:
         name = "pixels"
@@ -435,7 +443,7 @@ def test_reference_stats_are_of_unflipped_images_and_deterministic(tmp_path):
 
 
 def test_reference_key_names_the_image_folder(tmp_path):
-    import scoring as ev
+    import evaluation.scoring as ev
     one, two = (ev.reference_source(data_cfg("folder", tmp_path / name)) for name in ("one", "two"))
     assert one != two and one.startswith("folder") and ev.reference_source(data_cfg("mnist", tmp_path)) == "mnist"
 

@@ -32,9 +32,9 @@ def _worker(rank, world, ports, workdir):
                       MASTER_ADDR="127.0.0.1")
     os.chdir(workdir)
     torch.set_num_threads(1)
-    import trainer as train_mod
+    import training.trainer as train_mod
     from config import load_config
-    from data_order import EpochBatches
+    from training.data_order import EpochBatches
     for port, (run_name, stop_at, resume) in zip(ports, RUNS):
         os.environ["MASTER_PORT"] = str(port)
         cfg = load_config(REPO / "configs" / "digits.yaml", TINY + [f"run_name={run_name}"])
@@ -60,7 +60,7 @@ def _assert_equal_states(a, b):
 
 
 def test_two_gloo_ranks_stay_identical_and_resume_exactly(tmp_path):
-    from utils import load_checkpoint
+    from storage.checkpoints import load_checkpoint
     results = _spawn(tmp_path)
     r0, r1 = results[("straight", None)]
     assert r0["step"] == r1["step"] == 6

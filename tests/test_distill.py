@@ -13,13 +13,18 @@ import torch
 import distill
 import sample
 from config import load_config, to_dict
-from distill_trainer import DistillTrainer
-from distillation import distillation_target, sample_triples, student_loss, student_triples
-from loading import load_for_sampling
 from model import build_model
+from sampling.loading import load_for_sampling
+from storage.checkpoints import CHECKPOINT_VERSION, load_checkpoint
 from train import main as train_main
-from trainer import train
-from utils import CHECKPOINT_VERSION, load_checkpoint
+from training.distill_rounds import DistillTrainer
+from training.distillation import (
+    distillation_target,
+    sample_triples,
+    student_loss,
+    student_triples,
+)
+from training.trainer import train
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 from safety import DIGITS, REPO, TINY, Case, run_case  # noqa: E402

@@ -4,7 +4,7 @@ land, and a chain of perfect students must reproduce the teacher's samples with 
 import pytest
 import torch
 
-import distillation as dist
+import training.distillation as dist
 from config import ConfigError
 from diffusion import DATA_T, Diffusion, make_betas
 

@@ -7,10 +7,10 @@ import numpy as np
 import pytest
 import torch
 from PIL import Image
-
-import images
-from edit_runs import slerp
 from test_sample import expect_error, make_checkpoint, run_main, tiny_config, work  # noqa: F401
+
+import sampling.images as images
+from editing.modes import slerp
 
 pytestmark = pytest.mark.usefixtures("one_thread")  # tests/conftest.py
 

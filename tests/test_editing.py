@@ -9,7 +9,7 @@ import torch
 from tqdm.auto import tqdm as real_tqdm
 
 import diffusion as diffusion_module
-import editing
+import editing.algorithms as editing
 from config import ConfigError
 from diffusion import Diffusion
 from model import UNet

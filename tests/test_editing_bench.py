@@ -6,7 +6,6 @@ from pathlib import Path
 
 import pytest
 import torch
-
 from test_sample import make_checkpoint, tiny_config  # noqa: F401
 
 pytestmark = pytest.mark.usefixtures("one_thread")  # tests/conftest.py

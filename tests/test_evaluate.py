@@ -11,13 +11,12 @@ import torch
 from PIL import Image
 
 import evaluate as ev
-import features as feat
-import metrics as mt
-import scoring
+import evaluation.features as feat
+import evaluation.metrics as mt
+import evaluation.scoring as scoring
 from config import DataConfig, load_config, to_dict
 from model import build_model
-from utils import save_checkpoint
-
+from storage.checkpoints import save_checkpoint
 
 pytestmark = pytest.mark.usefixtures("one_thread")  # tests/conftest.py
 
@@ -489,6 +488,7 @@ def test_bench_exits_cleanly_without_the_data(tmp_path, capsys):
 def test_png_folder_written_by_sample_py_skips_grid_and_trajectory(tmp_path):
     """sample.py puts grid.png and trajectory.png beside the numbered samples; only the samples count."""
     from PIL import Image
+
     from evaluate import load_png_folder
     for i in range(3):
         Image.fromarray(np.full((8, 8), 40 * i, dtype=np.uint8)).save(tmp_path / f"{i:06d}.png")

@@ -7,7 +7,7 @@ from pathlib import Path
 import pytest
 import torch
 
-import generation
+import sampling.generation as generation
 from config import load_config
 from diffusion import Diffusion, build_diffusion
 from model import build_model

@@ -17,13 +17,13 @@ import torch.nn.functional as F
 from PIL import Image
 
 import sample
-from condition_images import load_conditions
-from conditioning import condition_from_input, make_condition, upsample
 from config import load_config, to_dict
 from diffusion import Diffusion, build_diffusion
-from generation import SampleNoise, generate
 from model import build_model
-from utils import save_checkpoint
+from sampling.conditioning import condition_from_input, make_condition, upsample
+from sampling.conditions import load_conditions
+from sampling.generation import SampleNoise, generate
+from storage.checkpoints import save_checkpoint
 
 pytestmark = pytest.mark.usefixtures("one_thread")  # tests/conftest.py
 

@@ -45,7 +45,7 @@ def test_bad_holdout_values_are_refused():
 
 
 def test_scoring_reads_the_trained_part_of_the_training_split_only():
-    from features import split_dataset
+    from evaluation.features import split_dataset
     cfg = DataConfig(dataset="digits", image_size=8, holdout=200)
     assert len(split_dataset(cfg, "train")) == 1797 - 200  # FID reference = what the model trained on
     assert len(split_dataset(cfg, "test")) == 1797  # another split keeps all of its images

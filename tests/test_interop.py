@@ -15,12 +15,12 @@ diffusers = pytest.importorskip("diffusers")
 from diffusers import DDPMPipeline, DDPMScheduler, UNet2DModel  # noqa: E402
 
 import export  # noqa: E402
-import interop  # noqa: E402
-import pretrained  # noqa: E402
+import interop.diffusers as interop  # noqa: E402
+import interop.pretrained as pretrained  # noqa: E402
 from config import ConfigError, load_config, to_dict  # noqa: E402
 from diffusion import Diffusion  # noqa: E402
 from model import build_model  # noqa: E402
-from utils import CheckpointError, save_checkpoint  # noqa: E402
+from storage.checkpoints import CheckpointError, save_checkpoint  # noqa: E402
 
 REPO = Path(__file__).resolve().parents[1]
 DDPM = dict(downsample_padding=0, flip_sin_to_cos=False, freq_shift=1, norm_eps=1e-6, act_fn="silu",

@@ -10,10 +10,10 @@ import numpy as np
 import pytest
 import torch
 from PIL import Image
+from test_sample import make_checkpoint, run_main, tiny_config
 
 import sample
 from diffusion import Diffusion
-from test_sample import make_checkpoint, run_main, tiny_config
 
 pytestmark = pytest.mark.usefixtures("one_thread")  # tests/conftest.py
 

@@ -73,7 +73,7 @@ def test_the_walk_finds_imports_inside_functions(tmp_path):
 
 def test_run_paths_name_the_folders_the_scripts_always_used():
     """paths.py is the one place the output folders are spelled (relative to the working directory)."""
-    from paths import CLASSIFIERS, FID_REFS, INCEPTION, RunPaths
+    from storage.paths import CLASSIFIERS, FID_REFS, INCEPTION, RunPaths
     run = RunPaths("mnist")
     assert (run.checkpoints, run.images, run.plots, run.logs, run.eval_records) == (
         Path("checkpoints/mnist"), Path("results/images/mnist"), Path("results/plots/mnist"),

@@ -10,11 +10,16 @@ import pytest
 import torch
 
 from config import ConfigError, load_config
-from posthoc_ema import (PowerFunctionEMA, gamma_to_sigma_rel, posthoc_coefficients, reconstruct_weights,
-                         sigma_rel_to_gamma)
 from safety import DIGITS, TINY, Case, run_case
-from trainer import train
-from utils import load_checkpoint
+from sampling.posthoc import (
+    gamma_to_sigma_rel,
+    posthoc_coefficients,
+    reconstruct_weights,
+    sigma_rel_to_gamma,
+)
+from storage.checkpoints import load_checkpoint
+from training.ema import PowerFunctionEMA
+from training.trainer import train
 
 TRACKED, TARGET = [0.05, 0.10], 0.075
 
@@ -216,7 +221,7 @@ def test_sampled_images_follow_the_ema_length(tmp_path):
     """--ema-length changes the weights: 0.05 and 0.25 give different samples from the same seed, and the
     length of a tracked profile reproduces that profile's own weights."""
     trained_runs(tmp_path)
-    from loading import load_for_sampling
+    from sampling.loading import load_for_sampling
     ckpt_path = tmp_path / "checkpoints/ph/last.pt"
     ckpt = load_checkpoint(ckpt_path)
     short = load_for_sampling(ckpt_path, ema_length=0.05)[0].state_dict()

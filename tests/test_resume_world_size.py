@@ -18,7 +18,7 @@ import pytest
 import torch
 import torch.multiprocessing as mp
 
-from data_order import DataStream, EpochBatches, KeyedItems
+from training.data_order import DataStream, EpochBatches, KeyedItems
 
 pytestmark = pytest.mark.usefixtures("one_thread")  # tests/conftest.py
 
@@ -144,7 +144,7 @@ def test_two_process_position_read_by_one_process_is_rescaled_by_the_world_size(
 
 # ----------------------------------------------------------------------------- noise streams of new ranks
 def test_a_rank_the_checkpoint_lacks_gets_its_own_noise_stream():
-    from train_resume import restore_rng
+    from training.resume import restore_rng
     from utils import get_rng_state
     torch.manual_seed(123)
     saved = {"world_size": 1, "ranks": [get_rng_state()]}
@@ -194,7 +194,7 @@ def _resume_on_two(rank, world, port, workdir):
                       MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port))
     os.chdir(workdir)
     torch.set_num_threads(1)
-    import trainer as train_mod
+    import training.trainer as train_mod
     from config import load_config
     log = []
     EpochBatches.__iter__ = _recording_iter(log)
@@ -211,9 +211,9 @@ def len_digits():
 def test_trainer_resumes_a_one_process_run_on_two_processes_at_the_next_items(workdir, monkeypatch):
     """2 steps of batch 16 on 1 process, then resumed on 2 gloo processes with batch 8 each (the same global
     batch) to step 4: steps 3 and 4 take the items an uninterrupted 1-process run's steps 3 and 4 take."""
-    import trainer as train_mod
+    import training.trainer as train_mod
     from config import load_config
-    from utils import load_checkpoint
+    from storage.checkpoints import load_checkpoint
     log = []
     cfg = load_config(REPO / "configs" / "digits.yaml", TINY + ["train.batch_size=16", "train.max_steps=4"])
     with monkeypatch.context() as mp_:

@@ -14,7 +14,7 @@ def checkpoint(*overrides):
     def setup(workdir: Path) -> None:
         from config import load_config, to_dict
         from model import build_model
-        from utils import save_checkpoint
+        from storage.checkpoints import save_checkpoint
         cfg = load_config(DIGITS, TINY + list(overrides))
         state = build_model(cfg).state_dict()
         save_checkpoint({"step": 0, "config": to_dict(cfg), "model": state, "ema": state}, workdir / "ckpt.pt")

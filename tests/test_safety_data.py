@@ -5,9 +5,15 @@ from pathlib import Path
 import numpy as np
 import pytest
 from PIL import Image
+from test_dataset import (
+    write_bad_image,
+    write_cifar10,
+    write_hostile_batch,
+    write_image,
+    write_mnist,
+)
 
 from safety import DIGITS, TINY, Case, run_case
-from test_dataset import write_bad_image, write_cifar10, write_hostile_batch, write_image, write_mnist
 
 PREVIEW = ["dataset.py", "--dataset", "folder", "--root", "imgs", "--image-size", "8", "--no-download"]
 TRAIN_FOLDER = ["train.py", "--config", DIGITS, *TINY, "train.max_steps=3", "data.dataset=folder",

@@ -6,9 +6,9 @@ from pathlib import Path
 import numpy as np
 import pytest
 from PIL import Image
+from test_sample import make_checkpoint, tiny_config
 
 from safety import Case, run_case
-from test_sample import make_checkpoint, tiny_config
 
 SAMPLE = ["sample.py", "--checkpoint", "c.pt", "--steps", "2", "--device", "cpu"]
 NOTHING_SAMPLED = r"\A(?!.*(: on cpu, seed|(sampling|inpainting|inversion):? *\d)).*error: .*"  # the error came before any model step

@@ -11,7 +11,7 @@ def tiny_checkpoint(workdir: Path) -> None:
     """ckpt.pt: a tiny digits U-Net with its random initial weights (no training, no data needed)."""
     from config import load_config, to_dict
     from model import build_model
-    from utils import save_checkpoint
+    from storage.checkpoints import save_checkpoint
     cfg = load_config(DIGITS, TINY)
     state = build_model(cfg).state_dict()
     save_checkpoint({"step": 0, "config": to_dict(cfg), "model": state, "ema": state}, workdir / "ckpt.pt")

@@ -8,12 +8,12 @@ from pathlib import Path
 
 import pytest
 import torch
+from test_sample import make_checkpoint, random_state, tiny_config
 
 import sample
 from config import to_dict
 from safety import Case, run_case
-from test_sample import make_checkpoint, random_state, tiny_config
-from utils import save_checkpoint
+from storage.checkpoints import save_checkpoint
 
 CPU = ["--device", "cpu"]
 SAMPLE = ["sample.py", "--checkpoint", "c.pt", "--steps", "2", *CPU]

@@ -10,13 +10,14 @@ import pytest
 import torch
 from PIL import Image
 
-import generation
-import loading
-import pretrained
+import interop.pretrained as pretrained
 import sample
+import sampling.generation as generation
+import sampling.loading as loading
 from config import load_config, save_config, to_dict
 from model import build_model
-from utils import load_checkpoint, save_checkpoint, to_uint8_images
+from sampling.pictures import to_uint8_images
+from storage.checkpoints import load_checkpoint, save_checkpoint
 
 REPO = Path(__file__).resolve().parents[1]
 TINY_UNET = ["model.channels=8", "model.channel_mult=[1,2]", "model.norm_groups=4",

@@ -15,14 +15,15 @@ import pytest
 import torch
 from PIL import Image
 
-import trainer as train_mod
+import training.trainer as train_mod
 from config import ConfigError, load_config
-from data_order import EpochBatches, KeyedItems
 from dataset import build_dataset
+from storage.checkpoints import CheckpointError, load_checkpoint
 from train import main
-from trainer import NonFiniteLossError, train
-from train_utils import EMA, LossWatch, lr_factor
-from utils import CheckpointError, load_checkpoint
+from training.data_order import EpochBatches, KeyedItems
+from training.ema import EMA
+from training.parts import LossWatch, lr_factor
+from training.trainer import NonFiniteLossError, train
 
 REPO = Path(__file__).resolve().parents[1]
 DIGITS = str(REPO / "configs" / "digits.yaml")

@@ -14,9 +14,9 @@ import numpy as np
 import pytest
 import torch
 
-import metrics as mt
-import generation
-import trainer as train_mod
+import evaluation.metrics as mt
+import sampling.generation as generation
+import training.trainer as train_mod
 from config import load_config
 from diffusion import Diffusion, build_diffusion
 

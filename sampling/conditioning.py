@@ -21,11 +21,6 @@ import torch.nn.functional as F
 LUMA = (0.299, 0.587, 0.114)  # ITU-R BT.601, the weights of PIL's convert("L")
 
 
-def cond_channels(task: str, in_channels: int) -> int:
-    """Extra U-Net input channels of a task: superres the image's own channels, colorize one grey channel."""
-    return {"generate": 0, "superres": in_channels, "colorize": 1}[task]
-
-
 def low_res(x: torch.Tensor, factor: int) -> torch.Tensor:
     """(B, C, S, S) -> (B, C, S/f, S/f): the area average of each f x f block (what a camera pixel sees)."""
     return F.avg_pool2d(x, factor)

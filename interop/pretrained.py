@@ -14,8 +14,14 @@ import torch
 
 from config import Config
 from diffusion import build_diffusion
-from interop import WEIGHTS, build_with_weights, convert_diffusers_state_dict, diffusers_config_to_ours
-from utils import CheckpointError, get_device
+from interop.diffusers import (
+    WEIGHTS,
+    build_with_weights,
+    convert_diffusers_state_dict,
+    diffusers_config_to_ours,
+)
+from storage.checkpoints import CheckpointError
+from utils import get_device
 
 HUB_TIMEOUT_S = 10  # never hang on a firewalled network
 
@@ -49,7 +55,9 @@ def _download(repo_id: str) -> Path:
     """Hub id -> local snapshot folder with only the files we read (one weights file)."""
     try:
         import huggingface_hub as hub
-        from huggingface_hub.constants import HF_HUB_OFFLINE  # read at call time: tests may patch it
+        from huggingface_hub.constants import (
+            HF_HUB_OFFLINE,  # read at call time: tests may patch it
+        )
         from huggingface_hub.errors import RepositoryNotFoundError
     except ImportError:
         raise CheckpointError(f"'{repo_id}' is not a local folder and downloading it needs huggingface_hub: "

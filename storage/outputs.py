@@ -7,8 +7,8 @@ from __future__ import annotations
 import json
 from pathlib import Path
 
-from generation import SampleError
-from utils import output_folder_problem
+from sampling.generation import SampleError
+from storage.files import output_folder_problem
 
 MANIFEST = "ddpm-lab-samples.json"  # in every output folder: the files sample.py wrote there
 

@@ -28,22 +28,53 @@ import torch
 import torch.distributed as dist
 from tqdm.auto import tqdm
 
-from condition_images import held_out_conditions
-from conditioning import condition_for, conditioned, with_condition
 from config import Config, ConfigError, to_dict
-from data_order import NOISE, DataStream, EpochBatches, KeyedItems
 from dataset import build_dataset, check_data
 from diffusion import build_diffusion
 from model import build_model, count_parameters
-from paths import RunPaths
-from posthoc_ema import PowerFunctionEMA
-from run_folder import (RESULTS_ROOT, CheckpointHealth, end_message, lock_run_dir, prepare_run_dir, resume_path,
-                        start_message)
-from train_resume import check_resumable, load_resume_checkpoint, restore_optimization, restore_rng, warn_thread_count
-from train_utils import (EMA, LossWatch, RunLogger, StopSignals, all_finite, build_optimizer, gather_rng_states,
-                         lr_factor, save_samples, setup_distributed)
-from utils import (autocast, copy_checkpoint, derive_seed, resolve_amp, resolve_channels_last, save_checkpoint,
-                   seed_everything)
+from sampling.conditioning import condition_for, conditioned, with_condition
+from sampling.conditions import held_out_conditions
+from storage.checkpoints import (
+    copy_checkpoint,
+    load_resume_checkpoint,
+    resume_path,
+    save_checkpoint,
+)
+from storage.paths import RESULTS as RESULTS_ROOT
+from storage.paths import RunPaths
+from storage.run_folder import (
+    CheckpointHealth,
+    end_message,
+    lock_run_dir,
+    prepare_run_dir,
+    start_message,
+)
+from training.data_order import NOISE, DataStream, EpochBatches, KeyedItems
+from training.ema import EMA, PowerFunctionEMA
+from training.parts import (
+    LossWatch,
+    StopSignals,
+    all_finite,
+    build_optimizer,
+    gather_rng_states,
+    lr_factor,
+    setup_distributed,
+)
+from training.resume import (
+    check_resumable,
+    restore_optimization,
+    restore_rng,
+    warn_thread_count,
+)
+from training.runlog import RunLogger, save_samples
+from utils import (
+    autocast,
+    derive_seed,
+    resolve_amp,
+    resolve_channels_last,
+    seed_everything,
+)
+
 STOP_AT, NONFINITE = 1, 1000                 # stop codes next to signal numbers (largest wins across ranks)
 
 

@@ -16,11 +16,20 @@ from typing import Optional
 
 import torch
 
-from conditioning import cond_channels
-from config import (SPACINGS, Config, ConfigError, DataConfig, DiffusionConfig, ModelConfig, SampleConfig,
-                    TrainConfig, validate)
+from config import (
+    SPACINGS,
+    Config,
+    ConfigError,
+    DataConfig,
+    DiffusionConfig,
+    ModelConfig,
+    SampleConfig,
+    TrainConfig,
+    cond_channels,
+    validate,
+)
 from model import build_model
-from utils import CheckpointError
+from storage.checkpoints import CheckpointError
 
 WEIGHTS = "diffusion_pytorch_model"
 

@@ -22,12 +22,12 @@ from typing import Optional
 import numpy as np
 import torch
 
-from condition_images import Conditions, held_out_conditions
-from conditioning import baseline, grey, low_res
-from features import extract
-from generation import generate
-from scoring import feature_metrics
-from utils import to_uint8_images
+from evaluation.features import extract
+from evaluation.scoring import feature_metrics
+from sampling.conditioning import baseline, grey, low_res
+from sampling.conditions import Conditions, held_out_conditions
+from sampling.generation import generate
+from sampling.pictures import to_uint8_images
 
 
 def _unit(x: torch.Tensor) -> torch.Tensor:
@@ -37,7 +37,10 @@ def _unit(x: torch.Tensor) -> torch.Tensor:
 
 def pixel_metrics(outputs: torch.Tensor, conds: Conditions, cfg) -> dict:
     """PSNR, SSIM against the targets and the consistency error against the condition (see the docstring)."""
-    from torchmetrics.functional.image import peak_signal_noise_ratio, structural_similarity_index_measure
+    from torchmetrics.functional.image import (
+        peak_signal_noise_ratio,
+        structural_similarity_index_measure,
+    )
     out, target = _unit(outputs), _unit(conds.targets)
     psnr = peak_signal_noise_ratio(out, target, data_range=1.0, reduction="none", dim=(1, 2, 3))
     size = out.shape[-1]

@@ -22,7 +22,6 @@ The maths, in optimizer steps t = 1, 2, ... (EDM2 counts images; the ratio sigma
 """
 from __future__ import annotations
 
-import copy
 import math
 import re
 from pathlib import Path
@@ -31,7 +30,7 @@ from typing import Sequence
 import numpy as np
 import torch
 
-from utils import CheckpointError, atomic_write
+from storage.checkpoints import CheckpointError
 
 SIGMA_REL_MAX = math.sqrt(1 / 12)      # gamma = 0 (a flat average of the whole run); gamma > 0 below it
 DEFAULT_PROFILES = (0.05, 0.10)        # EDM2's two tracked profiles
@@ -105,53 +104,6 @@ def posthoc_coefficients(steps: Sequence[int], sigma_rels: Sequence[float], targ
 
 
 # ----------------------------------------------------------------------------- tracking during training
-class PowerFunctionEMA:
-    """K power-function EMAs of a network's floating-point parameters and buffers (one float32 tensor list
-    each), updated after every optimizer step. state_dict() is plain tensors, so checkpoints stay
-    weights_only-loadable and a resume continues bitwise."""
-
-    def __init__(self, net: torch.nn.Module, sigma_rels: Sequence[float]):
-        self.sigma_rels = [float(s) for s in sigma_rels]
-        self.gammas = [sigma_rel_to_gamma(s) for s in self.sigma_rels]
-        self.names = [name for name, value in net.state_dict().items() if value.is_floating_point()]
-        self.averages = [[value.detach().float().clone() for value in self._values(net)] for _ in self.sigma_rels]
-        self.snapshot_steps: list[int] = []     # the snapshots this run's history wrote (see reconstruct_weights)
-
-    def _values(self, net: torch.nn.Module) -> list[torch.Tensor]:
-        state = net.state_dict()
-        return [state[name] for name in self.names]
-
-    @torch.no_grad()
-    def update(self, net: torch.nn.Module, step: int) -> None:
-        """Average in the weights after optimizer step `step` (1, 2, ...). Buffers are averaged like
-        parameters: this U-Net's are constants, so their average is themselves."""
-        values = [v.float() for v in self._values(net)]
-        for gamma, average in zip(self.gammas, self.averages):
-            weight = 1.0 - power_ema_beta(gamma, step)
-            for tensor, value in zip(average, values):
-                tensor.lerp_(value, weight)
-
-    def state_dict(self) -> dict:
-        return {"sigma_rels": list(self.sigma_rels), "snapshot_steps": list(self.snapshot_steps),
-                "averages": [dict(zip(self.names, average)) for average in self.averages]}
-
-    def load_state_dict(self, state: dict) -> None:
-        if [float(s) for s in state["sigma_rels"]] != self.sigma_rels:
-            raise CheckpointError(f"the checkpoint tracks the EMA profiles {state['sigma_rels']}, the config "
-                                  f"{self.sigma_rels}: resume with the checkpoint's train.ema_profiles")
-        for average, saved in zip(self.averages, state["averages"]):
-            for tensor, name in zip(average, self.names):
-                tensor.copy_(saved[name])
-        self.snapshot_steps = [int(s) for s in state["snapshot_steps"]]
-
-    def write_snapshot(self, folder: Path, step: int) -> Path:
-        """folder/ema_XXXXXXX.pt: every profile at `step` (atomic; torch.save of plain tensors)."""
-        path = Path(folder) / snapshot_name(step)
-        state = {"step": int(step), **{k: v for k, v in self.state_dict().items() if k != "snapshot_steps"}}
-        atomic_write(path, lambda f: torch.save(state, f))
-        if step not in self.snapshot_steps:
-            self.snapshot_steps.append(int(step))
-        return path
 
 
 def snapshot_name(step: int) -> str:

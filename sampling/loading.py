@@ -7,44 +7,10 @@ from typing import Optional
 
 import torch
 
-from config import Config, ConfigError, from_dict, load_config, validate
 from diffusion import build_diffusion
 from model import build_model
-from paths import CHECKPOINTS, RunPaths, ema_snapshot_folder
-from utils import CheckpointError, find_latest_checkpoint, list_checkpoints, load_checkpoint
-
-TRAIN_HINT = "Train one first: `python train.py --config configs/digits.yaml`, or pass --checkpoint PATH."
-
-
-def resolve_checkpoint(checkpoint: Optional[str], config_path: Optional[str]) -> Path:
-    """--checkpoint, else checkpoints/<run_name>/last.pt (or its newest step file), else the newest run."""
-    if checkpoint:
-        return Path(checkpoint)
-    if config_path:
-        run_dir = RunPaths(load_config(config_path).run_name).checkpoints
-        found = run_dir / "last.pt" if (run_dir / "last.pt").is_file() else (list_checkpoints(run_dir) or [None])[-1]
-        if found is None:
-            raise CheckpointError(f"no checkpoint found: looked for {run_dir / 'last.pt'} (and step_*.pt there). "
-                                  f"{TRAIN_HINT.replace('configs/digits.yaml', config_path)}")
-        return found
-    found = find_latest_checkpoint(CHECKPOINTS)
-    if found is None:
-        raise CheckpointError(f"no checkpoint found: looked for {CHECKPOINTS}/*/last.pt and "
-                              f"{CHECKPOINTS}/*/step_*.pt under {Path.cwd()}. {TRAIN_HINT}")
-    return found
-
-
-def read_checkpoint(path: str | Path) -> tuple[dict, Config]:
-    """(checkpoint dict, its stored config run through config.validate): the config is untrusted input,
-    like the weights, and is checked before anything is built from it."""
-    if Path(path).is_file() and Path(path).stat().st_size == 0:  # utils may not say so itself yet
-        raise CheckpointError(f"checkpoint '{path}' is empty (0 bytes), e.g. an interrupted copy or a full disk: "
-                              "pass another checkpoint")
-    ckpt = load_checkpoint(path, map_location="cpu")
-    try:
-        return ckpt, validate(from_dict(ckpt["config"]))
-    except ConfigError as e:
-        raise CheckpointError(f"the config stored in '{path}' is not valid for this ddpm-lab: {e}") from None
+from storage.checkpoints import CheckpointError, read_checkpoint
+from storage.paths import ema_snapshot_folder
 
 
 def load_for_sampling(checkpoint: str | Path, device: str | torch.device = "cpu", use_ema: bool = True,
@@ -85,7 +51,7 @@ def first_mismatch(expected: dict, weights) -> Optional[str]:
 def posthoc_weights(ckpt: dict, checkpoint: Path, sigma_rel: float, template: dict) -> dict:
     """The post-hoc EMA of length sigma_rel at the checkpoint's step, from the snapshots in the ema/ folder
     next to the checkpoint (posthoc_ema.reconstruct_weights); a bad length is a CheckpointError too."""
-    from posthoc_ema import reconstruct_weights
+    from sampling.posthoc import reconstruct_weights
     try:
         weights, summary = reconstruct_weights(ckpt, ema_snapshot_folder(checkpoint.parent), sigma_rel, template)
     except ValueError as err:  # the length is out of range

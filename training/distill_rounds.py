@@ -28,11 +28,18 @@ from typing import Optional
 import torch
 
 from config import Config, ConfigError, config_with_overrides, to_dict, validate
-from distillation import GRID_SPACING, distillation_rounds, distillation_target, sample_triples, student_loss, \
-    student_triples
-from train_utils import lr_factor
-from trainer import Trainer
-from utils import CheckpointError, autocast, copy_checkpoint
+from storage.checkpoints import CheckpointError, copy_checkpoint
+from training.distillation import (
+    GRID_SPACING,
+    distillation_rounds,
+    distillation_target,
+    sample_triples,
+    student_loss,
+    student_triples,
+)
+from training.parts import lr_factor
+from training.trainer import Trainer
+from utils import autocast
 
 # Keys a distillation may override: how to train, not what the model is (the teacher's weights fix that).
 OVERRIDABLE = ("train.", "device", "run_name", "data.num_workers", "data.root", "data.download",

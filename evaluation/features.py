@@ -16,9 +16,10 @@ import torch.nn.functional as F
 from tqdm.auto import tqdm
 
 from config import DataConfig
-from metrics import EvalError
-from paths import CLASSIFIERS, INCEPTION
-from utils import load_checkpoint, to_uint8_images
+from evaluation.metrics import EvalError
+from sampling.pictures import to_uint8_images
+from storage.checkpoints import load_checkpoint
+from storage.paths import CLASSIFIERS, INCEPTION
 
 CLASSIFIER_DIR = CLASSIFIERS  # caches under data/ (paths.py)
 INCEPTION_DIR = INCEPTION
@@ -153,7 +154,7 @@ def cached_classifier(data_cfg: DataConfig, split: str, folder: Path, steps: int
     """classifier_path(...) in `folder`, trained once with train_classifier (on the CPU) when it is missing: the
     benches' classifiers, each in its own folder. With data.holdout on `split`, it never sees the held-out images
     (split_dataset drops them)."""
-    from utils import save_checkpoint
+    from storage.checkpoints import save_checkpoint
     path = classifier_path(data_cfg.dataset, data_cfg.image_size, folder)
     if not path.is_file():
         print(f"training the digit classifier ({steps} steps) -> {path}", flush=True)
@@ -251,7 +252,9 @@ class InceptionFeatures:
 
     def __init__(self, weights: Path, device: torch.device):
         try:
-            from torch_fidelity.feature_extractor_inceptionv3 import FeatureExtractorInceptionV3
+            from torch_fidelity.feature_extractor_inceptionv3 import (
+                FeatureExtractorInceptionV3,
+            )
         except ImportError:
             raise EvalError("--features inception needs torch-fidelity: pip install torch-fidelity") from None
         try:  # untrusted file: prove it holds only tensors before torch-fidelity loads it (weights_only=False)

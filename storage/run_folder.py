@@ -7,7 +7,6 @@ from __future__ import annotations
 import os
 import shutil
 import socket
-import zipfile
 from pathlib import Path
 from typing import Optional
 
@@ -16,9 +15,10 @@ import torch.distributed as dist
 from tqdm.auto import tqdm
 
 from config import ConfigError
-from utils import CheckpointError, list_checkpoints, remove_temp_files
-
-from paths import CHECKPOINTS as CHECKPOINT_ROOT, RESULTS as RESULTS_ROOT, RunPaths  # paths.py names the folders
+from storage.checkpoints import list_checkpoints
+from storage.files import remove_temp_files
+from storage.paths import RESULTS as RESULTS_ROOT
+from storage.paths import RunPaths
 
 
 # ----------------------------------------------------------------------------- run lock
@@ -131,17 +131,6 @@ def end_message(run_name: str, step: int, interrupted: Optional[str], saved: boo
 
 
 # ----------------------------------------------------------------------------- checkpoint files
-def resume_path(resume: bool | str | Path, run_name: str) -> Path:
-    """The checkpoint --resume means: True = the config's run folder; a folder = its last.pt, or its newest
-    step file when last.pt is missing; a file as given. Nothing there: a CheckpointError naming the runs
-    that exist under checkpoints/ and the command that resumes each."""
-    path = RunPaths(run_name).checkpoints if resume is True else Path(resume)
-    if resume is True or path.is_dir():
-        steps = list_checkpoints(path)
-        path = path / "last.pt" if (path / "last.pt").is_file() or not steps else steps[-1]
-    if path.is_file():
-        return path
-    raise CheckpointError(f"cannot resume: no checkpoint at {path}; {existing_runs_hint()}")
 
 
 def start_message(cfg, *, step: int, params: int, items: int, world_size: int, device: torch.device, amp: str,
@@ -153,22 +142,6 @@ def start_message(cfg, *, step: int, params: int, items: int, world_size: int, d
             f"{items} items, batch {cfg.train.batch_size} x {cfg.train.grad_accum} accum x {world_size} "
             f"process(es) | {device}{threads}, amp {amp}, {'channels_last' if channels_last else 'NCHW'} | "
             f"checkpoints in {RunPaths(cfg.run_name).checkpoints}/")
-
-
-def existing_runs_hint() -> str:
-    """'; '-joined resume commands for the runs under checkpoints/ that hold a checkpoint (a zip: torch.save's
-    format; checked without loading, so this stays fast for big files)."""
-    runs = []
-    for folder in sorted(p for p in CHECKPOINT_ROOT.glob("*") if p.is_dir()):
-        files = [f for f in [folder / "last.pt", *reversed(list_checkpoints(folder))] if zipfile.is_zipfile(f)]
-        if files and any(folder.glob("steps_*.pt")):  # round students: distill.py's run, resumed by it
-            runs.append(f"distillation '{folder.name}': python distill.py --teacher TEACHER --resume")
-        elif files:
-            runs.append(f"run '{folder.name}': python train.py --resume {files[0]}")
-    if not runs:
-        return (f"{CHECKPOINT_ROOT}/ holds no run: start one without --resume, "
-                f"e.g. python train.py --config configs/digits.yaml")
-    return "runs that exist: " + "; ".join(runs)
 
 
 class CheckpointHealth:

@@ -13,8 +13,8 @@ from typing import NamedTuple, Optional
 import torch
 import torch.nn.functional as F
 
-from conditioning import baseline, condition_from_input, conditioned, low_res
-from generation import SampleError
+from sampling.conditioning import baseline, condition_from_input, conditioned, low_res
+from sampling.generation import SampleError
 
 GREY_MODES = ("L", "LA", "1", "I", "I;16", "I;16B", "I;16L", "F")
 
@@ -39,7 +39,7 @@ def held_out_split(data_cfg):
 
 def conditions_from_targets(targets: torch.Tensor, labels: Optional[torch.Tensor], cfg) -> Conditions:
     """Conditions made from true targets exactly as in training (conditioning.make_condition)."""
-    from conditioning import make_condition
+    from sampling.conditioning import make_condition
     task, f = cfg.data.task, cfg.data.sr_factor
     inputs = low_res(targets, f) if task == "superres" else make_condition(targets, task)
     return Conditions(inputs, make_condition(targets, task, f), targets, labels)
@@ -70,7 +70,7 @@ def _is_grey(path: Path) -> bool:
 def load_conditions(path: str, cfg) -> tuple[Conditions, list[Path]]:
     """sample.py --condition: superres takes low-res images of exactly the size the model was trained on, with
     the model's channels; colorize takes any image, converted to grey (a colour image is also the target)."""
-    from images import list_images, load_image, read_image
+    from sampling.images import list_images, load_image, read_image
     files, size, task = list_images(path, "--condition"), cfg.data.image_size, cfg.data.task
     if task == "colorize":
         loaded = [load_image(f, 3, size, "--condition")[0] for f in files]
@@ -119,7 +119,7 @@ def comparison(conds: Conditions, outputs: torch.Tensor, cfg) -> tuple[torch.Ten
 
 def save_comparison(conds: Conditions, outputs: torch.Tensor, cfg, path: Path) -> Path:
     """The comparison grid as one PNG: items side by side in a square-ish layout, k images each."""
-    from utils import save_image_grid
+    from sampling.pictures import save_image_grid
     images, k, _ = comparison(conds, outputs, cfg)
     per_row = max(1, int(math.sqrt(len(outputs) / k)))
     return save_image_grid(images, path, nrow=k * per_row)

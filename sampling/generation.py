@@ -14,9 +14,10 @@ from typing import Callable, Iterable, Optional
 import torch
 from tqdm.auto import tqdm
 
-from conditioning import with_condition
 from diffusion import Diffusion
-from utils import autocast as amp_autocast, derive_seed, resolve_amp
+from sampling.conditioning import with_condition
+from utils import autocast as amp_autocast
+from utils import derive_seed, resolve_amp
 
 
 class SampleError(ValueError):

@@ -12,9 +12,9 @@ import torch
 from tqdm.auto import tqdm
 
 from config import Config, ConfigError, config_with_overrides, from_dict, to_dict
-from data_order import NOISE
-from utils import (CheckpointError, derive_seed, list_checkpoints, load_checkpoint, loadable_checkpoints,
-                   seed_everything, set_rng_state)
+from storage.checkpoints import CheckpointError
+from training.data_order import NOISE
+from utils import derive_seed, seed_everything, set_rng_state
 
 # Resuming may change these; any other change under seed/data/model/diffusion means another experiment.
 RESUME_FIXED = ("seed", "data.", "model.", "diffusion.", "train.ema_profiles")
@@ -62,28 +62,6 @@ def warn_thread_count(ckpt: dict, device: torch.device) -> None:
     if device.type == "cpu" and saved is not None and saved != now:
         tqdm.write(f"warning: the checkpoint was trained with {saved} CPU thread(s), this run uses {now}: the "
                    f"resume is not bitwise exact (set train.cpu_threads={saved} to match)", file=sys.stderr)
-
-
-def loadable_step_files(folder: Path, exclude: Optional[Path] = None) -> list[tuple[Path, int]]:
-    """(path, step) of the step files in folder that load (utils.loadable_checkpoints), newest first."""
-    loadable = set(loadable_checkpoints(folder, exclude=exclude))
-    return [(p, int(p.stem.split("_")[1])) for p in reversed(list_checkpoints(folder)) if p.name in loadable]
-
-
-def load_resume_checkpoint(path: str | Path) -> dict:
-    """The checkpoint to resume from; on failure a CheckpointError naming the older files that load."""
-    path = Path(path)
-    try:
-        return load_checkpoint(path)
-    except CheckpointError as err:
-        good = loadable_step_files(path.parent, exclude=path)
-        if good:
-            names = ", ".join(f"{p} (step {s})" for p, s in good)
-            hint = (f" These older checkpoints load: {names}. Resume from the newest with: "
-                    f"python train.py --resume {good[0][0]}")
-        else:
-            hint = " No other checkpoint in that folder loads: start the run again without --resume."
-        raise CheckpointError(f"cannot resume: {err.cause}{hint}") from None
 
 
 def config_for_resume(ckpt: dict, overrides: list[str]) -> Config:

@@ -21,7 +21,7 @@ import torch.nn.functional as F
 from PIL import Image
 
 from dataset import open_as, resize_square
-from generation import SampleError
+from sampling.generation import SampleError
 
 IMAGE_SUFFIXES = (".png", ".jpg", ".jpeg", ".bmp", ".gif", ".webp", ".tif", ".tiff")
 BUILTIN_MASKS = ("center", "left", "right", "top", "bottom")
