@@ -413,9 +413,7 @@ def _check_task(cfg: Config) -> None:
 
 
 def _check_ema_profiles(profiles: list[float]) -> None:
-    from sampling.posthoc import (
-        SIGMA_REL_MAX,  # the range of a power-function EMA's length
-    )
+    from sampling.posthoc import SIGMA_REL_MAX  # the range of a power-function EMA's length
     for value in profiles:
         if not 0 < value < SIGMA_REL_MAX:
             raise ConfigError(f"config key 'train.ema_profiles' = {profiles}: {value} is not a power-function EMA "

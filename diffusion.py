@@ -21,15 +21,7 @@ import torch.nn as nn
 from tqdm.auto import tqdm
 
 import editing.algorithms as editing
-from config import (
-    LOSS_WEIGHTINGS,
-    OBJECTIVES,
-    SAMPLERS,
-    SCHEDULES,
-    SPACINGS,
-    VAR_TYPES,
-    ConfigError,
-)
+from config import LOSS_WEIGHTINGS, OBJECTIVES, SAMPLERS, SCHEDULES, SPACINGS, VAR_TYPES, ConfigError
 
 # t_prev of the last sampling step: "before step 0", the data itself (alpha-bar = 1, no noise). Only
 # `Diffusion.alpha_bar_prev` gives it a value; it indexes no coefficient table.

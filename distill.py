@@ -27,12 +27,7 @@ from config import ConfigError
 from dataset import DatasetMissingError
 from sampling.loading import load_for_sampling
 from storage.checkpoints import CheckpointError, load_resume_checkpoint, resume_path
-from training.distill_rounds import (
-    DistillPlan,
-    DistillTrainer,
-    check_resume_plan,
-    distill_config,
-)
+from training.distill_rounds import DistillPlan, DistillTrainer, check_resume_plan, distill_config
 from training.trainer import NonFiniteLossError, train
 
 

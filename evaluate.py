@@ -38,35 +38,16 @@ import torch
 
 from config import SAMPLERS, SPACINGS, ConfigError, DataConfig
 from evaluation.conditioned import evaluate_conditioned, summary_lines
-from evaluation.features import (
-    CLASSIFIER_DATASETS,
-    INCEPTION_FILE,
-    build_extractor,
-    classifier_path,
-    train_classifier,
-)
+from evaluation.features import CLASSIFIER_DATASETS, INCEPTION_FILE, build_extractor, classifier_path, train_classifier
 from evaluation.metrics import EvalError
 from evaluation.scoring import reference_stats, score_images
 from sampling.conditioning import conditioned
-from sampling.generation import (
-    SampleError,
-    check_eta,
-    generate,
-    random_labels,
-    sampling_settings,
-)
+from sampling.generation import SampleError, check_eta, generate, random_labels, sampling_settings
 from sampling.loading import load_for_sampling
 from sampling.pictures import to_uint8_images
 from storage.checkpoints import CheckpointError, save_checkpoint
 from storage.files import output_folder_problem
-from storage.paths import (
-    CLASSIFIERS,
-    DATA,
-    EVAL_RECORDS,
-    FID_REFS,
-    INCEPTION,
-    eval_records_file,
-)
+from storage.paths import CLASSIFIERS, DATA, EVAL_RECORDS, FID_REFS, INCEPTION, eval_records_file
 from utils import get_device, resolve_amp
 
 

@@ -34,23 +34,9 @@ from diffusion import Diffusion, build_diffusion
 from editing.modes import add_edit_args, edit_mode, plan_edit
 from sampling.conditioning import conditioned
 from sampling.conditions import display_inputs, plan_conditions, save_comparison
-from sampling.generation import (
-    SampleError,
-    check_eta,
-    generate,
-    parse_class_labels,
-    plan_labels,
-    sampling_settings,
-)
+from sampling.generation import SampleError, check_eta, generate, parse_class_labels, plan_labels, sampling_settings
 from sampling.loading import load_for_sampling
-from sampling.pictures import (
-    Recorder,
-    forward_figure,
-    save_animation,
-    save_samples,
-    save_toy_outputs,
-    save_trajectory,
-)
+from sampling.pictures import Recorder, forward_figure, save_animation, save_samples, save_toy_outputs, save_trajectory
 from storage.checkpoints import CheckpointError, resolve_checkpoint
 from storage.files import output_folder_problem
 from storage.outputs import MANIFEST, check_out_dir, free_default_folder, start_out_dir  # noqa: F401

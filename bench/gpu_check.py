@@ -44,14 +44,7 @@ sys.path[:0] = [str(REPO), str(REPO / "bench")]
 
 import torch  # noqa: E402
 import unet_bench as tp  # noqa: E402
-from gpu_correct import (  # noqa: E402
-    Check,
-    Plan,
-    make_plan,
-    part_correct,
-    run_part,
-    synced_empty_cache,
-)
+from gpu_correct import Check, Plan, make_plan, part_correct, run_part, synced_empty_cache  # noqa: E402
 
 from diffusion import Diffusion  # noqa: E402
 

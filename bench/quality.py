@@ -42,18 +42,7 @@ REPO = Path(__file__).resolve().parents[1]
 sys.path[:0] = [str(REPO), str(REPO / "bench")]
 
 import torch  # noqa: E402
-from quality_report import (  # noqa: E402,F401
-    END,
-    RESULTS,
-    START,
-    commit,
-    machine,
-    mean_sd,
-    render,
-    table_rows,
-    targets,
-    write_section,
-)
+from quality_report import END, RESULTS, START, commit, machine, mean_sd, render, table_rows, targets, write_section  # noqa: E402,F401
 
 import evaluation.features as feat  # noqa: E402
 import evaluation.scoring as scoring  # noqa: E402

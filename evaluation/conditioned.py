@@ -37,10 +37,7 @@ def _unit(x: torch.Tensor) -> torch.Tensor:
 
 def pixel_metrics(outputs: torch.Tensor, conds: Conditions, cfg) -> dict:
     """PSNR, SSIM against the targets and the consistency error against the condition (see the docstring)."""
-    from torchmetrics.functional.image import (
-        peak_signal_noise_ratio,
-        structural_similarity_index_measure,
-    )
+    from torchmetrics.functional.image import peak_signal_noise_ratio, structural_similarity_index_measure
     out, target = _unit(outputs), _unit(conds.targets)
     psnr = peak_signal_noise_ratio(out, target, data_range=1.0, reduction="none", dim=(1, 2, 3))
     size = out.shape[-1]

@@ -252,9 +252,7 @@ class InceptionFeatures:
 
     def __init__(self, weights: Path, device: torch.device):
         try:
-            from torch_fidelity.feature_extractor_inceptionv3 import (
-                FeatureExtractorInceptionV3,
-            )
+            from torch_fidelity.feature_extractor_inceptionv3 import FeatureExtractorInceptionV3
         except ImportError:
             raise EvalError("--features inception needs torch-fidelity: pip install torch-fidelity") from None
         try:  # untrusted file: prove it holds only tensors before torch-fidelity loads it (weights_only=False)

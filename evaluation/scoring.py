@@ -11,12 +11,7 @@ import torch
 
 from config import DataConfig
 from evaluation.features import extract, load_split_uint8, split_dataset
-from evaluation.metrics import (
-    classifier_scores,
-    frechet_distance,
-    gaussian_stats,
-    precision_recall,
-)
+from evaluation.metrics import classifier_scores, frechet_distance, gaussian_stats, precision_recall
 from storage.paths import FID_REFS
 
 PR_MAX_REF = 10_000  # reference features kept for precision/recall (10k x 2048 float32 = 80 MB for Inception)

@@ -14,12 +14,7 @@ import torch
 
 from config import Config
 from diffusion import build_diffusion
-from interop.diffusers import (
-    WEIGHTS,
-    build_with_weights,
-    convert_diffusers_state_dict,
-    diffusers_config_to_ours,
-)
+from interop.diffusers import WEIGHTS, build_with_weights, convert_diffusers_state_dict, diffusers_config_to_ours
 from storage.checkpoints import CheckpointError
 from utils import get_device
 
@@ -55,9 +50,7 @@ def _download(repo_id: str) -> Path:
     """Hub id -> local snapshot folder with only the files we read (one weights file)."""
     try:
         import huggingface_hub as hub
-        from huggingface_hub.constants import (
-            HF_HUB_OFFLINE,  # read at call time: tests may patch it
-        )
+        from huggingface_hub.constants import HF_HUB_OFFLINE  # read at call time: tests may patch it
         from huggingface_hub.errors import RepositoryNotFoundError
     except ImportError:
         raise CheckpointError(f"'{repo_id}' is not a local folder and downloading it needs huggingface_hub: "

@@ -50,9 +50,7 @@ def save_loss_plot(losses, path: str | Path, first_step: int = 1, title: str = "
                    max_points: int = 5000) -> Path:
     """Per-step losses (NaN = skipped step) as a faint raw curve plus a smoothed one, log-scaled.
     Long runs are binned to max_points means so the plot stays fast."""
-    from matplotlib.figure import (
-        Figure,  # object API: no pyplot state, no GUI backend needed
-    )
+    from matplotlib.figure import Figure  # object API: no pyplot state, no GUI backend needed
 
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)

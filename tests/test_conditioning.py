@@ -11,14 +11,7 @@ import torch.nn.functional as F
 from config import ConfigError, load_config
 from diffusion import Diffusion
 from model import UNet, build_model
-from sampling.conditioning import (
-    Conditioned,
-    grey,
-    low_res,
-    make_condition,
-    upsample,
-    with_condition,
-)
+from sampling.conditioning import Conditioned, grey, low_res, make_condition, upsample, with_condition
 from sampling.conditions import comparison, conditions_from_targets, held_out_conditions
 from training.trainer import Trainer, train
 

@@ -1,15 +1,7 @@
 """Typed config: presets load, overrides apply, bad values give one clear error naming the key."""
 import pytest
 
-from config import (
-    Config,
-    ConfigError,
-    from_dict,
-    load_config,
-    parse_overrides,
-    save_config,
-    to_dict,
-)
+from config import Config, ConfigError, from_dict, load_config, parse_overrides, save_config, to_dict
 
 
 @pytest.mark.parametrize("preset", ["cifar10", "mnist", "digits", "toy2d"])

@@ -18,12 +18,7 @@ from sampling.loading import load_for_sampling
 from storage.checkpoints import CHECKPOINT_VERSION, load_checkpoint
 from train import main as train_main
 from training.distill_rounds import DistillTrainer
-from training.distillation import (
-    distillation_target,
-    sample_triples,
-    student_loss,
-    student_triples,
-)
+from training.distillation import distillation_target, sample_triples, student_loss, student_triples
 from training.trainer import train
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))

@@ -4,14 +4,7 @@ import torch
 import torch.nn.functional as F
 
 from config import ConfigError, load_config
-from model import (
-    MLPDenoiser,
-    UNet,
-    Upsample,
-    build_model,
-    count_parameters,
-    timestep_embedding,
-)
+from model import MLPDenoiser, UNet, Upsample, build_model, count_parameters, timestep_embedding
 
 
 def test_ddpm_cifar10_network_has_35_7M_parameters():

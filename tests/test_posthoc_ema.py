@@ -11,12 +11,7 @@ import torch
 
 from config import ConfigError, load_config
 from safety import DIGITS, TINY, Case, run_case
-from sampling.posthoc import (
-    gamma_to_sigma_rel,
-    posthoc_coefficients,
-    reconstruct_weights,
-    sigma_rel_to_gamma,
-)
+from sampling.posthoc import gamma_to_sigma_rel, posthoc_coefficients, reconstruct_weights, sigma_rel_to_gamma
 from storage.checkpoints import load_checkpoint
 from training.ema import PowerFunctionEMA
 from training.trainer import train

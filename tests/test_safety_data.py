@@ -5,13 +5,7 @@ from pathlib import Path
 import numpy as np
 import pytest
 from PIL import Image
-from test_dataset import (
-    write_bad_image,
-    write_cifar10,
-    write_hostile_batch,
-    write_image,
-    write_mnist,
-)
+from test_dataset import write_bad_image, write_cifar10, write_hostile_batch, write_image, write_mnist
 
 from safety import DIGITS, TINY, Case, run_case
 

@@ -15,13 +15,7 @@ import torch
 from config import load_config, to_dict
 from model import build_model
 from safety import DIGITS, REPO, TINY, Case, run_case
-from storage.checkpoints import (
-    CheckpointError,
-    copy_checkpoint,
-    load_checkpoint,
-    loadable_checkpoints,
-    save_checkpoint,
-)
+from storage.checkpoints import CheckpointError, copy_checkpoint, load_checkpoint, loadable_checkpoints, save_checkpoint
 from storage.files import remove_temp_files
 
 HELD = []  # lock files this test process holds (closed after each test)

@@ -20,9 +20,7 @@ class RunLogger:
     run_folder.RESULTS_ROOT, passed in so that one place names the output folders)."""
 
     def __init__(self, cfg: Config, start_step: int, history: list[float], results_root: Path):
-        from torch.utils.tensorboard import (
-            SummaryWriter,  # slow import: only on the logging rank
-        )
+        from torch.utils.tensorboard import SummaryWriter  # slow import: only on the logging rank
         self.log_dir = results_root / "logs" / cfg.run_name
         self.plot_path = results_root / "plots" / cfg.run_name / "loss.png"
         # purge_step hides events a crashed run wrote after the checkpoint we resume from.

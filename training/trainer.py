@@ -34,46 +34,17 @@ from diffusion import build_diffusion
 from model import build_model, count_parameters
 from sampling.conditioning import condition_for, conditioned, with_condition
 from sampling.conditions import held_out_conditions
-from storage.checkpoints import (
-    copy_checkpoint,
-    load_resume_checkpoint,
-    resume_path,
-    save_checkpoint,
-)
+from storage.checkpoints import copy_checkpoint, load_resume_checkpoint, resume_path, save_checkpoint
 from storage.paths import RESULTS as RESULTS_ROOT
 from storage.paths import RunPaths
-from storage.run_folder import (
-    CheckpointHealth,
-    end_message,
-    lock_run_dir,
-    prepare_run_dir,
-    start_message,
-)
+from storage.run_folder import CheckpointHealth, end_message, lock_run_dir, prepare_run_dir, start_message
 from training.data_order import NOISE, DataStream, EpochBatches, KeyedItems
 from training.ema import EMA, PowerFunctionEMA
-from training.parts import (
-    LossWatch,
-    StopSignals,
-    all_finite,
-    build_optimizer,
-    gather_rng_states,
-    lr_factor,
-    setup_distributed,
-)
-from training.resume import (
-    check_resumable,
-    restore_optimization,
-    restore_rng,
-    warn_thread_count,
-)
+from training.parts import (LossWatch, StopSignals, all_finite, build_optimizer, gather_rng_states, lr_factor,
+    setup_distributed)
+from training.resume import check_resumable, restore_optimization, restore_rng, warn_thread_count
 from training.runlog import RunLogger, save_samples
-from utils import (
-    autocast,
-    derive_seed,
-    resolve_amp,
-    resolve_channels_last,
-    seed_everything,
-)
+from utils import autocast, derive_seed, resolve_amp, resolve_channels_last, seed_everything
 
 STOP_AT, NONFINITE = 1, 1000                 # stop codes next to signal numbers (largest wins across ranks)
 
