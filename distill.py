@@ -13,12 +13,11 @@ teacher is distilled with its classifier-free guidance folded in (--guidance-sca
 sample.guidance_scale; 1 = unguided): the student then samples guided in one model call per step.
 
 Exit codes as train.py: 0 done, 1 user error (one line), 130 / 143 after Ctrl-C / SIGTERM saved a checkpoint.
-How it works: distill_trainer.py (the Trainer subclass) and distillation.py (the math).
+How it works: training/distillation.py (the math, the loss and the rounds' hook on the Trainer).
 """
 from __future__ import annotations
 
 import argparse
-import functools
 import signal
 import sys
 from typing import Optional
@@ -27,8 +26,8 @@ from config import ConfigError
 from dataset import DatasetMissingError
 from sampling.loading import load_for_sampling
 from storage.checkpoints import CheckpointError, load_resume_checkpoint, resume_path
-from training.distill_rounds import DistillPlan, DistillTrainer, check_resume_plan, distill_config
-from training.trainer import NonFiniteLossError, train
+from training.distillation import DistillPlan, check_resume_plan, distill_config, run_distillation
+from training.trainer import NonFiniteLossError
 
 
 def parse_args(argv: Optional[list[str]] = None) -> argparse.Namespace:
@@ -72,8 +71,7 @@ def main(argv: Optional[list[str]] = None) -> int:
             resume = resume_path(True, cfg.run_name)
             checkpoint = load_resume_checkpoint(resume)
             check_resume_plan(checkpoint, plan, resume)
-        summary = train(cfg, resume, checkpoint=checkpoint, overwrite=args.overwrite,
-                        trainer_class=functools.partial(DistillTrainer, plan=plan))
+        summary = run_distillation(cfg, plan, resume, checkpoint=checkpoint, overwrite=args.overwrite)
     except (ConfigError, CheckpointError, DatasetMissingError, NonFiniteLossError) as err:
         print(f"error: {err}", file=sys.stderr)
         return 1

@@ -13,7 +13,7 @@ from diffusion import Diffusion
 from model import UNet, build_model
 from sampling.conditioning import Conditioned, grey, low_res, make_condition, upsample, with_condition
 from sampling.conditions import comparison, conditions_from_targets, held_out_conditions
-from training.trainer import Trainer, train
+from training.trainer import DiffusionLoss, train
 
 REPO = Path(__file__).resolve().parents[1]
 DIGITS = str(REPO / "configs" / "digits.yaml")
@@ -83,13 +83,13 @@ class Spy(torch.nn.Module):
 
 
 def test_the_training_loss_gives_the_network_the_condition_of_the_augmented_batch():
-    """compute_loss builds the condition from the batch it trains on (flipped images included), so target and
+    """The training loss builds the condition from the batch it trains on (flipped images included), so target and
     condition share every flip."""
     cfg = tiny()
     spy = Spy(1)
     fake = SimpleNamespace(cfg=cfg, model=spy, device=torch.device("cpu"), amp="off", diffusion=Diffusion(20))
     x0 = (torch.rand(4, 1, 16, 16) * 2 - 1).flip(-1)
-    losses, t = Trainer.compute_loss(fake, (x0, None))
+    losses, t = DiffusionLoss()(fake, (x0, None))
     assert losses.shape == (4,) and spy.seen[0].shape == (4, 2, 16, 16)
     assert torch.equal(spy.seen[0][:, 1:], make_condition(x0, "superres", 4))
 

@@ -17,9 +17,9 @@ from model import build_model
 from sampling.loading import load_for_sampling
 from storage.checkpoints import CHECKPOINT_VERSION, load_checkpoint
 from train import main as train_main
-from training.distill_rounds import DistillTrainer
-from training.distillation import distillation_target, sample_triples, student_loss, student_triples
-from training.trainer import train
+from training.distillation import (DistillRounds, distillation_target, run_distillation, sample_triples, student_loss,
+    student_triples)
+from training.trainer import Trainer, train
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 from safety import DIGITS, REPO, TINY, Case, run_case  # noqa: E402
@@ -114,7 +114,7 @@ def assert_same(a, b, where):
 
 def stopped_run(teacher, stop_at, run_name):
     plan, cfg = distill.plan_and_config(distill.parse_args(args(teacher, f"run_name={run_name}")))
-    return train(cfg, stop_at=stop_at, trainer_class=functools.partial(DistillTrainer, plan=plan))
+    return run_distillation(cfg, plan, stop_at=stop_at)
 
 
 @pytest.mark.parametrize("stop_at", [3, 4])  # at the round boundary, and inside round 2
@@ -146,7 +146,8 @@ def test_compute_loss_is_the_student_loss_against_the_guided_two_step_teacher(te
     gen = torch.Generator().manual_seed(1)
     plan.teacher_weights = {k: v + 0.3 * torch.randn(v.shape, generator=gen) if v.is_floating_point() else v
                             for k, v in plan.teacher_weights.items()}
-    trainer = DistillTrainer(cfg, plan=plan)
+    rounds = DistillRounds(plan)
+    trainer = Trainer(cfg, loss=rounds.loss, hooks=[rounds])
     try:
         with torch.no_grad():  # a student that has moved away from its teacher (round 1 starts equal)
             for p in trainer.net.parameters():

@@ -1,8 +1,8 @@
-"""Progressive distillation (issue #16): the math of one distillation step, for any objective.
+"""Progressive distillation (issue #16; [PD] Salimans & Ho 2022, Algorithm 2): distill.py's library code.
 
 A student learns to do in ONE deterministic DDIM step what the teacher does in TWO; then the student becomes
-the teacher and the step count halves again ([PD] Algorithm 2). This module has no optimizer, loop or file:
-distill.py (on top of the Trainer) calls, per round and per batch,
+the teacher and the step count halves again. The math of one step, for any objective (no optimizer, loop or
+file), per round and per batch:
 
     triples = student_triples(diffusion, student_steps, start_steps)    # once per round
     t, t_mid, t_next = sample_triples(triples, batch_size, device=...)  # [PD] Alg. 2: i ~ Cat[1, ..., N]
@@ -12,11 +12,25 @@ distill.py (on top of the Trainer) calls, per round and per batch,
 
 teacher_fn is any callable (xt, t) -> model output with t a (B,) long tensor; for a class-conditional teacher
 with classifier-free guidance pass `diffusion._model_fn(teacher, y, guidance_scale)`: the student then learns
-the guided two-step map and samples guided in one evaluation per step (no second, unconditional pass).
-The distilled N-step student samples with `Diffusion.sample(..., sampler="ddim", eta=0, steps=N,
-timestep_spacing=GRID_SPACING)`: exactly the grid it was trained on. Pass distillation_target the clip_x0 the
-teacher samples with (Diffusion.sample's default is True): the target is then a weighted mean of clamped x0,
-inside [-1, 1], so the student's own clamp at sampling leaves it alone and it reproduces the clipped teacher.
+the guided two-step map and samples guided in one evaluation per step. The N-step student samples with
+`Diffusion.sample(..., sampler="ddim", eta=0, steps=N, timestep_spacing=GRID_SPACING)`, the grid it was trained
+on. Pass distillation_target the clip_x0 the teacher samples with: the target is then a weighted mean of clamped
+x0, inside [-1, 1], so the student's own clamp at sampling leaves it alone and it reproduces the clipped teacher.
+
+The run: one Trainer run covers every round, with DistillationLoss as its loss and DistillRounds as its hook
+(run_distillation). train.max_steps = rounds x M (M = --round-steps); optimizer step s belongs to round s // M.
+At a round boundary the round's final student (its EMA weights, what sample.py uses) becomes the teacher of the
+next round AND the next student's initial weights; the EMA restarts from them, the Adam moments are cleared and
+the LR schedule (warm-up, cosine) restarts, so each round is the run Algorithm 2 describes. Round 1's teacher is
+the teacher checkpoint's EMA weights. One run and not one per round: the Trainer's resume is exact within a run
+and the current teacher is in every checkpoint (`teacher_model`), so a run stopped anywhere, a round boundary
+included, resumes bitwise-exactly (CPU). Triples and noise come from the Trainer's global RNG streams, the way
+Diffusion.training_losses draws t and noise for train.py.
+
+Outputs in checkpoints/<teacher_run>_distill/: last.pt and step files as train.py, plus steps_NNNN.pt at the end
+of each round (the N-step student). Every file's config says the student's grid (sample.sampler=ddim,
+sample.steps=N, sample.eta=0, diffusion.timestep_spacing=GRID_SPACING), so sample.py / evaluate.py use it without
+flags; `distill` in the checkpoint records the teacher file, the rounds and the step counts.
 
 References:
   [PD]   Salimans, Ho 2022, "Progressive Distillation for Fast Sampling of Diffusion Models"
@@ -24,13 +38,20 @@ References:
 """
 from __future__ import annotations
 
+import copy
+import dataclasses
 import numbers
+from dataclasses import dataclass
 from typing import Callable, Optional
 
 import torch
 
-from config import ConfigError
+from config import Config, ConfigError, config_with_overrides, to_dict, validate
 from diffusion import DATA_T, Diffusion
+from storage.checkpoints import CheckpointError, copy_checkpoint
+from training.parts import lr_factor
+from training.trainer import Trainer, TrainerHook, train
+from utils import autocast
 
 # The time grid of every round. "trailing" puts step i of N at round(T - i T / N) - 1, the integer version of
 # [PD]'s t = i / N, so the N-step grid is exactly every other point of the 2N-step grid (i T / N = 2i T / 2N,
@@ -155,3 +176,172 @@ def student_loss(diffusion: Diffusion, student_out: torch.Tensor, xt: torch.Tens
     t = _as_steps(t, xt)
     x0_student, _ = diffusion.predict_x0_eps(student_out, xt, t)
     return weight * (x0_student - x0_target).pow(2).flatten(1).mean(dim=1)
+
+
+# ----------------------------------------------------------------------------- the run
+# Keys a distillation may override: how to train, not what the model is (the teacher's weights fix that).
+OVERRIDABLE = ("train.", "device", "run_name", "data.num_workers", "data.root", "data.download",
+               "sample.num_samples", "sample.batch_size")
+
+
+@dataclass
+class DistillPlan:
+    """What a distillation does: the teacher (file and weights), N0 -> N in halving rounds of M steps each."""
+    teacher: str                   # the teacher checkpoint's path (recorded)
+    teacher_weights: dict          # round 1's teacher: the checkpoint's EMA (else raw) weights
+    start_steps: int               # N0: the teacher's DDIM grid
+    steps: int                     # N: the final student's
+    round_steps: int               # M: optimizer steps per round
+    guidance_scale: float          # folded into the student (1 = unguided)
+    rounds: list = dataclasses.field(default_factory=list)  # student steps per round, [N0/2, ..., N]
+
+    def record(self) -> dict:
+        """The `distill` entry of every checkpoint (no weights)."""
+        return {"teacher": self.teacher, "rounds": list(self.rounds), "start_steps": self.start_steps,
+                "steps": self.steps, "round_steps": self.round_steps, "guidance_scale": self.guidance_scale}
+
+
+def distill_config(teacher_cfg: Config, plan: DistillPlan, overrides: list[str]) -> Config:
+    """The run's config: the teacher's, run_name <teacher_run>_distill, the students' grid, no warm-up (each
+    round starts from trained weights), user train.* overrides, then max_steps = rounds x M. Fills plan.rounds;
+    ConfigError for a toy teacher, an impossible N0 -> N, guidance on an unconditional model, a model override."""
+    if teacher_cfg.model.kind == "mlp":
+        raise ConfigError("distillation needs an image model: this teacher is a 2-D toy model (model.kind=mlp); "
+                          "pass a checkpoint of an image run (e.g. configs/digits.yaml)")
+    plan.rounds = distillation_rounds(plan.start_steps, plan.steps, teacher_cfg.diffusion.num_timesteps)
+    if plan.guidance_scale != 1.0 and teacher_cfg.model.num_classes == 0:
+        raise ConfigError(f"--guidance-scale {plan.guidance_scale:g} needs a class-conditional teacher; this one "
+                          "is unconditional: drop --guidance-scale")
+    if any(o.split("=", 1)[0] == "train.max_steps" for o in overrides):
+        raise ConfigError("distill.py sets train.max_steps itself (rounds x --round-steps): drop train.max_steps "
+                          "and pass --round-steps M")
+    bad = [o for o in overrides if not o.split("=", 1)[0].startswith(OVERRIDABLE)]
+    if bad:
+        raise ConfigError(f"distill.py cannot override {bad[0].split('=', 1)[0]!r}: the model, data and "
+                          f"diffusion are the teacher's; allowed: {', '.join(OVERRIDABLE)}")
+    base = to_dict(teacher_cfg)
+    base["run_name"] = f"{teacher_cfg.run_name}_distill"
+    base["diffusion"]["timestep_spacing"] = GRID_SPACING
+    base["train"]["warmup_steps"] = 0
+    cfg = config_with_overrides(base, overrides)
+    cfg.train.max_steps = len(plan.rounds) * plan.round_steps
+    set_student_grid(cfg, plan.rounds[0], folded_guidance=teacher_cfg.model.num_classes > 0)
+    return validate(cfg)
+
+
+def set_student_grid(cfg: Config, steps: int, folded_guidance: bool) -> None:
+    """The sampling defaults of an N-step student: deterministic DDIM on the distillation grid. Guidance is in
+    the student's weights (or was not used): sampling must not guide again."""
+    cfg.sample.sampler, cfg.sample.steps, cfg.sample.eta = "ddim", steps, 0.0
+    cfg.diffusion.timestep_spacing = GRID_SPACING
+    cfg.train.sample_steps = steps
+    if folded_guidance:
+        cfg.sample.guidance_scale = 1.0
+
+
+def check_resume_plan(ckpt: dict, plan: DistillPlan, path) -> None:
+    """A resume continues the same distillation: same N0, N, M and guidance as the checkpoint's."""
+    saved = ckpt.get("distill")
+    if not isinstance(saved, dict) or "teacher_model" not in ckpt:
+        raise CheckpointError(f"cannot resume from {path}: it is not a distill.py checkpoint (no teacher inside); "
+                              f"start without --resume (add --overwrite to replace that run)")
+    mine = plan.record()
+    diffs = [f"{k} {saved.get(k)!r} -> {mine[k]!r}" for k in ("start_steps", "steps", "round_steps", "guidance_scale")
+             if saved.get(k) != mine[k]]
+    if diffs:
+        raise ConfigError(f"cannot resume from {path}: the distillation differs ({'; '.join(diffs)}); pass the "
+                          f"checkpoint's --start-steps/--steps/--round-steps/--guidance-scale")
+
+
+class DistillationLoss:
+    """[PD] Alg. 2's loss, the Trainer's loss object: per example a student step (t, t_mid, t_next) drawn
+    uniformly from `triples` (global RNG: resumable), z_t = q_sample(x0, t, noise), and the student's
+    truncated-SNR x0 error against the guided two-step teacher's target. DistillRounds sets `teacher` and the
+    current round's `triples`."""
+
+    def __init__(self, guidance_scale: float, teacher: Optional[torch.nn.Module] = None, triples=()):
+        self.guidance_scale, self.teacher, self.triples = guidance_scale, teacher, list(triples)
+
+    def __call__(self, trainer: Trainer, batch):
+        x0, y = batch
+        diffusion = trainer.diffusion
+        t, t_mid, t_next = sample_triples(self.triples, x0.shape[0], device=x0.device)
+        xt = diffusion.q_sample(x0, t, torch.randn_like(x0))
+        with autocast(trainer.device, trainer.amp):
+            teacher_fn = diffusion._model_fn(self.teacher, y, self.guidance_scale)
+            x0_target, weight = distillation_target(diffusion, teacher_fn, xt, t, t_mid, t_next,
+                                                    clip_x0=trainer.cfg.sample.clip_x0)
+            out = trainer.model(xt, t, y).float()
+        return student_loss(diffusion, out, xt, t, x0_target, weight), t
+
+
+class DistillRounds(TrainerHook):
+    """The rounds of a distillation, as the Trainer's hook: the frozen teacher, the round's triples and grid,
+    the round boundaries ([PD] Alg. 2) and the round students' files. `loss`: the run's DistillationLoss."""
+
+    def __init__(self, plan: DistillPlan, overwrite: bool = False):
+        self.plan, self.overwrite, self.round = plan, overwrite, 0
+        self.loss = DistillationLoss(plan.guidance_scale)
+
+    def on_setup(self, trainer: Trainer, ckpt: Optional[dict]) -> None:
+        """Student and EMA start from the teacher's weights; the LR schedule restarts each round. A fresh run
+        (after prepare_run_dir refused or, with --overwrite, cleared the step files) must not leave another
+        distillation's round students next to its own: --overwrite deletes them too."""
+        plan = self.plan
+        trainer.load_weights(plan.teacher_weights)
+        self.loss.teacher = copy.deepcopy(trainer.ema.model).eval().requires_grad_(False)
+        factor, m = lr_factor(dataclasses.replace(trainer.tcfg, max_steps=plan.round_steps)), plan.round_steps
+        trainer.set_lr_schedule(lambda s: factor(s % m))
+        self.set_round(trainer, 0)
+        stale = sorted(trainer.run_dir.glob("steps_*.pt")) if ckpt is None and trainer.dist.is_main else []
+        if stale and not self.overwrite:
+            raise ConfigError(f"{trainer.run_dir}/ holds the students of another distillation ({stale[0].name}): "
+                              "continue it with --resume, or pass --overwrite to delete them and start over")
+        for path in stale:
+            path.unlink()
+
+    def set_round(self, trainer: Trainer, index: int) -> None:
+        self.round = index
+        steps = self.plan.rounds[index]
+        self.loss.triples = student_triples(trainer.diffusion, steps, self.plan.start_steps)
+        set_student_grid(trainer.cfg, steps, folded_guidance=trainer.cfg.model.num_classes > 0)
+
+    def restore(self, trainer: Trainer, ckpt: dict) -> None:
+        self.loss.teacher.load_state_dict(ckpt["teacher_model"])
+        self.set_round(trainer, int(ckpt["distill"]["round"]))
+
+    def on_step_start(self, trainer: Trainer) -> None:
+        """[PD] Alg. 2 at a round boundary: the student becomes the teacher, and the next student starts as a
+        copy of it (EMA, Adam moments, LR schedule and loss watch restart)."""
+        if trainer.step // self.plan.round_steps <= self.round:
+            return
+        student = trainer.ema.model.state_dict()
+        self.loss.teacher.load_state_dict(student)
+        trainer.load_weights(student)
+        trainer.reset_optimizer()
+        trainer.reset_loss_watch()  # a new round's loss has no level yet: not "exploding" against the last
+        self.set_round(trainer, self.round + 1)
+
+    def on_step_end(self, trainer: Trainer) -> None:
+        """The round's student: saved (and shown) as steps_NNNN.pt."""
+        if trainer.step % self.plan.round_steps:
+            return
+        trainer.save()
+        if trainer.dist.is_main:
+            run_dir = trainer.run_dir
+            copy_checkpoint(run_dir / "last.pt", run_dir / f"steps_{self.plan.rounds[self.round]:04d}.pt")
+        if not trainer.finished and trainer.step % trainer.tcfg.sample_every:
+            trainer.sample()
+
+    def checkpoint_state(self, trainer: Trainer) -> dict:
+        record = dict(self.plan.record(), round=self.round, student_steps=self.plan.rounds[self.round])
+        return {"teacher_model": self.loss.teacher.state_dict(), "distill": record}
+
+
+def run_distillation(cfg: Config, plan: DistillPlan, resume=None, *, checkpoint: Optional[dict] = None,
+                     overwrite: bool = False, stop_at: Optional[int] = None) -> dict:
+    """training.trainer.train with the distillation's loss and hook: cfg from distill_config, the rest (and
+    the summary returned) as train()'s."""
+    rounds = DistillRounds(plan, overwrite)
+    return train(cfg, resume, checkpoint=checkpoint, overwrite=overwrite, stop_at=stop_at, loss=rounds.loss,
+                 hooks=[rounds])

@@ -1,6 +1,8 @@
 """The Trainer: setup, the training step, logging, sampling and checkpoints of one run. train.py is its
-command line; a variant of training (e.g. progressive distillation) subclasses Trainer and overrides
-compute_loss (and setup_model for extra networks) instead of copying the loop.
+command line. A variant of training (e.g. progressive distillation, training/distillation.py) does not subclass
+it: it passes a LOSS object, called on each micro-batch (the default: DiffusionLoss, the diffusion's training
+loss), and HOOKS (TrainerHook) called at named points of the run, which act through the Trainer's public
+methods (load_weights, reset_optimizer, set_lr_schedule, save, ...) and add their own checkpoint entries.
 
 Resume is exact (bitwise on CPU, same thread count): data order, flips and every RNG state continue where
 the run stopped (data_order.py, train_resume.py, which also refuses changed model/diffusion/data settings).
@@ -54,13 +56,50 @@ class NonFiniteLossError(RuntimeError):
     the last good checkpoint."""
 
 
+class DiffusionLoss:
+    """train.py's loss: the diffusion's per-example training loss (Diffusion.training_losses: t and noise from
+    the global RNG) of the model on one micro-batch. An image-conditioned model (data.task) sees its condition
+    made from the augmented target itself. Called as loss(trainer, batch) -> (losses (B,), t (B,))."""
+
+    def __call__(self, trainer, batch: tuple[torch.Tensor, Optional[torch.Tensor]]):
+        x0, y = batch
+        model = with_condition(trainer.model, condition_for(trainer.cfg, x0))
+        with autocast(trainer.device, trainer.amp):
+            return trainer.diffusion.training_losses(model, x0, y)
+
+
+class TrainerHook:
+    """Named points of a run where a variant of training acts, through the Trainer's public methods and
+    attributes; every default does nothing. Pass a list of them as Trainer(..., hooks=[...])."""
+
+    def on_setup(self, trainer: Trainer, ckpt: Optional[dict]) -> None:
+        """After the networks, optimizer and LR schedule are built, before the training state is set (fresh,
+        or restored from the resume checkpoint `ckpt`; None for a fresh run)."""
+
+    def restore(self, trainer: Trainer, ckpt: dict) -> None:
+        """After the Trainer restored its own state from `ckpt`: read back what checkpoint_state added."""
+
+    def on_step_start(self, trainer: Trainer) -> None:
+        """Before each optimizer step (trainer.step: the steps done so far)."""
+
+    def on_step_end(self, trainer: Trainer) -> None:
+        """After each optimizer step (trainer.step counts it), before the run's log / save / sample."""
+
+    def checkpoint_state(self, trainer: Trainer) -> dict:
+        """Entries added to every checkpoint (after the Trainer's own)."""
+        return {}
+
+
 class Trainer:
     """One run: `run()` repeats train_step() and logs / saves / samples at their intervals until
-    train.max_steps, a stop signal (SIGINT / SIGTERM: save, then stop), stop_at, or divergence."""
+    train.max_steps, a stop signal (SIGINT / SIGTERM: save, then stop), stop_at, or divergence.
+    `loss`: called as loss(trainer, batch) -> (per-example losses, t) on each micro-batch (default
+    DiffusionLoss()); `hooks`: TrainerHook objects, called in order at their points of the run."""
 
     def __init__(self, cfg: Config, resume: Optional[bool | str | Path] = None, checkpoint: Optional[dict] = None,
-                 overwrite: bool = False, stop_at: Optional[int] = None):
+                 overwrite: bool = False, stop_at: Optional[int] = None, *, loss=None, hooks=()):
         self.cfg, self.tcfg, self.stop_at = cfg, cfg.train, stop_at
+        self.loss, self.hooks = loss if loss is not None else DiffusionLoss(), list(hooks)
         self.data = self.logger = self.signals = self.dist = self.lock = None
         self._threads = torch.get_num_threads()
         try:
@@ -91,6 +130,8 @@ class Trainer:
         prepare_run_dir(cfg.run_name, self.dist, resuming=ckpt is not None, overwrite=overwrite)
         self.setup_data()
         self.setup_model()
+        for hook in self.hooks:
+            hook.on_setup(self, ckpt)
         self._setup_state(ckpt, resumed_from)
         self.model = self._wrap(self.net)
         self.logger = (RunLogger(cfg, start_step=self.step, history=self.history, results_root=RESULTS_ROOT)
@@ -120,7 +161,7 @@ class Trainer:
                                pin_memory=self.device.type == "cuda", seed=cfg.seed)
 
     def setup_model(self) -> None:
-        """Network, diffusion, EMA, optimizer, GradScaler (fp16). A subclass adds its extra networks here."""
+        """Network, diffusion, EMA, optimizer, GradScaler (fp16); hooks add their extra networks in on_setup."""
         cfg, tcfg = self.cfg, self.tcfg
         seed_everything(cfg.seed)  # the same initial weights on every rank
         net = build_model(cfg).to(self.device)
@@ -144,6 +185,8 @@ class Trainer:
             seed_everything(derive_seed(self.cfg.seed, NOISE, self.dist.rank))  # per-rank noise streams
         else:
             self._restore(ckpt)
+            for hook in self.hooks:
+                hook.restore(self, ckpt)
         log_state = (ckpt or {}).get("log_state") or {}
         self.loss_watch = LossWatch(self.device, log_state.get("loss_level",
                                                                LossWatch.level_from_history(self.history)))
@@ -166,6 +209,29 @@ class Trainer:
         self.skipped_total = int(log_state.get("skipped_total", 0))
         self.history = [float(v) for v in log_state.get("loss_history", torch.zeros(0)).tolist()]
         restore_rng(ckpt["rng"], rank=self.dist.rank, seed=self.cfg.seed, step=self.step)
+
+    # -- what hooks change between rounds (e.g. distillation) ---------------------------------------
+    def load_weights(self, weights: dict) -> None:
+        """The network and its EMA take `weights` (a state dict of the bare network); the EMA's decay warm-up
+        restarts."""
+        self.net.load_state_dict(weights)
+        self.ema.model.load_state_dict(weights)
+        self.ema.num_updates = 0
+
+    def reset_optimizer(self) -> None:
+        """Forget the optimizer's state (Adam's moments and step counts); its hyper-parameters stay."""
+        self.optimizer.state.clear()
+
+    def reset_loss_watch(self) -> None:
+        """The loss watch forgets its running level: the next losses are not "exploding" against older ones."""
+        self.loss_watch.level.zero_()
+
+    def set_lr_schedule(self, factor) -> None:
+        """A new LR schedule, lr = train.lr x factor(scheduler step). Call it in TrainerHook.on_setup: a resume
+        then restores the schedule's position into the new schedule."""
+        for group in self.optimizer.param_groups:  # undo the old scheduler's first step before the new one
+            group["lr"] = group["initial_lr"]
+        self.scheduler = torch.optim.lr_scheduler.LambdaLR(self.optimizer, factor)
 
     def _wrap(self, net: torch.nn.Module) -> torch.nn.Module:
         model = net
@@ -192,17 +258,15 @@ class Trainer:
         return x0, y
 
     def compute_loss(self, batch: tuple[torch.Tensor, Optional[torch.Tensor]]) -> tuple[torch.Tensor, torch.Tensor]:
-        """Per-example losses (B,) and their timesteps t (B,) for one micro-batch: the method a variant of
-        training overrides (distillation: the student's loss against the teacher's targets)."""
-        x0, y = batch
-        # An image-conditioned model (data.task) sees its condition made from the augmented target itself
-        model = with_condition(self.model, condition_for(self.cfg, x0))
-        with autocast(self.device, self.amp):
-            return self.diffusion.training_losses(model, x0, y)
+        """Per-example losses (B,) and their timesteps t (B,) for one micro-batch: the loss object's
+        (distillation: the student's loss against the teacher's targets)."""
+        return self.loss(self, batch)
 
     def train_step(self) -> None:
         """train.grad_accum micro-batches, clipping, then the update of weights, LR and EMA. A step whose loss
         or gradient is non-finite on any rank changes no weight, optimizer or EMA state on every rank."""
+        for hook in self.hooks:
+            hook.on_step_start(self)
         self.model.train()
         accum, T = self.tcfg.grad_accum, self.diffusion.num_timesteps
         step_loss = torch.zeros((), device=self.device)
@@ -230,6 +294,8 @@ class Trainer:
         self.window.append((math.nan, 0.0, True) if skip else (loss, norm, False))
         if not skip:
             self.by_t = [a + b for a, b in zip(self.by_t, by_t)]
+        for hook in self.hooks:
+            hook.on_step_end(self)
 
     def _unscale_and_clip(self) -> torch.Tensor:
         """Total gradient norm BEFORE clipping (what is logged)."""
@@ -318,17 +384,21 @@ class Trainer:
         return path
 
     def checkpoint_state(self, rng_states: list) -> dict:
-        return {"step": self.step, "config": to_dict(self.cfg), "model": self.net.state_dict(),
-                "ema": self.ema.model.state_dict(), "ema_num_updates": float(self.ema.num_updates),
-                "optimizer": self.optimizer.state_dict(), "lr_scheduler": self.scheduler.state_dict(),
-                "grad_scaler": self.scaler.state_dict() if self.scaler is not None else None,
-                "rng": {"world_size": self.dist.world_size, "ranks": rng_states},
-                "data_state": self.data.state_dict(),
-                "cpu_threads": torch.get_num_threads() if self.device.type == "cpu" else None,
-                "log_state": {"skipped_total": self.skipped_total,
-                              "loss_history": torch.tensor(self.history, dtype=torch.float32),
-                              "loss_level": float(self.loss_watch.level)},
-                **({"phema": self.phema.state_dict()} if self.phema is not None else {})}  # post-hoc EMA: on only
+        """Every checkpoint's entries: the Trainer's, then each hook's (TrainerHook.checkpoint_state)."""
+        state = {"step": self.step, "config": to_dict(self.cfg), "model": self.net.state_dict(),
+                 "ema": self.ema.model.state_dict(), "ema_num_updates": float(self.ema.num_updates),
+                 "optimizer": self.optimizer.state_dict(), "lr_scheduler": self.scheduler.state_dict(),
+                 "grad_scaler": self.scaler.state_dict() if self.scaler is not None else None,
+                 "rng": {"world_size": self.dist.world_size, "ranks": rng_states},
+                 "data_state": self.data.state_dict(),
+                 "cpu_threads": torch.get_num_threads() if self.device.type == "cpu" else None,
+                 "log_state": {"skipped_total": self.skipped_total,
+                               "loss_history": torch.tensor(self.history, dtype=torch.float32),
+                               "loss_level": float(self.loss_watch.level)},
+                 **({"phema": self.phema.state_dict()} if self.phema is not None else {})}  # post-hoc EMA: on only
+        for hook in self.hooks:
+            state.update(hook.checkpoint_state(self))
+        return state
 
     def save(self) -> Optional[Path]:
         """step_XXXXXXX.pt and last.pt (atomic writes), then prune to train.keep_last step files.
@@ -448,14 +518,14 @@ class Trainer:
 
 # ----------------------------------------------------------------------------- entry points
 def train(cfg: Config, resume: Optional[bool | str | Path] = None, *, checkpoint: Optional[dict] = None,
-          overwrite: bool = False, stop_at: Optional[int] = None, trainer_class: type[Trainer] = Trainer) -> dict:
+          overwrite: bool = False, stop_at: Optional[int] = None, loss=None, hooks=()) -> dict:
     """Train (or resume: True = checkpoints/<run_name>/last.pt, or a path) and return a summary dict:
     step, interrupted (None | 'SIGINT' | 'SIGTERM' | 'stop_at'), exit_code, checkpoint, wall_time_s,
     images_per_sec, skipped_steps, final_loss, and the bare `model` and `ema` modules.
     `checkpoint`: an already loaded resume checkpoint; `stop_at`: stop (saving, like a signal) once this
-    step is reached; `trainer_class`: a Trainer subclass. Under torchrun (WORLD_SIZE > 1) every process
-    calls this."""
-    trainer = trainer_class(cfg, resume or None, checkpoint, overwrite, stop_at)
+    step is reached; `loss`, `hooks`: a variant of training's loss object and TrainerHooks (see Trainer).
+    Under torchrun (WORLD_SIZE > 1) every process calls this."""
+    trainer = Trainer(cfg, resume or None, checkpoint, overwrite, stop_at, loss=loss, hooks=hooks)
     try:
         return trainer.run()
     finally:
