@@ -10,6 +10,7 @@ The defaults are the DDPM paper's CIFAR-10 recipe (Ho et al. 2020, Appendix B).
 from __future__ import annotations
 
 import dataclasses
+import math
 import re
 import typing
 from dataclasses import dataclass, field
@@ -60,7 +61,15 @@ def _yaml_problem(err: yaml.YAMLError) -> str:
     return f"line {mark.line + 1}: {what}" if mark is not None else what
 
 
-class ConfigError(ValueError):
+SIGMA_REL_MAX = math.sqrt(1 / 12)  # a power-function EMA's longest length (gamma = 0: a flat average of the run)
+
+
+class UserError(Exception):
+    """Every error a user can cause: a bad flag, config, data file, checkpoint or folder. Its message is one line
+    that names the cause and the fix; each script catches UserError once, prints it and exits 1."""
+
+
+class ConfigError(UserError, ValueError):
     """A bad configuration: the message names the key and how to fix it."""
 
 
@@ -413,7 +422,6 @@ def _check_task(cfg: Config) -> None:
 
 
 def _check_ema_profiles(profiles: list[float]) -> None:
-    from sampling.posthoc import SIGMA_REL_MAX  # the range of a power-function EMA's length
     for value in profiles:
         if not 0 < value < SIGMA_REL_MAX:
             raise ConfigError(f"config key 'train.ema_profiles' = {profiles}: {value} is not a power-function EMA "

@@ -23,12 +23,11 @@ import signal
 import sys
 from typing import Optional
 
-from config import ConfigError
-from dataset import DatasetMissingError
+from config import ConfigError, UserError
 from sampling.loading import load_for_sampling
-from storage.checkpoints import CheckpointError, load_resume_checkpoint, resume_path
+from storage.checkpoints import load_resume_checkpoint, resume_path
 from training.distill_rounds import DistillPlan, DistillTrainer, check_resume_plan, distill_config
-from training.trainer import NonFiniteLossError, train
+from training.trainer import train
 
 
 def parse_args(argv: Optional[list[str]] = None) -> argparse.Namespace:
@@ -74,7 +73,7 @@ def main(argv: Optional[list[str]] = None) -> int:
             check_resume_plan(checkpoint, plan, resume)
         summary = train(cfg, resume, checkpoint=checkpoint, overwrite=args.overwrite,
                         trainer_class=functools.partial(DistillTrainer, plan=plan))
-    except (ConfigError, CheckpointError, DatasetMissingError, NonFiniteLossError) as err:
+    except UserError as err:
         print(f"error: {err}", file=sys.stderr)
         return 1
     except KeyboardInterrupt:

@@ -36,16 +36,16 @@ from typing import Optional
 import numpy as np
 import torch
 
-from config import SAMPLERS, SPACINGS, ConfigError, DataConfig
+from config import SAMPLERS, SPACINGS, DataConfig, UserError
 from evaluation.conditioned import evaluate_conditioned, summary_lines
 from evaluation.features import CLASSIFIER_DATASETS, INCEPTION_FILE, build_extractor, classifier_path, train_classifier
 from evaluation.metrics import EvalError
 from evaluation.scoring import reference_stats, score_images
 from sampling.conditioning import conditioned
-from sampling.generation import SampleError, check_eta, generate, random_labels, sampling_settings
+from sampling.generation import check_eta, generate, random_labels, sampling_settings
 from sampling.loading import load_for_sampling
 from sampling.pictures import to_uint8_images
-from storage.checkpoints import CheckpointError, save_checkpoint
+from storage.checkpoints import save_checkpoint
 from storage.files import output_folder_problem
 from storage.paths import CLASSIFIERS, DATA, EVAL_RECORDS, FID_REFS, INCEPTION, eval_records_file
 from utils import get_device, resolve_amp
@@ -326,13 +326,12 @@ def train_classifier_main(argv: list[str]) -> int:
 
 
 def main(argv: Optional[list[str]] = None) -> int:
-    from dataset import DatasetMissingError
     argv = sys.argv[1:] if argv is None else argv
     try:
         if argv[:1] == ["train-classifier"]:
             return train_classifier_main(argv[1:])
         return evaluate_main(argv)
-    except (ConfigError, CheckpointError, DatasetMissingError, EvalError, SampleError) as err:
+    except UserError as err:
         print(f"error: {err}", file=sys.stderr)
         return 1
 

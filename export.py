@@ -14,7 +14,7 @@ import sys
 from pathlib import Path
 from typing import Optional
 
-from config import ConfigError
+from config import ConfigError, UserError
 from interop.diffusers import export_diffusers
 from storage.checkpoints import CheckpointError, read_checkpoint
 from storage.files import output_folder_problem
@@ -46,7 +46,7 @@ def main(argv: Optional[list[str]] = None) -> int:
             raise CheckpointError(f"'{args.checkpoint}' has no {key!r} weights"
                                   + ("" if args.no_ema else ": pass --no-ema to export the raw weights"))
         export_diffusers(cfg, ckpt[key], out)
-    except (ConfigError, CheckpointError, OSError) as e:
+    except (UserError, OSError) as e:
         print(f"error: {e}", file=sys.stderr)
         return 1
     print(f"exported the {'raw' if args.no_ema else 'EMA'} weights of step {ckpt.get('step', '?')} to {out}/\n"

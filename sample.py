@@ -28,8 +28,7 @@ from typing import Optional
 
 import torch
 
-from config import AMP_MODES, SAMPLERS, SPACINGS, ConfigError, load_config
-from dataset import DatasetMissingError
+from config import AMP_MODES, SAMPLERS, SPACINGS, UserError, load_config
 from diffusion import Diffusion, build_diffusion
 from editing.modes import add_edit_args, edit_mode, plan_edit
 from sampling.conditioning import conditioned
@@ -37,7 +36,7 @@ from sampling.conditions import display_inputs, plan_conditions, save_comparison
 from sampling.generation import SampleError, check_eta, generate, parse_class_labels, plan_labels, sampling_settings
 from sampling.loading import load_for_sampling
 from sampling.pictures import Recorder, forward_figure, save_animation, save_samples, save_toy_outputs, save_trajectory
-from storage.checkpoints import CheckpointError, resolve_checkpoint
+from storage.checkpoints import resolve_checkpoint
 from storage.files import output_folder_problem
 from storage.outputs import MANIFEST, check_out_dir, free_default_folder, start_out_dir  # noqa: F401
 from storage.paths import RunPaths
@@ -255,7 +254,7 @@ def main(argv: Optional[list[str]] = None) -> int:
     try:
         edit_mode(args)  # refuses mixed modes before anything is loaded
         paths = run_forward(args) if args.forward else run_sampling(args)
-    except (SampleError, ConfigError, CheckpointError, DatasetMissingError) as e:
+    except UserError as e:
         print(f"error: {e}", file=sys.stderr)
         sys.exit(1)
     images = [p for p in paths if re.fullmatch(r"\d{6}\.png", p.name)]

@@ -14,13 +14,14 @@ from typing import Callable, Iterable, Optional
 import torch
 from tqdm.auto import tqdm
 
+from config import UserError
 from diffusion import Diffusion
 from sampling.conditioning import with_condition
 from utils import autocast as amp_autocast
 from utils import derive_seed, resolve_amp
 
 
-class SampleError(ValueError):
+class SampleError(UserError, ValueError):
     """A bad sampling argument (sample.py, evaluate.py); the message says what to change."""
 
 

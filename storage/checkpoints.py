@@ -10,13 +10,13 @@ from typing import BinaryIO, Optional
 
 import torch
 
-from config import Config, ConfigError, from_dict, load_config, validate
+from config import Config, ConfigError, UserError, from_dict, load_config, validate
 from storage.files import atomic_write
 from storage.paths import CHECKPOINTS, RunPaths
 
 CHECKPOINT_VERSION = 1
 
-class CheckpointError(RuntimeError):
+class CheckpointError(UserError, RuntimeError):
     """A missing, corrupt or incompatible checkpoint; the message says what to do. `cause`: the message
     without its advice, for callers that give their own (train.py's resume lists the files that load)."""
 

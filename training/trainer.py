@@ -28,7 +28,7 @@ import torch
 import torch.distributed as dist
 from tqdm.auto import tqdm
 
-from config import Config, ConfigError, to_dict
+from config import Config, ConfigError, UserError, to_dict
 from dataset import build_dataset, check_data
 from diffusion import build_diffusion
 from model import build_model, count_parameters
@@ -40,8 +40,15 @@ from storage.paths import RunPaths
 from storage.run_folder import CheckpointHealth, end_message, lock_run_dir, prepare_run_dir, start_message
 from training.data_order import NOISE, DataStream, EpochBatches, KeyedItems
 from training.ema import EMA, PowerFunctionEMA
-from training.parts import (LossWatch, StopSignals, all_finite, build_optimizer, gather_rng_states, lr_factor,
-    setup_distributed)
+from training.parts import (
+    LossWatch,
+    StopSignals,
+    all_finite,
+    build_optimizer,
+    gather_rng_states,
+    lr_factor,
+    setup_distributed,
+)
 from training.resume import check_resumable, restore_optimization, restore_rng, warn_thread_count
 from training.runlog import RunLogger, save_samples
 from utils import autocast, derive_seed, resolve_amp, resolve_channels_last, seed_everything
@@ -49,7 +56,7 @@ from utils import autocast, derive_seed, resolve_amp, resolve_channels_last, see
 STOP_AT, NONFINITE = 1, 1000                 # stop codes next to signal numbers (largest wins across ranks)
 
 
-class NonFiniteLossError(RuntimeError):
+class NonFiniteLossError(UserError, RuntimeError):
     """Training diverged: too many unhealthy steps (non-finite or exploding loss) in a row; the message names
     the last good checkpoint."""
 
