@@ -145,7 +145,7 @@ class TrainConfig:
     ema_profiles: list[float] = field(default_factory=list)
     ema_snapshot_every: int = 1000
     amp: str = "auto"                  # auto | off | bf16 | fp16 (fp16 needs CUDA); auto: bf16 where it is fast
-    channels_last: Optional[bool] = None  # None (null) = auto: on for CUDA, off on CPU (measured)
+    channels_last: Optional[bool] = None  # None (null) = auto: on for CUDA, off on CPU
     compile: bool = False
     cond_drop_prob: float = 0.1        # class-conditional models: label dropout for CFG
     max_nonfinite: int = 10            # stop after this many non-finite losses in a row (>= 1)
@@ -301,9 +301,10 @@ def save_config(cfg: Config, path: str | Path) -> None:
 
 
 # ----------------------------------------------------------------------------- value checks
-def _choice(key: str, value: str, choices: tuple) -> None:
+def check_choice(name: str, value: str, choices: tuple) -> None:
+    """One rule for every named choice (config keys, flags, library arguments): `name` is how the user set it."""
     if value not in choices:
-        raise ConfigError(f"config key '{key}' = {value!r} is not one of: {', '.join(choices)}")
+        raise ConfigError(f"unknown {name} {value!r}: choose one of {', '.join(choices)}")
 
 
 def _positive(key: str, value: float, allow_zero: bool = False) -> None:
@@ -342,19 +343,19 @@ def _check_unet_levels(cfg: Config) -> None:
 
 def _check_choices(cfg: Config) -> None:
     data, model, dcfg, train, sample = cfg.data, cfg.model, cfg.diffusion, cfg.train, cfg.sample
-    _choice("data.dataset", data.dataset, DATASETS)
-    _choice("data.split", data.split, ("train", "test"))
-    _choice("data.task", data.task, TASKS)
-    _choice("data.toy_distribution", data.toy_distribution, TOY_DISTRIBUTIONS)
-    _choice("model.kind", model.kind, ("unet", "mlp"))
-    _choice("diffusion.schedule", dcfg.schedule, SCHEDULES)
-    _choice("diffusion.objective", dcfg.objective, OBJECTIVES)
-    _choice("diffusion.loss_weighting", dcfg.loss_weighting, LOSS_WEIGHTINGS)
-    _choice("diffusion.var_type", dcfg.var_type, VAR_TYPES)
-    _choice("diffusion.timestep_spacing", dcfg.timestep_spacing, SPACINGS)
-    _choice("sample.sampler", sample.sampler, SAMPLERS)
-    _choice("train.amp", train.amp, AMP_MODES)
-    _choice("train.lr_schedule", train.lr_schedule, LR_SCHEDULES)
+    check_choice("value of config key 'data.dataset'", data.dataset, DATASETS)
+    check_choice("value of config key 'data.split'", data.split, ("train", "test"))
+    check_choice("value of config key 'data.task'", data.task, TASKS)
+    check_choice("value of config key 'data.toy_distribution'", data.toy_distribution, TOY_DISTRIBUTIONS)
+    check_choice("value of config key 'model.kind'", model.kind, ("unet", "mlp"))
+    check_choice("value of config key 'diffusion.schedule'", dcfg.schedule, SCHEDULES)
+    check_choice("value of config key 'diffusion.objective'", dcfg.objective, OBJECTIVES)
+    check_choice("value of config key 'diffusion.loss_weighting'", dcfg.loss_weighting, LOSS_WEIGHTINGS)
+    check_choice("value of config key 'diffusion.var_type'", dcfg.var_type, VAR_TYPES)
+    check_choice("value of config key 'diffusion.timestep_spacing'", dcfg.timestep_spacing, SPACINGS)
+    check_choice("value of config key 'sample.sampler'", sample.sampler, SAMPLERS)
+    check_choice("value of config key 'train.amp'", train.amp, AMP_MODES)
+    check_choice("value of config key 'train.lr_schedule'", train.lr_schedule, LR_SCHEDULES)
 
 
 def _check_counts(cfg: Config) -> None:
@@ -438,7 +439,8 @@ def validate(cfg: Config) -> Config:
     _check_run_name(cfg.run_name)
     _check_unet_levels(cfg)
     if cfg.data.holdout and cfg.data.dataset == "toy2d":
-        raise ConfigError("data.holdout is for image data sets; toy2d draws its own held-out points: set data.holdout=0")
+        raise ConfigError("data.holdout is for image data sets; toy2d draws its own held-out points: "
+                          "set data.holdout=0")
     _check_task(cfg)
     if (cfg.data.dataset == "toy2d") != (cfg.model.kind == "mlp"):
         raise ConfigError("data.dataset=toy2d goes with model.kind=mlp (and images with model.kind=unet); "

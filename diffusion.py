@@ -21,7 +21,7 @@ import torch.nn as nn
 from tqdm.auto import tqdm
 
 import editing.algorithms as editing
-from config import LOSS_WEIGHTINGS, OBJECTIVES, SAMPLERS, SCHEDULES, SPACINGS, VAR_TYPES, ConfigError
+from config import LOSS_WEIGHTINGS, OBJECTIVES, SAMPLERS, SCHEDULES, SPACINGS, VAR_TYPES, ConfigError, check_choice
 
 # t_prev of the last sampling step: "before step 0", the data itself (alpha-bar = 1, no noise). Only
 # `Diffusion.alpha_bar_prev` gives it a value; it indexes no coefficient table.
@@ -60,11 +60,6 @@ def make_betas(schedule: str, num_timesteps: int, beta_start: float = 1e-4, beta
     raise ConfigError(f"unknown schedule {schedule!r} (choose from {', '.join(SCHEDULES)})")
 
 
-def _choice(name: str, value: str, choices: tuple) -> None:
-    if value not in choices:
-        raise ConfigError(f"unknown {name} {value!r} (choose from {', '.join(choices)})")
-
-
 class Diffusion(nn.Module):
     """Schedule buffers + forward process + loss + samplers. `model(xt, t, y=None)` is the only
     model interface; class label -1 means "no label" (the null label of classifier-free guidance)."""
@@ -74,10 +69,10 @@ class Diffusion(nn.Module):
                  min_snr_gamma: float = 5.0, var_type: str = "fixed_small",
                  timestep_spacing: str = "leading"):
         super().__init__()
-        _choice("objective", objective, OBJECTIVES)
-        _choice("loss weighting", loss_weighting, LOSS_WEIGHTINGS)
-        _choice("variance type", var_type, VAR_TYPES)
-        _choice("timestep spacing", timestep_spacing, SPACINGS)
+        check_choice("objective", objective, OBJECTIVES)
+        check_choice("loss weighting", loss_weighting, LOSS_WEIGHTINGS)
+        check_choice("variance type", var_type, VAR_TYPES)
+        check_choice("timestep spacing", timestep_spacing, SPACINGS)
         if num_timesteps < 1:
             raise ConfigError(f"num_timesteps must be >= 1, got {num_timesteps}")
         self.num_timesteps, self.objective = num_timesteps, objective
@@ -196,7 +191,7 @@ class Diffusion(nn.Module):
         evaluates the model at t=0 gives the multistep solver one huge log-SNR step (t=k -> 0), where
         its second-order extrapolation is unstable (measured on the Gaussian oracle: std 0.61 instead
         of 0.50 at 20 steps); diffusers' DPM-Solver likewise ends at a positive t, then jumps to sigma=0."""
-        _choice("sampler", sampler, SAMPLERS)
+        check_choice("sampler", sampler, SAMPLERS)
         T = self.num_timesteps
         if sampler == "ddpm":
             if steps not in (None, T):
@@ -210,7 +205,7 @@ class Diffusion(nn.Module):
         if not 1 <= steps <= T:
             raise ConfigError(f"steps must be between 1 and num_timesteps={T}, got {steps}")
         spacing = spacing or ("trailing" if sampler == "dpmpp2m" else self.timestep_spacing)
-        _choice("timestep spacing", spacing, SPACINGS)
+        check_choice("timestep spacing", spacing, SPACINGS)
         if spacing == "leading":      # [DDIM] Sec. D.2: 0, k, 2k, ... with k = T // steps
             ts = [i * (T // steps) for i in range(steps)]
         elif spacing == "trailing":   # ends exactly at T-1 (Lin et al. 2024, Table 2)
@@ -225,15 +220,20 @@ class Diffusion(nn.Module):
         return list(zip(timesteps, [*timesteps[1:], DATA_T]))
 
     @staticmethod
-    def check_eta(sampler: str, eta: Optional[float]) -> float:
+    def check_eta(sampler: Optional[str], eta: Optional[float], name: str = "eta") -> float:
         """eta as the steps use it. Only the samplers in ETA_SAMPLERS take eta; None or 0 (what the scripts
         pass every sampler by default) means "not given", any other eta is refused by the other samplers
-        rather than silently dropped (`--eta 1` with ddpm used to vanish)."""
-        _choice("sampler", sampler, SAMPLERS)
+        rather than silently dropped. sampler None checks the range only (a script's flag, before loading);
+        `name` is the flag or key the message names."""
+        if sampler is not None:
+            check_choice("sampler", sampler, SAMPLERS)
         if eta is None:
             return 0.0
-        if eta < 0:
-            raise ConfigError(f"eta must be >= 0, got {eta}")
+        if not 0 <= eta <= 1:  # NaN fails too (it gave all-black images)
+            raise ConfigError(f"{name} {eta:g} is outside [0, 1] (eta must be >= 0 and at most 1): use 0 "
+                              f"(deterministic DDIM) up to 1 (ancestral-like)")
+        if sampler is None:
+            return float(eta)
         if eta != 0 and sampler not in ETA_SAMPLERS:
             raise ConfigError(f"sampler {sampler} does not use eta (got eta={eta:g}); the samplers that take eta: "
                               f"{', '.join(ETA_SAMPLERS)}. Drop eta or use one of those")
@@ -318,7 +318,7 @@ class Diffusion(nn.Module):
         """One step of `sampler` from x_t to x_{t_prev}, given the model output at (x_t, t). Pure: the
         caller draws `noise` (exactly when needs_noise says so) and threads `state` from step to step.
         t_prev is below t (ddpm: t - 1) or DATA_T; deterministic ddim (eta = 0) also steps upwards."""
-        _choice("sampler", sampler, SAMPLERS)
+        check_choice("sampler", sampler, SAMPLERS)
         if (sampler == "ddpm" and t_prev != t - 1) or (t_prev >= t and not (sampler == "ddim" and eta == 0)):
             raise ValueError(f"{sampler} cannot step from t={t} to t_prev={t_prev}")
         if (noise is not None) != self.needs_noise(sampler, t_prev, eta):

@@ -37,12 +37,13 @@ import numpy as np
 import torch
 
 from config import SAMPLERS, SPACINGS, DataConfig, UserError
+from diffusion import Diffusion
 from evaluation.conditioned import evaluate_conditioned, summary_lines
 from evaluation.features import CLASSIFIER_DATASETS, INCEPTION_FILE, build_extractor, classifier_path, train_classifier
 from evaluation.metrics import EvalError
 from evaluation.scoring import reference_stats, score_images
 from sampling.conditioning import conditioned
-from sampling.generation import check_eta, generate, random_labels, sampling_settings
+from sampling.generation import generate, random_labels, sampling_settings
 from sampling.loading import load_for_sampling
 from sampling.pictures import to_uint8_images
 from storage.checkpoints import save_checkpoint
@@ -185,7 +186,7 @@ def check_arguments(args) -> torch.device:
                         ("--num-ref", args.num_ref), ("--k", args.k)]:
         if value is not None and value < 1:
             raise EvalError(f"{flag} must be a positive integer, got {value}")
-    check_eta(args.eta)
+    Diffusion.check_eta(None, args.eta, "--eta")
     check_ema_length(args)
     for flag, folder in [("--results-dir", args.results_dir), ("--ref-dir", args.ref_dir)]:
         problem = output_folder_problem(folder)

@@ -20,9 +20,10 @@ from typing import Callable, Optional
 import torch
 
 from editing.algorithms import INPAINT_SAMPLERS, sdedit_timesteps
-from sampling.generation import SampleError, SampleNoise, autocast, parse_class_labels, sampling_settings
+from sampling.generation import SampleError, SampleNoise, parse_class_labels, sampling_settings
 from sampling.images import BUILTIN_MASKS, load_images, load_mask, mask_picture, psnr, save_png
 from sampling.pictures import image_grid
+from utils import autocast
 
 MODES = {"inpaint": "--inpaint", "init_image": "--init-image", "interpolate": "--interpolate", "invert": "--invert"}
 ONLY_WITH = {"mask": "inpaint", "resample": "inpaint", "jump": "inpaint", "strength": "init_image",

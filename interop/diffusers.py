@@ -16,10 +16,21 @@ from typing import Optional
 
 import torch
 
-from config import (SPACINGS, Config, ConfigError, DataConfig, DiffusionConfig, ModelConfig, SampleConfig, TrainConfig,
-    cond_channels, validate)
+from config import (
+    SPACINGS,
+    Config,
+    ConfigError,
+    DataConfig,
+    DiffusionConfig,
+    ModelConfig,
+    SampleConfig,
+    TrainConfig,
+    cond_channels,
+    validate,
+)
 from model import build_model
 from storage.checkpoints import CheckpointError
+from utils import is_int
 
 WEIGHTS = "diffusion_pytorch_model"
 
@@ -90,16 +101,12 @@ _SCHEDULER_RULES = [
 ]
 
 
-def _is_int(v) -> bool:
-    return isinstance(v, int) and not isinstance(v, bool)
-
-
 # The types of the values that the rules and the conversion compute with (config.json is untrusted input).
 _KINDS = {
-    "int": (lambda v: _is_int(v) and v > 0, "a positive integer"),
-    "int?": (lambda v: v is None or (_is_int(v) and v > 0), "a positive integer or null"),
+    "int": (lambda v: is_int(v) and v > 0, "a positive integer"),
+    "int?": (lambda v: v is None or (is_int(v) and v > 0), "a positive integer or null"),
     "num": (lambda v: isinstance(v, (int, float)) and not isinstance(v, bool), "a number"),
-    "ints": (lambda v: isinstance(v, list) and v and all(_is_int(w) and w > 0 for w in v),
+    "ints": (lambda v: isinstance(v, list) and v and all(is_int(w) and w > 0 for w in v),
              "a non-empty list of positive integers"),
     "strs": (lambda v: isinstance(v, list) and all(isinstance(t, str) for t in v), "a list of strings"),
 }
@@ -125,7 +132,7 @@ def _condition(c: dict) -> Optional[dict]:
     if cond is None:
         return None
     if (not isinstance(cond, dict) or cond.get("task") not in ("superres", "colorize")
-            or not _is_int(cond.get("sr_factor")) or cond["sr_factor"] < 1):
+            or not is_int(cond.get("sr_factor")) or cond["sr_factor"] < 1):
         raise ConfigError(f"config.json {CONDITION_KEY} = {cond!r} must be {{\"task\": \"superres\" or "
                           "\"colorize\", \"sr_factor\": a positive integer}")
     return cond

@@ -17,8 +17,7 @@ from tqdm.auto import tqdm
 from config import UserError
 from diffusion import Diffusion
 from sampling.conditioning import with_condition
-from utils import autocast as amp_autocast
-from utils import derive_seed, resolve_amp
+from utils import autocast, derive_seed
 
 
 class SampleError(UserError, ValueError):
@@ -44,14 +43,6 @@ def sample_shape(cfg) -> tuple[int, ...]:
     """The shape of one sample: (2,) for the 2-D toy MLP, else (C, S, S)."""
     size = cfg.data.image_size
     return (2,) if cfg.model.kind == "mlp" else (cfg.model.in_channels, size, size)
-
-
-def autocast(device: torch.device, amp: str):
-    """Sampling autocast for --amp (auto resolved per device); fp16 needs CUDA."""
-    amp = resolve_amp(amp, device)
-    if amp == "fp16" and device.type != "cuda":
-        raise SampleError("--amp fp16 needs a CUDA device; on CPU use --amp bf16 (or off)")
-    return amp_autocast(device, amp)
 
 
 def generate(model: Callable, diffusion: Diffusion, cfg, num_samples: int, batch_size: int, seed: int,
@@ -98,16 +89,11 @@ def sampling_settings(cfg, num_timesteps: int, sampler: Optional[str] = None, st
                 guidance_scale=s.guidance_scale if guidance_scale is None else guidance_scale)
 
 
-def check_eta(eta: Optional[float]) -> None:
-    if eta is not None and not 0 <= eta <= 1:  # NaN fails too (it gave all-black images)
-        raise SampleError(f"--eta {eta} is outside [0, 1]: use 0 (deterministic DDIM) up to 1 (ancestral-like)")
-
-
 def check_sampling_flags(sampler: str, eta: Optional[float], spacing: Optional[str],
                          guidance_scale: Optional[float], num_classes: int) -> None:
     """Refuse explicit flags (None = not given) that are out of range or that this sampler or model would
     silently ignore."""
-    check_eta(eta)
+    Diffusion.check_eta(None, eta, "--eta")
     if eta is not None and sampler != "ddim":
         raise SampleError(f"--eta is used only by the ddim sampler; {sampler} ignores it: drop --eta, or pass "
                           "--sampler ddim")

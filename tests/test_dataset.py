@@ -19,8 +19,15 @@ import torch
 from PIL import Image
 
 from config import Config, ConfigError, DataConfig
-from dataset import (CIFAR10_CLASSES, BadDataError, DatasetMissingError, build_dataset, check_data, dataset_info,
-    sample_toy2d)
+from dataset import (
+    CIFAR10_CLASSES,
+    BadDataError,
+    DatasetMissingError,
+    build_dataset,
+    check_data,
+    dataset_info,
+    sample_toy2d,
+)
 from storage.data_files import read_idx
 
 REPO = Path(__file__).resolve().parents[1]

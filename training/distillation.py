@@ -24,13 +24,13 @@ References:
 """
 from __future__ import annotations
 
-import numbers
 from typing import Callable, Optional
 
 import torch
 
 from config import ConfigError
 from diffusion import DATA_T, Diffusion
+from utils import is_int
 
 # The time grid of every round. "trailing" puts step i of N at round(T - i T / N) - 1, the integer version of
 # [PD]'s t = i / N, so the N-step grid is exactly every other point of the 2N-step grid (i T / N = 2i T / 2N,
@@ -41,14 +41,10 @@ from diffusion import DATA_T, Diffusion
 GRID_SPACING = "trailing"
 
 
-def _is_int(n) -> bool:
-    return isinstance(n, numbers.Integral) and not isinstance(n, bool)
-
-
 def distillation_rounds(start_steps: int, final_steps: int, num_timesteps: int) -> list[int]:
     """The student's step count of each round, from a start_steps-step teacher down to final_steps:
     [N0/2, N0/4, ..., final_steps]. Refuses (ConfigError) what halving cannot reach."""
-    if not _is_int(start_steps) or not _is_int(final_steps) or final_steps < 1:
+    if not is_int(start_steps) or not is_int(final_steps) or final_steps < 1:
         raise ConfigError(f"distillation step counts must be positive integers, got start {start_steps!r} and "
                           f"final {final_steps!r}")
     if not final_steps < start_steps <= num_timesteps:

@@ -69,7 +69,7 @@ class RunLogger:
         self.writer.close()
 
 @torch.no_grad()
-def save_samples(diffusion, ema_model: torch.nn.Module, cfg: Config, path: Path, dataset, title: str,
+def save_training_grid(diffusion, ema_model: torch.nn.Module, cfg: Config, path: Path, dataset, title: str,
                  conditions=None) -> None:
     """train.num_sample_images EMA samples (DDIM, train.sample_steps) from a generator seeded with cfg.seed,
     so the grids of a run are comparable over time: an image grid at `path`, or for the 2-D toy data a

@@ -50,7 +50,7 @@ from training.parts import (
     setup_distributed,
 )
 from training.resume import check_resumable, restore_optimization, restore_rng, warn_thread_count
-from training.runlog import RunLogger, save_samples
+from training.runlog import RunLogger, save_training_grid
 from utils import autocast, derive_seed, resolve_amp, resolve_channels_last, seed_everything
 
 STOP_AT, NONFINITE = 1, 1000                 # stop codes next to signal numbers (largest wins across ranks)
@@ -307,7 +307,7 @@ class Trainer:
         start, path = time.perf_counter(), self.images_dir / f"step_{self.step:07d}.png"
         cuda = [self.device.index or 0] if self.device.type == "cuda" else []
         with torch.random.fork_rng(devices=cuda), autocast(self.device, self.amp):
-            save_samples(self.diffusion, self.ema.model, self.cfg, path, self.base_dataset,
+            save_training_grid(self.diffusion, self.ema.model, self.cfg, path, self.base_dataset,
                          title=f"{self.cfg.run_name} step {self.step}: EMA, DDIM {self.tcfg.sample_steps}",
                          conditions=self.sample_conditions)
         self.logger.image("samples/ema_ddim", path, self.step)
