@@ -16,18 +16,8 @@ from typing import Optional
 
 import torch
 
-from config import (
-    SPACINGS,
-    Config,
-    ConfigError,
-    DataConfig,
-    DiffusionConfig,
-    ModelConfig,
-    SampleConfig,
-    TrainConfig,
-    cond_channels,
-    validate,
-)
+from config import (SPACINGS, Config, ConfigError, DataConfig, DiffusionConfig, ModelConfig, SampleConfig, TrainConfig,
+    cond_channels, validate)
 from model import build_model
 from storage.checkpoints import CheckpointError
 from utils import is_int

@@ -19,15 +19,8 @@ import torch
 from PIL import Image
 
 from config import Config, ConfigError, DataConfig
-from dataset import (
-    CIFAR10_CLASSES,
-    BadDataError,
-    DatasetMissingError,
-    build_dataset,
-    check_data,
-    dataset_info,
-    sample_toy2d,
-)
+from dataset import (CIFAR10_CLASSES, BadDataError, DatasetMissingError, build_dataset, check_data, dataset_info,
+    sample_toy2d)
 from storage.data_files import read_idx
 
 REPO = Path(__file__).resolve().parents[1]

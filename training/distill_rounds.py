@@ -29,14 +29,8 @@ import torch
 
 from config import Config, ConfigError, config_with_overrides, to_dict, validate
 from storage.checkpoints import CheckpointError, copy_checkpoint
-from training.distillation import (
-    GRID_SPACING,
-    distillation_rounds,
-    distillation_target,
-    sample_triples,
-    student_loss,
-    student_triples,
-)
+from training.distillation import (GRID_SPACING, distillation_rounds, distillation_target, sample_triples, student_loss,
+    student_triples)
 from training.parts import lr_factor
 from training.trainer import Trainer
 from utils import autocast

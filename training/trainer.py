@@ -40,15 +40,8 @@ from storage.paths import RunPaths
 from storage.run_folder import CheckpointHealth, end_message, lock_run_dir, prepare_run_dir, start_message
 from training.data_order import NOISE, DataStream, EpochBatches, KeyedItems
 from training.ema import EMA, PowerFunctionEMA
-from training.parts import (
-    LossWatch,
-    StopSignals,
-    all_finite,
-    build_optimizer,
-    gather_rng_states,
-    lr_factor,
-    setup_distributed,
-)
+from training.parts import (LossWatch, StopSignals, all_finite, build_optimizer, gather_rng_states, lr_factor,
+    setup_distributed)
 from training.resume import check_resumable, restore_optimization, restore_rng, warn_thread_count
 from training.runlog import RunLogger, save_training_grid
 from utils import autocast, derive_seed, resolve_amp, resolve_channels_last, seed_everything
