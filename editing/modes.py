@@ -20,10 +20,9 @@ from typing import Callable, Optional
 import torch
 
 from editing.algorithms import INPAINT_SAMPLERS, sdedit_timesteps
-from sampling.generation import SampleError, SampleNoise, parse_class_labels, sampling_settings
+from sampling.generation import SampleError, SampleNoise, parse_class_labels, sampling_autocast, sampling_settings
 from sampling.images import BUILTIN_MASKS, load_images, load_mask, mask_picture, psnr, save_png
 from sampling.pictures import image_grid
-from utils import autocast
 
 MODES = {"inpaint": "--inpaint", "init_image": "--init-image", "interpolate": "--interpolate", "invert": "--invert"}
 ONLY_WITH = {"mask": "inpaint", "resample": "inpaint", "jump": "inpaint", "strength": "init_image",
@@ -194,7 +193,7 @@ def _plan_inpaint(args, model, diffusion, cfg, class_names, seed) -> EditJob:
     y, dev = _labels(args, cfg, class_names, len(src)), diffusion.betas.device
 
     def one(sl, noise, y_b, _):
-        with autocast(dev, args.amp):
+        with sampling_autocast(dev, args.amp):
             return diffusion.inpaint(model, src[sl].to(dev), keep[sl].to(dev), resample=resample, jump=jump,
                                      generator=noise, y=None if y_b is None else y_b.to(dev), **kw)
     bs = args.batch_size or cfg.sample.batch_size
@@ -218,7 +217,7 @@ def _plan_img2img(args, model, diffusion, cfg, class_names, seed) -> EditJob:
 
     def one(sl, noise, y_b, callback):
         y_b = None if y_b is None else y_b.to(dev)
-        with autocast(dev, args.amp):
+        with sampling_autocast(dev, args.amp):
             if callback is None:
                 return diffusion.edit(model, src[sl].to(dev), strength, generator=noise, y=y_b, **kw)
             return _edit_recorded(diffusion, model, src[sl].to(dev), ts, noise, y_b, kw, callback)

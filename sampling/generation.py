@@ -17,7 +17,7 @@ from tqdm.auto import tqdm
 from config import UserError
 from diffusion import Diffusion
 from sampling.conditioning import with_condition
-from utils import autocast, derive_seed
+from utils import autocast, derive_seed, resolve_amp
 
 
 class SampleError(UserError, ValueError):
@@ -45,6 +45,13 @@ def sample_shape(cfg) -> tuple[int, ...]:
     return (2,) if cfg.model.kind == "mlp" else (cfg.model.in_channels, size, size)
 
 
+def sampling_autocast(device: torch.device, amp: str):
+    """utils.autocast for --amp, refusing fp16 off CUDA (on CPU bf16 is the fast half precision)."""
+    if resolve_amp(amp, device) == "fp16" and device.type != "cuda":
+        raise SampleError("--amp fp16 needs a CUDA device; on CPU use --amp bf16 (or off)")
+    return autocast(device, amp)
+
+
 def generate(model: Callable, diffusion: Diffusion, cfg, num_samples: int, batch_size: int, seed: int,
              sampler: str, steps: Optional[int], eta: float = 0.0, timestep_spacing: Optional[str] = None,
              labels: Optional[list[int]] = None, guidance_scale: float = 1.0, clip_x0: bool = True,
@@ -62,7 +69,7 @@ def generate(model: Callable, diffusion: Diffusion, cfg, num_samples: int, batch
         n = min(batch_size, num_samples - start)
         y = y_all[start:start + n].to(device) if y_all is not None else None
         cond = conditions[start:start + n].to(device) if conditions is not None else None
-        with autocast(device, amp):
+        with sampling_autocast(device, amp):
             x = diffusion.sample(with_condition(model, cond), (n, *shape), sampler=sampler, steps=steps, eta=eta,
                                  generator=SampleNoise(seed, range(start, start + n)), y=y,
                                  guidance_scale=guidance_scale, clip_x0=clip_x0, progress=progress,
