@@ -10,7 +10,7 @@ training split (dataset.build_dataset(held_out=True)) were never trained on. Eve
   1. the first --num held-out digits are the inputs; all held-out digits are the FID reference;
   2. a digit classifier (features.train_classifier) trained on the KEPT images only (the training split
      minus the held-out ones), so it never saw the inputs either; cached under data/classifiers/;
-  3. inpainting (Diffusion.inpaint, RePaint) of each --masks region (images.builtin_mask: bottom half, centre
+  3. inpainting (editing.algorithms.inpaint, RePaint) of each --masks region (images.builtin_mask: bottom half, centre
      square of half the side) for each --inpaint-rows entry sampler:steps:eta:resample:jump. The default
      "DDPM-50" rows are ddim with eta=1 on a 50-step grid, which is the DDPM posterior step on that
      respaced grid (RePaint's own setting is that with T=250, resample 10, jump 10: 2410 model evaluations
@@ -19,9 +19,9 @@ training split (dataset.build_dataset(held_out=True)) were never trained on. Eve
      sample.py's default resample 5 / jump 5, and the paper's resample 10 / jump 10.
      Scores: the classifier's accuracy on the true labels, the classifier-feature FID against all held-out
      digits, the largest |result - input| over the kept pixels (must be exactly 0), the wall time;
-  4. DDIM inversion (Diffusion.invert) and reconstruction (sample ddim, eta 0, from the inverted x_T) at each
+  4. DDIM inversion (editing.algorithms.invert) and reconstruction (sample ddim, eta 0, from the inverted x_T) at each
      of --invert-steps: PSNR (data range [-1, 1], so peak 2);
-  5. SDEdit (Diffusion.edit, ddim --sdedit-steps, eta 0) at each of --strengths: the distance the images
+  5. SDEdit (editing.algorithms.edit, ddim --sdedit-steps, eta 0) at each of --strengths: the distance the images
      moved from the inputs, FID and label accuracy;
   6. writes the tables between <!-- editing:start --> and <!-- editing:end --> in bench/RESULTS.md (--no-write:
      print only). Every row draws its noise from its own seeded generator (reproducible at one --batch-size).
@@ -45,7 +45,7 @@ from quality_report import RESULTS, commit, machine, markers, write_section  # n
 import evaluation.features as feat  # noqa: E402
 from config import ConfigError  # noqa: E402
 from dataset import build_dataset  # noqa: E402
-from editing.algorithms import INPAINT_SAMPLERS, repaint_schedule, sdedit_timesteps  # noqa: E402
+from editing.algorithms import INPAINT_SAMPLERS, edit, inpaint, invert, repaint_schedule, sdedit_timesteps  # noqa: E402
 from evaluation.metrics import EvalError, frechet_distance, gaussian_stats  # noqa: E402
 from sampling.images import BUILTIN_MASKS, builtin_mask  # noqa: E402
 from sampling.loading import load_for_sampling  # noqa: E402
@@ -200,8 +200,8 @@ def run_inpainting(model, diffusion, cfg, x, labels, scorer, plan, args) -> list
         for row in plan["rows"]:
             name = f"{region} {row_name(row)} r{row['resample']} j{row['jump']}"
             gen, start = _generator(args.seed, name), time.perf_counter()
-            result = _batched(lambda b: diffusion.inpaint(
-                model, b, mask.expand(len(b), -1, -1, -1), sampler=row["sampler"], steps=row["steps"],
+            result = _batched(lambda b: inpaint(
+                diffusion, model, b, mask.expand(len(b), -1, -1, -1), sampler=row["sampler"], steps=row["steps"],
                 eta=row["eta"], resample=row["resample"], jump=row["jump"], generator=gen,
                 clip_x0=cfg.sample.clip_x0), x, args.batch_size)
             wall = time.perf_counter() - start
@@ -223,7 +223,7 @@ def run_inversion(model, diffusion, cfg, x, labels, scorer, plan, args) -> list[
         start = time.perf_counter()
 
         def round_trip(b):
-            x_T = diffusion.invert(model, b, steps=steps)
+            x_T = invert(diffusion, model, b, steps=steps)
             return diffusion.sample(model, b.shape, "ddim", steps, eta=0.0, x_T=x_T, clip_x0=cfg.sample.clip_x0)
         rec = _batched(round_trip, x, args.batch_size)
         scores = psnr(rec, x)
@@ -238,8 +238,8 @@ def run_sdedit(model, diffusion, cfg, x, labels, scorer, plan, args) -> list[dic
     out = []
     for strength, grid in zip(plan["strengths"], plan["sdedit_grids"]):
         gen, start = _generator(args.seed, f"sdedit {strength}"), time.perf_counter()
-        result = _batched(lambda b: diffusion.edit(model, b, strength, sampler="ddim", steps=args.sdedit_steps,
-                                                   eta=0.0, generator=gen, clip_x0=cfg.sample.clip_x0),
+        result = _batched(lambda b: edit(diffusion, model, b, strength, sampler="ddim", steps=args.sdedit_steps,
+                                         eta=0.0, generator=gen, clip_x0=cfg.sample.clip_x0),
                           x, args.batch_size)
         moved = (result - x).flatten(1)
         out.append({"strength": strength, "grid": grid, "rms": moved.pow(2).mean(1).sqrt().mean().item(),

@@ -19,7 +19,7 @@ from typing import Callable, Optional
 
 import torch
 
-from editing.algorithms import INPAINT_SAMPLERS, sdedit_timesteps
+from editing.algorithms import INPAINT_SAMPLERS, edit, inpaint, invert, sdedit_timesteps
 from sampling.generation import SampleError, SampleNoise, parse_class_labels, sampling_autocast, sampling_settings
 from sampling.images import BUILTIN_MASKS, load_images, load_mask, mask_picture, psnr, save_png
 from sampling.pictures import image_grid
@@ -194,8 +194,8 @@ def _plan_inpaint(args, model, diffusion, cfg, class_names, seed) -> EditJob:
 
     def one(sl, noise, y_b, _):
         with sampling_autocast(dev, args.amp):
-            return diffusion.inpaint(model, src[sl].to(dev), keep[sl].to(dev), resample=resample, jump=jump,
-                                     generator=noise, y=None if y_b is None else y_b.to(dev), **kw)
+            return inpaint(diffusion, model, src[sl].to(dev), keep[sl].to(dev), resample=resample, jump=jump,
+                           generator=noise, y=None if y_b is None else y_b.to(dev), **kw)
     bs = args.batch_size or cfg.sample.batch_size
     return EditJob("inpaint", _folder("inpaint", kw, len(ts), seed, f"_r{resample}j{jump}"), ["grid.png"]
                    + _sample_names(len(src)), lambda cb: _batched(one, len(src), bs, seed, y),
@@ -219,12 +219,12 @@ def _plan_img2img(args, model, diffusion, cfg, class_names, seed) -> EditJob:
         y_b = None if y_b is None else y_b.to(dev)
         with sampling_autocast(dev, args.amp):
             if callback is None:
-                return diffusion.edit(model, src[sl].to(dev), strength, generator=noise, y=y_b, **kw)
+                return edit(diffusion, model, src[sl].to(dev), strength, generator=noise, y=y_b, **kw)
             return _edit_recorded(diffusion, model, src[sl].to(dev), ts, noise, y_b, kw, callback)
 
     def noised():  # each input's starting point: its first output's first noise draw, as edit() makes it
         noise = SampleNoise(seed, range(0, len(src), k)).randn(x.shape, device=dev)
-        return diffusion.q_sample(x.to(dev), diffusion._t(ts[0], noise), noise).cpu()
+        return diffusion.q_sample(x.to(dev), diffusion.timestep_batch(ts[0], noise), noise).cpu()
     bs = args.batch_size or cfg.sample.batch_size
     return EditJob("init_image", _folder("init_image", kw, len(ts), seed, f"_s{strength:g}"),
                    ["grid.png"] + _sample_names(len(src)), lambda cb: _batched(one, len(src), bs, seed, y, cb),
@@ -232,8 +232,8 @@ def _plan_img2img(args, model, diffusion, cfg, class_names, seed) -> EditJob:
 
 
 def _edit_recorded(diffusion, model, x0, ts, noise, y, kw, callback) -> torch.Tensor:
-    """Diffusion.edit's loop with a callback(i, t, x_t, x0_pred) for --animation (edit() takes none)."""
-    x = diffusion.q_sample(x0, diffusion._t(ts[0], x0), diffusion._randn(x0.shape, noise))
+    """edit()'s loop with a callback(i, t, x_t, x0_pred) for --animation (edit() takes none)."""
+    x = diffusion.q_sample(x0, diffusion.timestep_batch(ts[0], x0), diffusion.draw_noise(x0.shape, noise))
     for rec in diffusion.sample_steps(model, x, ts, kw["sampler"], eta=kw["eta"], generator=noise, y=y,
                                       guidance_scale=kw["guidance_scale"], clip_x0=kw["clip_x0"], progress=False):
         x = rec.xt
@@ -252,7 +252,7 @@ def _plan_invert(args, model, diffusion, cfg, class_names, seed) -> EditJob:
 
     def one(sl, _noise, y_b, _cb):  # fp32: the reconstruction error is what this mode measures
         y_b = None if y_b is None else y_b.to(dev)
-        x_T = diffusion.invert(model, x[sl].to(dev), steps=kw["steps"], y=y_b, timestep_spacing=kw["timestep_spacing"])
+        x_T = invert(diffusion, model, x[sl].to(dev), steps=kw["steps"], y=y_b, timestep_spacing=kw["timestep_spacing"])
         noises.append(x_T.float().cpu())
         return diffusion.sample(model, x_T.shape, "ddim", kw["steps"], eta=0.0, x_T=x_T, y=y_b, clip_x0=kw["clip_x0"],
                                 timestep_spacing=kw["timestep_spacing"])
@@ -303,8 +303,8 @@ def _plan_interpolate(args, model, diffusion, cfg, class_names, seed) -> EditJob
 
     def run(_cb):
         if ends:
-            zs = [diffusion.invert(model, e.to(dev), steps=kw["steps"], y=None if y is None else y.to(dev),
-                                   timestep_spacing=kw["timestep_spacing"]).float().cpu() for e in ends]
+            zs = [invert(diffusion, model, e.to(dev), steps=kw["steps"], y=None if y is None else y.to(dev),
+                         timestep_spacing=kw["timestep_spacing"]).float().cpu() for e in ends]
         else:
             zs = [SampleNoise(s, [0]).randn(shape) for s in args.seeds]
         x_T = torch.cat([slerp(zs[0], zs[1], a / (frames - 1)) for a in range(frames)])

@@ -15,7 +15,7 @@ import torch
 from tqdm.auto import tqdm
 
 from config import UserError
-from diffusion import Diffusion
+from diffusion import Diffusion, NoiseSource
 from sampling.conditioning import with_condition
 from utils import autocast, derive_seed, resolve_amp
 
@@ -25,9 +25,10 @@ class SampleError(UserError, ValueError):
 
 
 # ----------------------------------------------------------------------------- per-sample noise
-class SampleNoise:
-    """Noise for a batch of samples, one torch.Generator per sample seeded from (seed, index): pass it as
-    Diffusion.sample's `generator`. randn draws each sample's share from its own stream and stacks them."""
+class SampleNoise(NoiseSource):
+    """Noise for a batch of samples, one torch.Generator per sample seeded from (seed, index): a NoiseSource, so
+    pass it as the `generator` of Diffusion.sample or the editing functions. randn draws each sample's share from
+    its own stream and stacks them."""
 
     def __init__(self, seed: int, indices: Iterable[int]):
         self.generators = [torch.Generator().manual_seed(derive_seed(seed, int(i))) for i in indices]

@@ -160,7 +160,7 @@ def test_compute_loss_is_the_student_loss_against_the_guided_two_step_teacher(te
         xt = d.q_sample(x0, t2, torch.randn_like(x0))
         model = load_for_sampling(teacher)[0]
         model.load_state_dict(plan.teacher_weights)
-        target, weight = distillation_target(d, d._model_fn(model, y, 2.0), xt, t2, t_mid, t_next, clip_x0=True)
+        target, weight = distillation_target(d, d.guided_model(model, y, 2.0), xt, t2, t_mid, t_next, clip_x0=True)
         expected = student_loss(d, trainer.net(xt, t2, y), xt, t2, target, weight)
         assert torch.equal(t, t2)
         assert torch.equal(losses, expected)

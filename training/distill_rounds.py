@@ -166,7 +166,7 @@ class DistillTrainer(Trainer):
         t, t_mid, t_next = sample_triples(self.triples, x0.shape[0], device=x0.device)  # global RNG: resumable
         xt = self.diffusion.q_sample(x0, t, torch.randn_like(x0))
         with autocast(self.device, self.amp):
-            teacher_fn = self.diffusion._model_fn(self.teacher, y, self.plan.guidance_scale)
+            teacher_fn = self.diffusion.guided_model(self.teacher, y, self.plan.guidance_scale)
             x0_target, weight = distillation_target(self.diffusion, teacher_fn, xt, t, t_mid, t_next,
                                                     clip_x0=self.cfg.sample.clip_x0)
             out = self.model(xt, t, y).float()

@@ -11,7 +11,7 @@ distill.py (on top of the Trainer) calls, per round and per batch,
     loss = student_loss(diffusion, student(xt, t, y), xt, t, x0_target, weight).mean()
 
 teacher_fn is any callable (xt, t) -> model output with t a (B,) long tensor; for a class-conditional teacher
-with classifier-free guidance pass `diffusion._model_fn(teacher, y, guidance_scale)`: the student then learns
+with classifier-free guidance pass `diffusion.guided_model(teacher, y, guidance_scale)`: the student then learns
 the guided two-step map and samples guided in one evaluation per step (no second, unconditional pass).
 The distilled N-step student samples with `Diffusion.sample(..., sampler="ddim", eta=0, steps=N,
 timestep_spacing=GRID_SPACING)`: exactly the grid it was trained on. Pass distillation_target the clip_x0 the
@@ -106,7 +106,7 @@ def distillation_target(diffusion: Diffusion, teacher_fn: Callable, xt: torch.Te
     """([PD] Alg. 2) The x0 the student must predict at (xt, t) so that ONE deterministic DDIM step t -> t_next
     lands where TWO teacher DDIM steps t -> t_mid -> t_next land, and its loss weight max(SNR(t), 1).
     t, t_mid, t_next: ints or (B,) long tensors (one student step per example), t > t_mid > t_next >= DATA_T.
-    teacher_fn(xt, t) -> model output in the diffusion's objective (e.g. `diffusion._model_fn(model, y, w)`).
+    teacher_fn(xt, t) -> model output in the diffusion's objective (e.g. `diffusion.guided_model(model, y, w)`).
     Returns (x0_target like xt, weight (B,)). No gradient flows into the teacher or the target."""
     t, t_mid, t_next = (_as_steps(s, xt) for s in (t, t_mid, t_next))
     if not ((t > t_mid) & (t_mid > t_next) & (t_next >= DATA_T)).all():
