@@ -82,7 +82,7 @@ class DataConfig:
                                        # trained on and become the held-out set (editing / super-res benches)
     image_size: int = 32
     task: str = "generate"             # generate | superres | colorize: the last two condition on an image made
-                                       # from each target (conditioning.py): its low-res version, its grey version
+                                       # from each target (sampling/conditioning.py): its low-res or grey version
     sr_factor: int = 4                 # superres: low-res side = image_size / sr_factor
     channels: int = 0                  # folder only: 0 = auto (1 when every image is grey, else 3), 1 or 3
     random_flip: bool = True           # horizontal flips (CIFAR-10); never for digits
@@ -139,7 +139,7 @@ class TrainConfig:
     grad_accum: int = 1
     ema_decay: float = 0.9999
     ema_warmup: bool = True            # decay ramps up as min(decay, (1+n)/(10+n))
-    # Post-hoc EMA (EDM2, posthoc_ema.py): relative lengths sigma_rel of the power-function EMA profiles to
+    # Post-hoc EMA (EDM2, sampling/posthoc.py): relative lengths sigma_rel of the power-function EMA profiles to
     # track, e.g. [0.05, 0.1]; [] = off. Snapshots of them go to checkpoints/<run>/ema/ every
     # ema_snapshot_every steps; sample.py / evaluate.py --ema-length then rebuild any length from them.
     ema_profiles: list[float] = field(default_factory=list)

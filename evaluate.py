@@ -20,7 +20,8 @@ Protocol (each result is one JSON line in results/eval/<run_name>.jsonl, with ev
     and label_entropy = H(p(y)) / log(K), 1.0 when the predicted classes are perfectly balanced. The same
     scores of the reference images are stored next to them (ref_is, ref_label_entropy) for scale.
 An image-conditioned checkpoint (data.task superres / colorize) is scored on held-out images instead: PSNR,
-SSIM, consistency and FID of its outputs and of the bicubic (or grey) baseline, in one record (condition_eval.py).
+SSIM, consistency and FID of its outputs and of the bicubic (or grey) baseline, in one record
+(evaluation/conditioned.py).
 """
 from __future__ import annotations
 
@@ -279,7 +280,7 @@ def evaluate_main(argv: list[str]) -> int:
 
 def evaluate_conditioned_main(args, loaded: tuple, kw: dict, run_name: str, extractor, ref: dict,
                               device: torch.device) -> int:
-    """condition_eval.py's scores of the model and the baseline on --num-samples held-out images, one record."""
+    """evaluation/conditioned.py's scores of the model and the baseline on --num-samples held-out images, one record."""
     model, diffusion, cfg, ckpt = loaded
     start = time.perf_counter()
     metrics, seconds = evaluate_conditioned(model, diffusion, cfg, args.num_samples, args.batch_size, args.seed,

@@ -4,7 +4,7 @@
 
 An image-conditioned model (data.task superres / colorize) becomes a UNet2DModel with the condition's extra
 input channels (in_channels = out_channels + condition channels); see condition_note for how to call it.
-The conversion is interop.py's (the reverse, running diffusers weights here, is pretrained.py's:
+The conversion is interop/diffusers.py's (the reverse, running diffusers weights here, is interop/pretrained.py's:
 sample.py --pretrained). Settings diffusers cannot express are refused with a ConfigError naming each.
 """
 from __future__ import annotations

@@ -151,7 +151,7 @@ class UNet(nn.Module):
         paper's network and with diffusers' UNet2DModel, which is why this function runs over 40 lines."""
         super().__init__()
         _check_unet_args(channels, channel_mult, image_size, norm_groups)
-        # cond_channels: an image condition (conditioning.py) enters as extra input channels; it only widens conv_in
+        # cond_channels: an image condition (sampling/conditioning.py) enters as extra input channels (conv_in only)
         self.in_channels, self.num_classes, self.cond_channels = in_channels, num_classes, cond_channels
         time_dim = 4 * channels
         self.channels = channels

@@ -9,7 +9,7 @@
 
 Model, diffusion and sampling defaults come from the config stored inside the checkpoint, so no model
 flags are needed. Outputs go to results/images/<run_name>/<sampler>_<steps>_<seed>/ (see --out).
-Every sample has its own seeded noise (generation.py): sample i of a seed is the same image at any
+Every sample has its own seeded noise (sampling/generation.py): sample i of a seed is the same image at any
 --batch-size, in sample.py and evaluate.py alike.
 
 Output folders never lose a file sample.py did not write in the same call: each run lists its files in
@@ -233,7 +233,7 @@ def write_samples(x: torch.Tensor, cfg, diffusion: Diffusion, out_dir: Path, rec
 
 
 def run_editing(args, model, diffusion: Diffusion, cfg, run: str) -> list[Path]:
-    """--inpaint, --init-image, --interpolate, --invert (edit_runs.py): every input and flag is checked, and
+    """--inpaint, --init-image, --interpolate, --invert (editing/modes.py): every input and flag is checked, and
     the output folder too (same manifest rules as sampling), before the model runs."""
     seed = cfg.seed if args.seed is None else args.seed
     job = plan_edit(edit_mode(args), args, model, diffusion, cfg, _class_names(cfg), seed)

@@ -14,7 +14,7 @@ Exit codes: 0 done; 1 user error (config, checkpoint, missing data, diverged tra
 what to do); 130 / 143 (128 + signal number, the shell convention) after Ctrl-C / SIGTERM stopped the run
 and saved a checkpoint, so `python train.py && python sample.py` does not go on with an unfinished run.
 
-How resume, the NaN guard and the run lock work: trainer.py (the library code behind this command line).
+How resume, the NaN guard and the run lock work: training/trainer.py (the library code behind this command line).
 """
 from __future__ import annotations
 

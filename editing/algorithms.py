@@ -1,4 +1,4 @@
-"""Editing with a trained diffusion model (issue #14): inpainting, inversion, image-to-image.
+"""Editing with a trained diffusion model: inpainting, inversion, image-to-image.
 
 Free functions over the public core: `inpaint(diffusion, model, x_known, mask, ...)`, `invert(diffusion, model,
 x0, ...)`, `edit(diffusion, model, x0, strength, ...)`, for any Diffusion and any model `model(xt, t, y=None)`.

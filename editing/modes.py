@@ -1,4 +1,4 @@
-"""The editing modes of sample.py (issue #14): what each one checks, runs and writes.
+"""The editing modes of sample.py: what each one checks, runs and writes.
 
     --inpaint IMG --mask MASK|center|left|right|top|bottom [--resample R --jump J]   RePaint
     --init-image IMG --strength S                                                    SDEdit (image-to-image)
@@ -8,7 +8,7 @@
 `plan_edit` reads the inputs and checks every flag before any model evaluation (each bad input is one
 SampleError line); the EditJob it returns names its output files (for sample.py's manifest check), runs,
 and saves. Results do not depend on --batch-size: output j draws its noise from SampleNoise(seed, j), as
-sampling does (generation.py), and for --num-samples K per input, output j is result j % K of input j // K.
+sampling does (sampling/generation.py), and for --num-samples K per input, output j is result j % K of input j // K.
 """
 from __future__ import annotations
 
@@ -27,9 +27,9 @@ from sampling.pictures import image_grid
 MODES = {"inpaint": "--inpaint", "init_image": "--init-image", "interpolate": "--interpolate", "invert": "--invert"}
 ONLY_WITH = {"mask": "inpaint", "resample": "inpaint", "jump": "inpaint", "strength": "init_image",
              "seeds": "interpolate", "frames": "interpolate"}
-# RePaint defaults, measured on the digits quickstart (README, "Editing with a trained model"): resampling each
-# block of 5 steps 5 times joins the generated half to the kept one; 1 (plain replacement) leaves seams.
-RESAMPLE, JUMP, FRAMES = 10, 10, 8  # RePaint: best label recovery in bench/RESULTS.md (editing)
+# RePaint's resampling joins the generated region to the kept one (plain replacement, 1/1, leaves seams); 10/10
+# gave the best label recovery in bench/RESULTS.md's editing table.
+RESAMPLE, JUMP, FRAMES = 10, 10, 8
 
 
 def add_edit_args(p) -> None:

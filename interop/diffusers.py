@@ -1,5 +1,5 @@
 """Interop with Hugging Face diffusers: the conversion between our U-Net/Diffusion and diffusers'
-UNet2DModel/DDPMScheduler (configs and state dicts), and writing a DDPMPipeline folder. pretrained.py reads
+UNet2DModel/DDPMScheduler (configs and state dicts), and writing a DDPMPipeline folder. interop/pretrained.py reads
 diffusers folders with it (sample.py --pretrained), export.py writes them.
 
 model.UNet is the DDPM network exactly as diffusers' UNet2DModel builds it for the google/ddpm-* models,
@@ -111,7 +111,7 @@ def _type_problems(config: dict, types: dict, what: str) -> list[str]:
             for key, kind in types.items() if not _KINDS[kind][0](config.get(key))]
 
 
-# An image-conditioned model (data.task, conditioning.py) takes its condition as extra input channels; the
+# An image-conditioned model (data.task, sampling/conditioning.py) takes its condition as extra input channels; the
 # export records the task under this key, which diffusers ignores (a leading "_" marks private config keys).
 CONDITION_KEY = "_ddpm_lab_condition"
 

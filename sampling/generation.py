@@ -61,7 +61,7 @@ def generate(model: Callable, diffusion: Diffusion, cfg, num_samples: int, batch
     """num_samples samples (N, *sample_shape) on the CPU. Sample i draws its noise from its own generator
     seeded from (seed, i) (SampleNoise), so it does not depend on batch_size or the device. `callback(i, t,
     x_t, x0_pred)` sees the first batch only (enough for an animation). An image-conditioned model gets sample
-    i's condition image conditions[i] (N, Cc, S, S; conditioning.py)."""
+    i's condition image conditions[i] (N, Cc, S, S; sampling/conditioning.py)."""
     device, shape = diffusion.betas.device, sample_shape(cfg)
     y_all = torch.tensor(labels, dtype=torch.long) if labels is not None else None
     out = []
