@@ -135,7 +135,7 @@ class DistillTrainer(Trainer):
         self.triples = student_triples(self.diffusion, steps, self.plan.start_steps)
         set_student_grid(self.cfg, steps, folded_guidance=self.cfg.model.num_classes > 0)
 
-    def _setup_state(self, ckpt: Optional[dict], resumed_from) -> None:
+    def setup_state(self, ckpt: Optional[dict], resumed_from) -> None:
         """A fresh run (after prepare_run_dir refused or, with --overwrite, cleared the step files) must not
         leave another distillation's round students next to its own: --overwrite deletes them too."""
         stale = sorted(self.run_dir.glob("steps_*.pt")) if ckpt is None and self.dist.is_main else []
@@ -144,10 +144,10 @@ class DistillTrainer(Trainer):
                               "continue it with --resume, or pass --overwrite to delete them and start over")
         for path in stale:
             path.unlink()
-        super()._setup_state(ckpt, resumed_from)
+        super().setup_state(ckpt, resumed_from)
 
-    def _restore(self, ckpt: dict) -> None:
-        super()._restore(ckpt)
+    def restore_state(self, ckpt: dict) -> None:
+        super().restore_state(ckpt)
         self.teacher.load_state_dict(ckpt["teacher_model"])
         self._set_round(int(ckpt["distill"]["round"]))
 

@@ -91,7 +91,7 @@ class Trainer:
         prepare_run_dir(cfg.run_name, self.dist, resuming=ckpt is not None, overwrite=overwrite)
         self.setup_data()
         self.setup_model()
-        self._setup_state(ckpt, resumed_from)
+        self.setup_state(ckpt, resumed_from)
         self.model = self._wrap(self.net)
         self.logger = (RunLogger(cfg, start_step=self.step, history=self.history, results_root=RESULTS_ROOT)
                        if self.dist.is_main else None)
@@ -136,14 +136,16 @@ class Trainer:
         self.scaler = torch.amp.GradScaler("cuda") if self.amp == "fp16" else None
         self.params = [p for p in net.parameters() if p.requires_grad]
 
-    def _setup_state(self, ckpt: Optional[dict], resumed_from: Optional[Path]) -> None:
+    def setup_state(self, ckpt: Optional[dict], resumed_from: Optional[Path]) -> None:
+        """The loop's counters, the RNG (fresh) or the state of `ckpt` (restore_state), the loss watch and the
+        checkpoint rotation. A run with more state (distillation's rounds) extends this and restore_state."""
         self.step, self.history, self.last_saved = 0, [], None
         self.skipped_total, self.streak = 0, 0  # streak: unhealthy steps in a row
         self.window, self.by_t = [], [0.0] * 8  # per step since the last log: (loss, grad norm, skipped)
         if ckpt is None:
             seed_everything(derive_seed(self.cfg.seed, NOISE, self.dist.rank))  # per-rank noise streams
         else:
-            self._restore(ckpt)
+            self.restore_state(ckpt)
         log_state = (ckpt or {}).get("log_state") or {}
         self.loss_watch = LossWatch(self.device, log_state.get("loss_level",
                                                                LossWatch.level_from_history(self.history)))
@@ -151,7 +153,7 @@ class Trainer:
         self.health = CheckpointHealth(self.run_dir, keep_last=self.tcfg.keep_last, resumed_from=resumed_from,
                                        start_step=self.step)
 
-    def _restore(self, ckpt: dict) -> None:
+    def restore_state(self, ckpt: dict) -> None:
         """The training state of `ckpt`; hyper-parameters (lr, betas, weight decay, fused) come from the
         current config."""
         restore_optimization(ckpt, net=self.net, ema=self.ema, optimizer=self.optimizer, scheduler=self.scheduler,
