@@ -1,8 +1,8 @@
 """Editing quality on real digits the model never trained on (issue #14): inpainting, inversion, SDEdit, on a CPU.
 
-    python bench/edit_quality.py --checkpoint checkpoints/bench_quality_holdout/last.pt --data ../shared/data/mnist
+    python -m bench.edit_quality --checkpoint checkpoints/bench_quality_holdout/last.pt --data ../shared/data/mnist
                                                    # ~20 min of one core: write bench/RESULTS.md
-    python bench/edit_quality.py --checkpoint CKPT --num 32 --inpaint-rows ddim:50:0:1:1,ddim:50:0:5:5 \\
+    python -m bench.edit_quality --checkpoint CKPT --num 32 --inpaint-rows ddim:50:0:1:1,ddim:50:0:5:5 \\
         --invert-steps 10 --strengths 0.5 --no-write  # a quick look, the table printed only
 
 The checkpoint must have been trained with data.holdout > 0 (config.DataConfig.holdout): those images of its
@@ -36,23 +36,22 @@ import time
 import zlib
 from pathlib import Path
 
-REPO = Path(__file__).resolve().parents[1]
-sys.path[:0] = [str(REPO), str(REPO / "bench")]
+import torch
 
-import torch  # noqa: E402
-from quality_report import RESULTS, commit, machine, markers, write_section  # noqa: E402
-
-import evaluation.features as feat  # noqa: E402
-from config import ConfigError  # noqa: E402
-from dataset import build_dataset  # noqa: E402
-from editing.algorithms import INPAINT_SAMPLERS, edit, inpaint, invert, repaint_schedule, sdedit_timesteps  # noqa: E402
-from evaluation.metrics import EvalError, frechet_distance, gaussian_stats  # noqa: E402
-from sampling.images import BUILTIN_MASKS, builtin_mask  # noqa: E402
-from sampling.loading import load_for_sampling  # noqa: E402
+import evaluation.features as feat
+from bench.quality_report import RESULTS, commit, machine, markers, write_section
+from config import ConfigError
+from dataset import build_dataset
+from editing.algorithms import INPAINT_SAMPLERS, edit, inpaint, invert, repaint_schedule, sdedit_timesteps
+from evaluation.metrics import EvalError, frechet_distance, gaussian_stats
+from sampling.images import BUILTIN_MASKS, builtin_mask
+from sampling.loading import load_for_sampling
 from sampling.pictures import to_uint8_images
-from storage.checkpoints import CheckpointError  # noqa: E402
-from storage.data_files import DatasetMissingError  # noqa: E402
-from storage.paths import CLASSIFIERS  # noqa: E402
+from storage.checkpoints import CheckpointError
+from storage.data_files import DatasetMissingError
+from storage.paths import CLASSIFIERS
+
+REPO = Path(__file__).resolve().parents[1]
 
 START, END = markers("editing")
 # sampler:steps:eta:resample:jump. ddim eta 1 = the DDPM posterior step on the respaced grid.
@@ -352,7 +351,7 @@ def run(args) -> tuple[dict, str]:
     results = {name: fn(model, diffusion, cfg, x, y, scorer, plan, args)
                for name, fn in (("inpaint", run_inpainting), ("invert", run_inversion), ("sdedit", run_sdedit))}
     info.update(date=time.strftime("%Y-%m-%d %H:%M %Z"), machine=machine(), commit=commit(), num=len(x),
-                load=(load_start, os.getloadavg()[0]), command="python bench/edit_quality.py " + args.command,
+                load=(load_start, os.getloadavg()[0]), command="python -m bench.edit_quality " + args.command,
                 total_min=(time.perf_counter() - wall_start) / 60)
     return results, render(args, plan, results, info)
 
