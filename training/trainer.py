@@ -442,6 +442,7 @@ class Trainer:
             self.logger.close()
             self.logger = None
         if self.dist and self.dist.owner and dist.is_initialized():
+            dist.barrier()  # no rank tears gloo down while another still talks to it (that aborts the process)
             dist.destroy_process_group()
         if self.lock:  # last: the data workers (forked with the lock's descriptor) are gone by now
             self.lock.release()
