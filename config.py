@@ -10,6 +10,7 @@ The defaults are the DDPM paper's CIFAR-10 recipe (Ho et al. 2020, Appendix B).
 from __future__ import annotations
 
 import dataclasses
+import math
 import re
 import typing
 from dataclasses import dataclass, field
@@ -60,7 +61,15 @@ def _yaml_problem(err: yaml.YAMLError) -> str:
     return f"line {mark.line + 1}: {what}" if mark is not None else what
 
 
-class ConfigError(ValueError):
+SIGMA_REL_MAX = math.sqrt(1 / 12)  # a power-function EMA's longest length (gamma = 0: a flat average of the run)
+
+
+class UserError(Exception):
+    """Every error a user can cause: a bad flag, config, data file, checkpoint or folder. Its message is one line
+    that names the cause and the fix; each script catches UserError once, prints it and exits 1."""
+
+
+class ConfigError(UserError, ValueError):
     """A bad configuration: the message names the key and how to fix it."""
 
 
@@ -73,7 +82,7 @@ class DataConfig:
                                        # trained on and become the held-out set (editing / super-res benches)
     image_size: int = 32
     task: str = "generate"             # generate | superres | colorize: the last two condition on an image made
-                                       # from each target (conditioning.py): its low-res version, its grey version
+                                       # from each target (sampling/conditioning.py): its low-res or grey version
     sr_factor: int = 4                 # superres: low-res side = image_size / sr_factor
     channels: int = 0                  # folder only: 0 = auto (1 when every image is grey, else 3), 1 or 3
     random_flip: bool = True           # horizontal flips (CIFAR-10); never for digits
@@ -130,13 +139,13 @@ class TrainConfig:
     grad_accum: int = 1
     ema_decay: float = 0.9999
     ema_warmup: bool = True            # decay ramps up as min(decay, (1+n)/(10+n))
-    # Post-hoc EMA (EDM2, posthoc_ema.py): relative lengths sigma_rel of the power-function EMA profiles to
+    # Post-hoc EMA (EDM2, sampling/posthoc.py): relative lengths sigma_rel of the power-function EMA profiles to
     # track, e.g. [0.05, 0.1]; [] = off. Snapshots of them go to checkpoints/<run>/ema/ every
     # ema_snapshot_every steps; sample.py / evaluate.py --ema-length then rebuild any length from them.
     ema_profiles: list[float] = field(default_factory=list)
     ema_snapshot_every: int = 1000
     amp: str = "auto"                  # auto | off | bf16 | fp16 (fp16 needs CUDA); auto: bf16 where it is fast
-    channels_last: Optional[bool] = None  # None (null) = auto: on for CUDA, off on CPU (measured)
+    channels_last: Optional[bool] = None  # None (null) = auto: on for CUDA, off on CPU
     compile: bool = False
     cond_drop_prob: float = 0.1        # class-conditional models: label dropout for CFG
     max_nonfinite: int = 10            # stop after this many non-finite losses in a row (>= 1)
@@ -292,9 +301,10 @@ def save_config(cfg: Config, path: str | Path) -> None:
 
 
 # ----------------------------------------------------------------------------- value checks
-def _choice(key: str, value: str, choices: tuple) -> None:
+def check_choice(name: str, value: str, choices: tuple) -> None:
+    """One rule for every named choice (config keys, flags, library arguments): `name` is how the user set it."""
     if value not in choices:
-        raise ConfigError(f"config key '{key}' = {value!r} is not one of: {', '.join(choices)}")
+        raise ConfigError(f"unknown {name} {value!r}: choose one of {', '.join(choices)}")
 
 
 def _positive(key: str, value: float, allow_zero: bool = False) -> None:
@@ -333,19 +343,19 @@ def _check_unet_levels(cfg: Config) -> None:
 
 def _check_choices(cfg: Config) -> None:
     data, model, dcfg, train, sample = cfg.data, cfg.model, cfg.diffusion, cfg.train, cfg.sample
-    _choice("data.dataset", data.dataset, DATASETS)
-    _choice("data.split", data.split, ("train", "test"))
-    _choice("data.task", data.task, TASKS)
-    _choice("data.toy_distribution", data.toy_distribution, TOY_DISTRIBUTIONS)
-    _choice("model.kind", model.kind, ("unet", "mlp"))
-    _choice("diffusion.schedule", dcfg.schedule, SCHEDULES)
-    _choice("diffusion.objective", dcfg.objective, OBJECTIVES)
-    _choice("diffusion.loss_weighting", dcfg.loss_weighting, LOSS_WEIGHTINGS)
-    _choice("diffusion.var_type", dcfg.var_type, VAR_TYPES)
-    _choice("diffusion.timestep_spacing", dcfg.timestep_spacing, SPACINGS)
-    _choice("sample.sampler", sample.sampler, SAMPLERS)
-    _choice("train.amp", train.amp, AMP_MODES)
-    _choice("train.lr_schedule", train.lr_schedule, LR_SCHEDULES)
+    check_choice("value of config key 'data.dataset'", data.dataset, DATASETS)
+    check_choice("value of config key 'data.split'", data.split, ("train", "test"))
+    check_choice("value of config key 'data.task'", data.task, TASKS)
+    check_choice("value of config key 'data.toy_distribution'", data.toy_distribution, TOY_DISTRIBUTIONS)
+    check_choice("value of config key 'model.kind'", model.kind, ("unet", "mlp"))
+    check_choice("value of config key 'diffusion.schedule'", dcfg.schedule, SCHEDULES)
+    check_choice("value of config key 'diffusion.objective'", dcfg.objective, OBJECTIVES)
+    check_choice("value of config key 'diffusion.loss_weighting'", dcfg.loss_weighting, LOSS_WEIGHTINGS)
+    check_choice("value of config key 'diffusion.var_type'", dcfg.var_type, VAR_TYPES)
+    check_choice("value of config key 'diffusion.timestep_spacing'", dcfg.timestep_spacing, SPACINGS)
+    check_choice("value of config key 'sample.sampler'", sample.sampler, SAMPLERS)
+    check_choice("value of config key 'train.amp'", train.amp, AMP_MODES)
+    check_choice("value of config key 'train.lr_schedule'", train.lr_schedule, LR_SCHEDULES)
 
 
 def _check_counts(cfg: Config) -> None:
@@ -413,7 +423,6 @@ def _check_task(cfg: Config) -> None:
 
 
 def _check_ema_profiles(profiles: list[float]) -> None:
-    from sampling.posthoc import SIGMA_REL_MAX  # the range of a power-function EMA's length
     for value in profiles:
         if not 0 < value < SIGMA_REL_MAX:
             raise ConfigError(f"config key 'train.ema_profiles' = {profiles}: {value} is not a power-function EMA "
@@ -430,7 +439,8 @@ def validate(cfg: Config) -> Config:
     _check_run_name(cfg.run_name)
     _check_unet_levels(cfg)
     if cfg.data.holdout and cfg.data.dataset == "toy2d":
-        raise ConfigError("data.holdout is for image data sets; toy2d draws its own held-out points: set data.holdout=0")
+        raise ConfigError("data.holdout is for image data sets; toy2d draws its own held-out points: "
+                          "set data.holdout=0")
     _check_task(cfg)
     if (cfg.data.dataset == "toy2d") != (cfg.model.kind == "mlp"):
         raise ConfigError("data.dataset=toy2d goes with model.kind=mlp (and images with model.kind=unet); "

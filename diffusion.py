@@ -10,6 +10,9 @@ References (equation numbers are the papers'):
 
 This module knows nothing of optimizers, files or devices beyond its own buffers: move it with
 `Diffusion(...).to(device)` once, like a model. Shapes: x0, xt, eps are (B, ...) ; t is (B,) long.
+Features built on it (editing/: inpainting, inversion, SDEdit; training/: distillation) use only its public
+names: `timestep_batch`, `guided_model`, `draw_noise` / `noise_source`, `step`, `sample_steps`, ...; this module
+imports none of them.
 """
 from __future__ import annotations
 
@@ -20,13 +23,48 @@ import torch
 import torch.nn as nn
 from tqdm.auto import tqdm
 
-import editing.algorithms as editing
-from config import LOSS_WEIGHTINGS, OBJECTIVES, SAMPLERS, SCHEDULES, SPACINGS, VAR_TYPES, ConfigError
+from config import LOSS_WEIGHTINGS, OBJECTIVES, SAMPLERS, SCHEDULES, SPACINGS, VAR_TYPES, ConfigError, check_choice
 
 # t_prev of the last sampling step: "before step 0", the data itself (alpha-bar = 1, no noise). Only
 # `Diffusion.alpha_bar_prev` gives it a value; it indexes no coefficient table.
 DATA_T = -1
 ETA_SAMPLERS = ("ddim",)  # the samplers that take eta; the others refuse a nonzero eta
+
+
+class NoiseSource:
+    """Where the samplers' Gaussian noise comes from: `randn(shape, device)` returns a standard normal tensor of
+    `shape` on `device`. Every draw of `sample`, `sample_steps` and the editing algorithms goes through one.
+    Subclass it for other streams (sampling/generation.py's SampleNoise: one generator per sample)."""
+
+    def randn(self, shape, device=None) -> torch.Tensor:
+        raise NotImplementedError
+
+
+class TorchNoise(NoiseSource):
+    """Noise from one optional torch.Generator (None: torch's global generator). Drawn on the generator's
+    device, then moved, so a CPU generator gives the same numbers on any device."""
+
+    def __init__(self, generator: Optional[torch.Generator] = None):
+        if generator is not None and not isinstance(generator, torch.Generator):
+            raise TypeError(f"TorchNoise takes a torch.Generator or None, got {type(generator).__name__}")
+        self.generator = generator
+
+    def randn(self, shape, device=None) -> torch.Tensor:
+        gen_device = self.generator.device if self.generator is not None else device
+        x = torch.randn(shape, generator=self.generator, device=gen_device)
+        return x if device is None else x.to(device)
+
+
+def noise_source(generator: Optional[torch.Generator | NoiseSource]) -> NoiseSource:
+    """The NoiseSource for a `generator=` argument: None or a torch.Generator (TorchNoise), or a NoiseSource
+    itself. Anything else is refused, also when it has a `randn` of its own."""
+    if isinstance(generator, NoiseSource):
+        return generator
+    if generator is None or isinstance(generator, torch.Generator):
+        return TorchNoise(generator)
+    raise TypeError(f"generator must be None, a torch.Generator or a diffusion.NoiseSource (e.g. "
+                    f"sampling.generation.SampleNoise), got {type(generator).__name__}; wrap other noise streams "
+                    f"in a NoiseSource subclass")
 
 
 class StepOutput(NamedTuple):
@@ -60,11 +98,6 @@ def make_betas(schedule: str, num_timesteps: int, beta_start: float = 1e-4, beta
     raise ConfigError(f"unknown schedule {schedule!r} (choose from {', '.join(SCHEDULES)})")
 
 
-def _choice(name: str, value: str, choices: tuple) -> None:
-    if value not in choices:
-        raise ConfigError(f"unknown {name} {value!r} (choose from {', '.join(choices)})")
-
-
 class Diffusion(nn.Module):
     """Schedule buffers + forward process + loss + samplers. `model(xt, t, y=None)` is the only
     model interface; class label -1 means "no label" (the null label of classifier-free guidance)."""
@@ -74,10 +107,10 @@ class Diffusion(nn.Module):
                  min_snr_gamma: float = 5.0, var_type: str = "fixed_small",
                  timestep_spacing: str = "leading"):
         super().__init__()
-        _choice("objective", objective, OBJECTIVES)
-        _choice("loss weighting", loss_weighting, LOSS_WEIGHTINGS)
-        _choice("variance type", var_type, VAR_TYPES)
-        _choice("timestep spacing", timestep_spacing, SPACINGS)
+        check_choice("objective", objective, OBJECTIVES)
+        check_choice("loss weighting", loss_weighting, LOSS_WEIGHTINGS)
+        check_choice("variance type", var_type, VAR_TYPES)
+        check_choice("timestep spacing", timestep_spacing, SPACINGS)
         if num_timesteps < 1:
             raise ConfigError(f"num_timesteps must be >= 1, got {num_timesteps}")
         self.num_timesteps, self.objective = num_timesteps, objective
@@ -196,7 +229,7 @@ class Diffusion(nn.Module):
         evaluates the model at t=0 gives the multistep solver one huge log-SNR step (t=k -> 0), where
         its second-order extrapolation is unstable (measured on the Gaussian oracle: std 0.61 instead
         of 0.50 at 20 steps); diffusers' DPM-Solver likewise ends at a positive t, then jumps to sigma=0."""
-        _choice("sampler", sampler, SAMPLERS)
+        check_choice("sampler", sampler, SAMPLERS)
         T = self.num_timesteps
         if sampler == "ddpm":
             if steps not in (None, T):
@@ -210,7 +243,7 @@ class Diffusion(nn.Module):
         if not 1 <= steps <= T:
             raise ConfigError(f"steps must be between 1 and num_timesteps={T}, got {steps}")
         spacing = spacing or ("trailing" if sampler == "dpmpp2m" else self.timestep_spacing)
-        _choice("timestep spacing", spacing, SPACINGS)
+        check_choice("timestep spacing", spacing, SPACINGS)
         if spacing == "leading":      # [DDIM] Sec. D.2: 0, k, 2k, ... with k = T // steps
             ts = [i * (T // steps) for i in range(steps)]
         elif spacing == "trailing":   # ends exactly at T-1 (Lin et al. 2024, Table 2)
@@ -225,22 +258,28 @@ class Diffusion(nn.Module):
         return list(zip(timesteps, [*timesteps[1:], DATA_T]))
 
     @staticmethod
-    def check_eta(sampler: str, eta: Optional[float]) -> float:
+    def check_eta(sampler: Optional[str], eta: Optional[float], name: str = "eta") -> float:
         """eta as the steps use it. Only the samplers in ETA_SAMPLERS take eta; None or 0 (what the scripts
         pass every sampler by default) means "not given", any other eta is refused by the other samplers
-        rather than silently dropped (`--eta 1` with ddpm used to vanish)."""
-        _choice("sampler", sampler, SAMPLERS)
+        rather than silently dropped. sampler None checks the range only (a script's flag, before loading);
+        `name` is the flag or key the message names."""
+        if sampler is not None:
+            check_choice("sampler", sampler, SAMPLERS)
         if eta is None:
             return 0.0
-        if eta < 0:
-            raise ConfigError(f"eta must be >= 0, got {eta}")
+        if not 0 <= eta <= 1:  # NaN fails too (it gave all-black images)
+            raise ConfigError(f"{name} {eta:g} is outside [0, 1] (eta must be >= 0 and at most 1): use 0 "
+                              f"(deterministic DDIM) up to 1 (ancestral-like)")
+        if sampler is None:
+            return float(eta)
         if eta != 0 and sampler not in ETA_SAMPLERS:
             raise ConfigError(f"sampler {sampler} does not use eta (got eta={eta:g}); the samplers that take eta: "
                               f"{', '.join(ETA_SAMPLERS)}. Drop eta or use one of those")
         return float(eta)
 
-    def _model_fn(self, model: Callable, y: Optional[torch.Tensor], guidance_scale: float) -> Callable:
-        """Wrap the model for classifier-free guidance (Ho & Salimans 2022, Eq. 6).
+    def guided_model(self, model: Callable, y: Optional[torch.Tensor], guidance_scale: float) -> Callable:
+        """model_fn(xt, t) -> float32 output: the model with labels y, and classifier-free guidance (Ho &
+        Salimans 2022, Eq. 6) at guidance_scale != 1 (the null label -1 in the second half of a doubled batch).
         Every objective's eps is affine in the model output for fixed x_t, so mixing raw outputs
         out_u + s (out_c - out_u) is the same as mixing eps."""
         if y is None or guidance_scale == 1.0:
@@ -256,16 +295,18 @@ class Diffusion(nn.Module):
     @torch.no_grad()
     def sample(self, model: Callable, shape: tuple, sampler: str = "ddpm", steps: Optional[int] = None,
                eta: Optional[float] = None, x_T: Optional[torch.Tensor] = None,
-               generator: Optional[torch.Generator] = None, y: Optional[torch.Tensor] = None,
+               generator: Optional[torch.Generator | NoiseSource] = None, y: Optional[torch.Tensor] = None,
                guidance_scale: float = 1.0, clip_x0: bool = True, progress: bool = True,
                callback: Optional[Callable] = None, timestep_spacing: Optional[str] = None) -> torch.Tensor:
-        """Draw samples of `shape` = (B, ...) from x_T (default: noise from `generator`). eta: ddim only
+        """Draw samples of `shape` = (B, ...) from x_T (default: noise from `generator`: None, a torch.Generator
+        or a NoiseSource, as every draw of the steps; `noise_source`). eta: ddim only
         (0 = deterministic). callback(i, t, x_t, x0_pred) is called after each step with the new x_t and
         the x0 predicted on the way; `sample_steps` gives the same per-step records as a generator."""
         eta = self.check_eta(sampler, eta)
         timesteps = self.sampling_timesteps(sampler, steps, timestep_spacing)
-        xt = x_T.to(self.betas.device) if x_T is not None else self._randn(shape, generator)
-        for rec in self.sample_steps(model, xt, timesteps, sampler, eta=eta, generator=generator, y=y,
+        noise_src = noise_source(generator)  # refuses a wrong generator even when no noise is drawn
+        xt = x_T.to(self.betas.device) if x_T is not None else self.draw_noise(shape, noise_src)
+        for rec in self.sample_steps(model, xt, timesteps, sampler, eta=eta, generator=noise_src, y=y,
                                      guidance_scale=guidance_scale, clip_x0=clip_x0, progress=progress):
             xt = rec.xt
             if callback is not None:
@@ -273,7 +314,7 @@ class Diffusion(nn.Module):
         return xt
 
     def sample_steps(self, model: Callable, x: torch.Tensor, timesteps: list[int], sampler: str,
-                     eta: Optional[float] = None, generator: Optional[torch.Generator] = None,
+                     eta: Optional[float] = None, generator: Optional[torch.Generator | NoiseSource] = None,
                      y: Optional[torch.Tensor] = None, guidance_scale: float = 1.0, clip_x0: bool = True,
                      progress: bool = True) -> Iterator[StepRecord]:
         """Generator of a trajectory: from x = x_{timesteps[0]} down the decreasing `timesteps` and on to
@@ -286,19 +327,19 @@ class Diffusion(nn.Module):
             raise ConfigError(f"timesteps must be a non-empty decreasing list in 0..{self.num_timesteps - 1}")
         if sampler == "ddpm" and ts != list(range(ts[0], -1, -1)):
             raise ConfigError("the ddpm sampler steps through every timestep: t, t-1, ..., 0")
-        return self._run_steps(self._model_fn(model, y, guidance_scale), x.to(self.betas.device), ts, sampler,
-                               eta, generator, clip_x0, progress)
+        return self._run_steps(self.guided_model(model, y, guidance_scale), x.to(self.betas.device), ts, sampler,
+                               eta, noise_source(generator), clip_x0, progress)
 
     @torch.no_grad()
-    def _run_steps(self, model_fn, xt, timesteps, sampler, eta, generator, clip_x0, progress):
+    def _run_steps(self, model_fn, xt, timesteps, sampler, eta, noise_src, clip_x0, progress):
         """The loop, after improved-diffusion's p_sample_loop_progressive: evaluate, step, report. It owns
         the progress bar, which advances once per model evaluation as the steps actually run."""
         bar = tqdm(total=len(timesteps), desc=f"{sampler} sampling", leave=False, disable=not progress)
         state = None
         try:
             for i, (t, t_prev) in enumerate(self.step_pairs(timesteps)):
-                model_out = model_fn(xt, self._t(t, xt))
-                noise = self._randn(xt.shape, generator) if self.needs_noise(sampler, t_prev, eta) else None
+                model_out = model_fn(xt, self.timestep_batch(t, xt))
+                noise = self.draw_noise(xt.shape, noise_src) if self.needs_noise(sampler, t_prev, eta) else None
                 xt, x0, state = self.step(sampler, model_out, xt, t, t_prev, eta=eta, noise=noise, state=state,
                                           clip_x0=clip_x0)
                 bar.update(1)
@@ -318,13 +359,13 @@ class Diffusion(nn.Module):
         """One step of `sampler` from x_t to x_{t_prev}, given the model output at (x_t, t). Pure: the
         caller draws `noise` (exactly when needs_noise says so) and threads `state` from step to step.
         t_prev is below t (ddpm: t - 1) or DATA_T; deterministic ddim (eta = 0) also steps upwards."""
-        _choice("sampler", sampler, SAMPLERS)
+        check_choice("sampler", sampler, SAMPLERS)
         if (sampler == "ddpm" and t_prev != t - 1) or (t_prev >= t and not (sampler == "ddim" and eta == 0)):
             raise ValueError(f"{sampler} cannot step from t={t} to t_prev={t_prev}")
         if (noise is not None) != self.needs_noise(sampler, t_prev, eta):
             raise ValueError(f"the {sampler} step {t} -> {t_prev} (eta={eta:g}) "
                              f"{'takes no' if noise is not None else 'needs'} noise")
-        t_vec = self._t(t, xt)
+        t_vec = self.timestep_batch(t, xt)
         x0, eps = self.predict_x0_eps(model_out, xt, t_vec, clip_x0)  # the one conversion every sampler uses
         if sampler == "ddpm":
             return StepOutput(self._ddpm_step(xt, x0, t_vec, noise), x0, None)
@@ -380,22 +421,18 @@ class Diffusion(nn.Module):
         Only alpha-bar has a value there, so this is not a case of `gather`."""
         if t_prev < 0:
             return torch.ones(x.shape[0], *[1] * (x.ndim - 1), device=x.device, dtype=self.alphas_cumprod.dtype)
-        return self.gather(self.alphas_cumprod, self._t(t_prev, x), x.ndim)
+        return self.gather(self.alphas_cumprod, self.timestep_batch(t_prev, x), x.ndim)
 
-    # Editing (issue #14): RePaint inpainting, DDIM inversion, SDEdit as methods; the algorithms live in editing.py
-    inpaint, invert, edit = editing.inpaint, editing.invert, editing.edit
-
+    # ------------------------------------------------------------------ for features (editing/, training/)
     @staticmethod
-    def _t(t: int, x: torch.Tensor) -> torch.Tensor:
-        """Timestep t for every sample of the batch x, as the model and `gather` take it."""
+    def timestep_batch(t: int, x: torch.Tensor) -> torch.Tensor:
+        """Timestep t for every sample of the batch x, shape (B,) long on x's device, as the model and `gather`
+        take it."""
         return torch.full((x.shape[0],), t, device=x.device, dtype=torch.long)
 
-    def _randn(self, shape, generator: Optional[torch.Generator]) -> torch.Tensor:
-        if hasattr(generator, "randn"):  # per-sample noise streams (generation.SampleNoise)
-            return generator.randn(shape, device=self.betas.device)
-        # Draw on the generator's device (a CPU generator gives the same numbers on any device).
-        gen_device = generator.device if generator is not None else self.betas.device
-        return torch.randn(shape, generator=generator, device=gen_device).to(self.betas.device)
+    def draw_noise(self, shape, generator: Optional[torch.Generator | NoiseSource] = None) -> torch.Tensor:
+        """Standard normal noise of `shape` on the diffusion's device from `generator` (see `noise_source`)."""
+        return noise_source(generator).randn(shape, self.betas.device)
 
 
 def build_diffusion(cfg) -> Diffusion:

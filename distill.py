@@ -22,12 +22,10 @@ import signal
 import sys
 from typing import Optional
 
-from config import ConfigError
-from dataset import DatasetMissingError
+from config import ConfigError, UserError
 from sampling.loading import load_for_sampling
-from storage.checkpoints import CheckpointError, load_resume_checkpoint, resume_path
+from storage.checkpoints import load_resume_checkpoint, resume_path
 from training.distillation import DistillPlan, check_resume_plan, distill_config, run_distillation
-from training.trainer import NonFiniteLossError
 
 
 def parse_args(argv: Optional[list[str]] = None) -> argparse.Namespace:
@@ -72,7 +70,7 @@ def main(argv: Optional[list[str]] = None) -> int:
             checkpoint = load_resume_checkpoint(resume)
             check_resume_plan(checkpoint, plan, resume)
         summary = run_distillation(cfg, plan, resume, checkpoint=checkpoint, overwrite=args.overwrite)
-    except (ConfigError, CheckpointError, DatasetMissingError, NonFiniteLossError) as err:
+    except UserError as err:
         print(f"error: {err}", file=sys.stderr)
         return 1
     except KeyboardInterrupt:

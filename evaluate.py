@@ -20,7 +20,8 @@ Protocol (each result is one JSON line in results/eval/<run_name>.jsonl, with ev
     and label_entropy = H(p(y)) / log(K), 1.0 when the predicted classes are perfectly balanced. The same
     scores of the reference images are stored next to them (ref_is, ref_label_entropy) for scale.
 An image-conditioned checkpoint (data.task superres / colorize) is scored on held-out images instead: PSNR,
-SSIM, consistency and FID of its outputs and of the bicubic (or grey) baseline, in one record (condition_eval.py).
+SSIM, consistency and FID of its outputs and of the bicubic (or grey) baseline, in one record
+(evaluation/conditioned.py).
 """
 from __future__ import annotations
 
@@ -36,16 +37,17 @@ from typing import Optional
 import numpy as np
 import torch
 
-from config import SAMPLERS, SPACINGS, ConfigError, DataConfig
+from config import SAMPLERS, SPACINGS, DataConfig, UserError
+from diffusion import Diffusion
 from evaluation.conditioned import evaluate_conditioned, summary_lines
 from evaluation.features import CLASSIFIER_DATASETS, INCEPTION_FILE, build_extractor, classifier_path, train_classifier
 from evaluation.metrics import EvalError
 from evaluation.scoring import reference_stats, score_images
 from sampling.conditioning import conditioned
-from sampling.generation import SampleError, check_eta, generate, random_labels, sampling_settings
+from sampling.generation import generate, random_labels, sampling_settings
 from sampling.loading import load_for_sampling
 from sampling.pictures import to_uint8_images
-from storage.checkpoints import CheckpointError, save_checkpoint
+from storage.checkpoints import save_checkpoint
 from storage.files import output_folder_problem
 from storage.paths import CLASSIFIERS, DATA, EVAL_RECORDS, FID_REFS, INCEPTION, eval_records_file
 from utils import get_device, resolve_amp
@@ -185,7 +187,7 @@ def check_arguments(args) -> torch.device:
                         ("--num-ref", args.num_ref), ("--k", args.k)]:
         if value is not None and value < 1:
             raise EvalError(f"{flag} must be a positive integer, got {value}")
-    check_eta(args.eta)
+    Diffusion.check_eta(None, args.eta, "--eta")
     check_ema_length(args)
     for flag, folder in [("--results-dir", args.results_dir), ("--ref-dir", args.ref_dir)]:
         problem = output_folder_problem(folder)
@@ -278,7 +280,7 @@ def evaluate_main(argv: list[str]) -> int:
 
 def evaluate_conditioned_main(args, loaded: tuple, kw: dict, run_name: str, extractor, ref: dict,
                               device: torch.device) -> int:
-    """condition_eval.py's scores of the model and the baseline on --num-samples held-out images, one record."""
+    """evaluation/conditioned.py's scores of the model and the baseline on --num-samples held-out images, one record."""
     model, diffusion, cfg, ckpt = loaded
     start = time.perf_counter()
     metrics, seconds = evaluate_conditioned(model, diffusion, cfg, args.num_samples, args.batch_size, args.seed,
@@ -326,13 +328,12 @@ def train_classifier_main(argv: list[str]) -> int:
 
 
 def main(argv: Optional[list[str]] = None) -> int:
-    from dataset import DatasetMissingError
     argv = sys.argv[1:] if argv is None else argv
     try:
         if argv[:1] == ["train-classifier"]:
             return train_classifier_main(argv[1:])
         return evaluate_main(argv)
-    except (ConfigError, CheckpointError, DatasetMissingError, EvalError, SampleError) as err:
+    except UserError as err:
         print(f"error: {err}", file=sys.stderr)
         return 1
 

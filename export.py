@@ -4,7 +4,7 @@
 
 An image-conditioned model (data.task superres / colorize) becomes a UNet2DModel with the condition's extra
 input channels (in_channels = out_channels + condition channels); see condition_note for how to call it.
-The conversion is interop.py's (the reverse, running diffusers weights here, is pretrained.py's:
+The conversion is interop/diffusers.py's (the reverse, running diffusers weights here, is interop/pretrained.py's:
 sample.py --pretrained). Settings diffusers cannot express are refused with a ConfigError naming each.
 """
 from __future__ import annotations
@@ -14,7 +14,7 @@ import sys
 from pathlib import Path
 from typing import Optional
 
-from config import ConfigError
+from config import ConfigError, UserError
 from interop.diffusers import export_diffusers
 from storage.checkpoints import CheckpointError, read_checkpoint
 from storage.files import output_folder_problem
@@ -46,7 +46,7 @@ def main(argv: Optional[list[str]] = None) -> int:
             raise CheckpointError(f"'{args.checkpoint}' has no {key!r} weights"
                                   + ("" if args.no_ema else ": pass --no-ema to export the raw weights"))
         export_diffusers(cfg, ckpt[key], out)
-    except (ConfigError, CheckpointError, OSError) as e:
+    except (UserError, OSError) as e:
         print(f"error: {e}", file=sys.stderr)
         return 1
     print(f"exported the {'raw' if args.no_ema else 'EMA'} weights of step {ckpt.get('step', '?')} to {out}/\n"

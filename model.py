@@ -94,17 +94,15 @@ class Upsample(nn.Module):
     computed without materialising the upsampled map: each of the 4 output phases (row parity a, column
     parity b) only ever sees 2x2 distinct input pixels, so it is a 2x2 conv of the low-resolution input
     with summed 3x3 taps (sub-pixel convolution): 4 instead of 9 multiply-adds per output pixel and
-    channel pair. Measured for the 16->32 layer at batch 32 in bf16 on a 2-core AMD EPYC: 1.3x faster
-    forward+backward, 1.8x faster forward (4->8: slower, hence the 8x8 threshold); 4-5% of a whole CIFAR-10
-    training step or sampling step. The parameter is still the 3x3 kernel: checkpoints are unchanged and
-    outputs agree with the plain path to ~1e-6 in fp32 (summation order only)."""
+    channel pair. Below 8x8 the plain path is faster (bench/RESULTS.md has the timings). The parameter is still
+    the 3x3 kernel, so checkpoints are unchanged; outputs agree with the plain path up to summation order."""
 
     def __init__(self, ch: int):
         super().__init__()
         self.conv = nn.Conv2d(ch, ch, 3, padding=1)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:  # (B, C, H, W) -> (B, C, 2H, 2W)
-        if x.device.type != "cpu" or min(x.shape[-2:]) < 8:  # GPUs keep cuDNN's path (not measured there)
+        if x.device.type != "cpu" or min(x.shape[-2:]) < 8:  # GPUs keep cuDNN's path
             return self.conv(F.interpolate(x, scale_factor=2.0, mode="nearest"))
         B, _, H, W = x.shape
         C_out = self.conv.out_channels
@@ -153,7 +151,7 @@ class UNet(nn.Module):
         paper's network and with diffusers' UNet2DModel, which is why this function runs over 40 lines."""
         super().__init__()
         _check_unet_args(channels, channel_mult, image_size, norm_groups)
-        # cond_channels: an image condition (conditioning.py) enters as extra input channels; it only widens conv_in
+        # cond_channels: an image condition (sampling/conditioning.py) enters as extra input channels (conv_in only)
         self.in_channels, self.num_classes, self.cond_channels = in_channels, num_classes, cond_channels
         time_dim = 4 * channels
         self.channels = channels

@@ -9,7 +9,7 @@
 
 Model, diffusion and sampling defaults come from the config stored inside the checkpoint, so no model
 flags are needed. Outputs go to results/images/<run_name>/<sampler>_<steps>_<seed>/ (see --out).
-Every sample has its own seeded noise (generation.py): sample i of a seed is the same image at any
+Every sample has its own seeded noise (sampling/generation.py): sample i of a seed is the same image at any
 --batch-size, in sample.py and evaluate.py alike.
 
 Output folders never lose a file sample.py did not write in the same call: each run lists its files in
@@ -28,16 +28,15 @@ from typing import Optional
 
 import torch
 
-from config import AMP_MODES, SAMPLERS, SPACINGS, ConfigError, load_config
-from dataset import DatasetMissingError
+from config import AMP_MODES, SAMPLERS, SPACINGS, UserError, load_config
 from diffusion import Diffusion, build_diffusion
 from editing.modes import add_edit_args, edit_mode, plan_edit
 from sampling.conditioning import conditioned
 from sampling.conditions import display_inputs, plan_conditions, save_comparison
-from sampling.generation import SampleError, check_eta, generate, parse_class_labels, plan_labels, sampling_settings
+from sampling.generation import SampleError, generate, parse_class_labels, plan_labels, sampling_settings
 from sampling.loading import load_for_sampling
 from sampling.pictures import Recorder, forward_figure, save_animation, save_samples, save_toy_outputs, save_trajectory
-from storage.checkpoints import CheckpointError, resolve_checkpoint
+from storage.checkpoints import resolve_checkpoint
 from storage.files import output_folder_problem
 from storage.outputs import MANIFEST, check_out_dir, free_default_folder, start_out_dir  # noqa: F401
 from storage.paths import RunPaths
@@ -99,7 +98,7 @@ def parse_args(argv: Optional[list[str]] = None) -> argparse.Namespace:
 def load_source(args, device: torch.device):
     """(model, diffusion, cfg, run folder name) from --pretrained (export.py, optional) or a checkpoint."""
     if args.pretrained:
-        import interop.pretrained as pretrained  # the diffusers conversion (export.py's too); looked up here so tests can patch it
+        import interop.pretrained as pretrained  # looked up at call time: tests patch it
         try:
             model, diffusion, cfg = pretrained.load_pretrained(args.pretrained, device)
         except (OSError, ValueError, RuntimeError) as e:  # unknown name, offline hub, unconvertible folder
@@ -169,11 +168,12 @@ def check_ema_length(args) -> None:
 
 
 def run_sampling(args) -> list[Path]:
+    """Every flag and the output folder are checked before the model runs; then sample and write."""
     try:
         device = get_device(args.device)
     except RuntimeError as e:  # unknown name, or CUDA asked for but absent
         raise SampleError(f"--device {args.device}: {str(e).splitlines()[0]}") from None
-    check_eta(args.eta)
+    Diffusion.check_eta(None, args.eta, "--eta")
     check_ema_length(args)
     if args.out and output_folder_problem(args.out):  # before loading anything
         raise SampleError(f"--out {output_folder_problem(args.out)}: choose another output folder")
@@ -188,23 +188,36 @@ def run_sampling(args) -> list[Path]:
     num_samples = len(conds.cond) if conds else args.num_samples or cfg.sample.num_samples
     batch_size = args.batch_size or cfg.sample.batch_size
     timesteps = diffusion.sampling_timesteps(kw["sampler"], kw["steps"], kw["timestep_spacing"])
-    out_dir = out_folder(args, run, kw, len(timesteps), seed, cfg.model.num_classes > 0)
-    if conds and not args.out:
-        out_dir = out_dir.with_name(f"{out_dir.name}_{cfg.data.task}")
-    if not args.out and not args.overwrite:
-        out_dir = free_default_folder(out_dir)
+    out_dir = sample_folder(args, run, kw, len(timesteps), seed, cfg, conds)
     if conds and conds.labels is not None and cfg.model.num_classes and kw["labels"] is None:  # their own classes
         kw["labels"] = conds.labels.tolist()
     kw["labels"], nrow = plan_labels(cfg.model.num_classes, kw["labels"], num_samples)
     names = planned_files(cfg, num_samples, args.animation)
     stale = check_out_dir(out_dir, names, args.overwrite)
     first_batch = min(batch_size, num_samples)  # the animation shows (part of) the first batch
-    max_items = first_batch if cfg.model.kind == "mlp" else 16
-    rec = Recorder(timesteps, first_batch, max_items=max_items) if args.animation else None
+    rec = Recorder(timesteps, first_batch, max_items=first_batch if cfg.model.kind == "mlp" else 16) \
+        if args.animation else None
     print(f"sampling {num_samples} with {kw['sampler']} ({len(timesteps)} steps), seed {seed}, on {device}")
     x = generate(model, diffusion, cfg, num_samples, batch_size, seed, callback=rec,
                  conditions=conds.cond if conds else None, **kw)
     start_out_dir(out_dir, names, stale)
+    return write_samples(x, cfg, diffusion, out_dir, rec, seed, nrow, conds)
+
+
+def sample_folder(args, run: str, kw: dict, num_steps: int, seed: int, cfg, conds) -> Path:
+    """The output folder: --out, else the settings' folder (with the task for a conditioned model), else the
+    next free -2, -3, ... when that one holds files (see free_default_folder)."""
+    out_dir = out_folder(args, run, kw, num_steps, seed, cfg.model.num_classes > 0)
+    if conds and not args.out:
+        out_dir = out_dir.with_name(f"{out_dir.name}_{cfg.data.task}")
+    if not args.out and not args.overwrite:
+        out_dir = free_default_folder(out_dir)
+    return out_dir
+
+
+def write_samples(x: torch.Tensor, cfg, diffusion: Diffusion, out_dir: Path, rec: Optional[Recorder], seed: int,
+                  nrow: Optional[int], conds) -> list[Path]:
+    """The PNGs and grid (images) or the scatter plots (2-D points), and the animation when recorded."""
     if cfg.model.kind == "mlp":
         from dataset import sample_toy2d
         data = sample_toy2d(cfg.data.toy_distribution, len(x), torch.Generator().manual_seed(seed + 1))
@@ -220,7 +233,7 @@ def run_sampling(args) -> list[Path]:
 
 
 def run_editing(args, model, diffusion: Diffusion, cfg, run: str) -> list[Path]:
-    """--inpaint, --init-image, --interpolate, --invert (edit_runs.py): every input and flag is checked, and
+    """--inpaint, --init-image, --interpolate, --invert (editing/modes.py): every input and flag is checked, and
     the output folder too (same manifest rules as sampling), before the model runs."""
     seed = cfg.seed if args.seed is None else args.seed
     job = plan_edit(edit_mode(args), args, model, diffusion, cfg, _class_names(cfg), seed)
@@ -255,7 +268,7 @@ def main(argv: Optional[list[str]] = None) -> int:
     try:
         edit_mode(args)  # refuses mixed modes before anything is loaded
         paths = run_forward(args) if args.forward else run_sampling(args)
-    except (SampleError, ConfigError, CheckpointError, DatasetMissingError) as e:
+    except UserError as e:
         print(f"error: {e}", file=sys.stderr)
         sys.exit(1)
     images = [p for p in paths if re.fullmatch(r"\d{6}\.png", p.name)]

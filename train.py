@@ -14,7 +14,7 @@ Exit codes: 0 done; 1 user error (config, checkpoint, missing data, diverged tra
 what to do); 130 / 143 (128 + signal number, the shell convention) after Ctrl-C / SIGTERM stopped the run
 and saved a checkpoint, so `python train.py && python sample.py` does not go on with an unfinished run.
 
-How resume, the NaN guard and the run lock work: trainer.py (the library code behind this command line).
+How resume, the NaN guard and the run lock work: training/trainer.py (the library code behind this command line).
 """
 from __future__ import annotations
 
@@ -24,11 +24,10 @@ import sys
 from pathlib import Path
 from typing import Optional
 
-from config import ConfigError, load_config
-from dataset import DatasetMissingError
+from config import UserError, load_config
 from storage.checkpoints import CheckpointError, load_resume_checkpoint, resume_path
 from training.resume import config_for_resume
-from training.trainer import NonFiniteLossError, train
+from training.trainer import train
 
 
 def parse_args(argv: Optional[list[str]] = None) -> argparse.Namespace:
@@ -69,7 +68,7 @@ def main(argv: Optional[list[str]] = None) -> int:
             raise CheckpointError(f"{resume} is a distillation checkpoint: continue it with "
                                   f"python distill.py --teacher {teacher} --resume")
         summary = train(cfg, resume, checkpoint=checkpoint, overwrite=args.overwrite)
-    except (ConfigError, CheckpointError, DatasetMissingError, NonFiniteLossError) as err:
+    except UserError as err:
         print(f"error: {err}", file=sys.stderr)
         return 1
     except KeyboardInterrupt:  # the second Ctrl-C: no checkpoint for the unfinished step

@@ -1,16 +1,8 @@
-"""Shared helpers: devices, seeds, checkpoint files (atomic, safe to load), image grids.
-
-Checkpoint format (a dict saved with torch.save, loaded with weights_only=True):
-    format_version  int, CHECKPOINT_VERSION
-    step            int, optimizer steps done
-    config          dict, config.to_dict(cfg): the full config, so sample.py needs no flags
-    model           state_dict of the bare network (no DDP "module." / compile "_orig_mod." prefixes)
-    ema             state_dict of the EMA network, same keys as `model`
-    ... plus training state (optimizer, lr_scheduler, grad_scaler, rng, data_state) written by train.py
-"""
+"""Shared helpers of the core: devices, mixed precision, seeds and RNG states."""
 from __future__ import annotations
 
 import contextlib
+import numbers
 import random
 from typing import Optional
 
@@ -47,8 +39,8 @@ def check_cuda_index(index: int, what: str) -> None:
 
 
 def cpu_has_fast_bf16() -> bool:
-    """True when the CPU multiplies bf16 natively (AVX512-BF16 or AMX); there bf16 autocast is ~2x faster than
-    fp32. Without it oneDNN emulates bf16 and autocast is a slowdown. (torch.cpu exposes these probes privately.)"""
+    """True when the CPU multiplies bf16 natively (AVX512-BF16 or AMX), where bf16 autocast beats fp32. Without
+    it oneDNN emulates bf16 and autocast is a slowdown. (torch.cpu exposes these probes privately.)"""
     probes = ("_is_avx512_bf16_supported", "_is_amx_tile_supported")
     return any(bool(getattr(torch.cpu, name, lambda: False)()) for name in probes)
 
@@ -68,7 +60,9 @@ def resolve_amp(mode: str, device: torch.device) -> str:
 
 
 def autocast(device: torch.device, amp: str):
-    """The autocast context of a resolved amp mode ('off', 'bf16', 'fp16'; see resolve_amp)."""
+    """The autocast context of an amp mode ('off', 'bf16', 'fp16'; 'auto' is resolved per device by resolve_amp).
+    The scripts refuse fp16 off CUDA before they get here (sampling_autocast, the Trainer)."""
+    amp = resolve_amp(amp, device)
     if amp == "off":
         return contextlib.nullcontext()
     return torch.autocast(device.type, dtype=torch.bfloat16 if amp == "bf16" else torch.float16)
@@ -76,9 +70,14 @@ def autocast(device: torch.device, amp: str):
 
 def resolve_channels_last(flag: Optional[bool], device: torch.device) -> bool:
     """None (auto) -> channels_last on CUDA only (it feeds the tensor cores). On CPU NCHW trains as fast or
-    faster (GroupNorm's channels_last backward is slow on CPU): measured by bench/throughput.py, numbers in
-    bench/RESULTS.md ("Defaults chosen from these measurements")."""
+    faster (GroupNorm's channels_last backward is slow on CPU; bench/RESULTS.md, "Defaults chosen from these
+    measurements")."""
     return device.type == "cuda" if flag is None else flag
+
+
+def is_int(value) -> bool:
+    """An integer, not a bool (True is an int to Python, never a step count to a user)."""
+    return isinstance(value, numbers.Integral) and not isinstance(value, bool)
 
 
 def seed_everything(seed: int) -> None:

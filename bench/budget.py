@@ -1,8 +1,8 @@
 """Best samples per hour (issue #18): FID against wall time at fixed step budgets, ddpm-lab vs two peers.
 
-    python bench/budget.py                                   # budgets 500,1000,2000,4000 (hours on 2 cores)
-    python bench/budget.py --time-only                       # seconds per step / per image; projects the full run
-    python bench/budget.py --budgets 3 --num-samples 16 --threads 1 --classifier-steps 20 --work /tmp/b --no-write
+    python -m bench.budget                                   # budgets 500,1000,2000,4000 (hours on 2 cores)
+    python -m bench.budget --time-only                       # seconds per step / per image; projects the full run
+    python -m bench.budget --budgets 3 --num-samples 16 --threads 1 --classifier-steps 20 --work /tmp/b --no-write
 
 On the MNIST test split (10,000 real digits, 28x28, t10k IDX files from --data), each recipe trains for each
 budget of --budgets steps of --batch-size images with --threads CPU threads, then draws --num-samples samples
@@ -30,15 +30,14 @@ import sys
 import time
 from pathlib import Path
 
+import torch
+
+from bench.budget_peers import PEERS, Batches
+from bench.quality_report import RESULTS, commit, machine, write_section
+from config import DataConfig, load_config
+from evaluation.features import classifier_path, load_split_uint8
+
 REPO = Path(__file__).resolve().parents[1]
-sys.path[:0] = [str(REPO), str(REPO / "bench")]
-
-import torch  # noqa: E402
-from budget_peers import PEERS, Batches  # noqa: E402
-from quality_report import RESULTS, commit, machine, write_section  # noqa: E402
-
-from config import DataConfig, load_config  # noqa: E402
-from evaluation.features import classifier_path, load_split_uint8  # noqa: E402
 
 CANDIDATES = [REPO.parent / "shared" / "data" / "mnist", REPO.parents[1] / "shared" / "data" / "mnist"]
 MNIST = next((p for p in CANDIDATES if p.is_dir()), CANDIDATES[0])
@@ -301,7 +300,7 @@ def main(argv=None) -> int:
     work = Path(args.work).resolve()
     work.mkdir(parents=True, exist_ok=True)
     load_start = os.getloadavg()[0]
-    command = "python bench/budget.py " + " ".join(sys.argv[1:] if argv is None else argv)
+    command = "python -m bench.budget " + " ".join(sys.argv[1:] if argv is None else argv)
     rows = run_all(args, budgets, recipes, images, work)
     (work / "results" / "bench_budget.json").write_text(json.dumps(rows, indent=1))
     info = {"date": time.strftime("%Y-%m-%d %H:%M %Z"), "commit": commit(), "machine": machine(),

@@ -1,8 +1,8 @@
 """Editing quality on real digits the model never trained on (issue #14): inpainting, inversion, SDEdit, on a CPU.
 
-    python bench/edit_quality.py --checkpoint checkpoints/bench_quality_holdout/last.pt --data ../shared/data/mnist
+    python -m bench.edit_quality --checkpoint checkpoints/bench_quality_holdout/last.pt --data ../shared/data/mnist
                                                    # ~20 min of one core: write bench/RESULTS.md
-    python bench/edit_quality.py --checkpoint CKPT --num 32 --inpaint-rows ddim:50:0:1:1,ddim:50:0:5:5 \\
+    python -m bench.edit_quality --checkpoint CKPT --num 32 --inpaint-rows ddim:50:0:1:1,ddim:50:0:5:5 \\
         --invert-steps 10 --strengths 0.5 --no-write  # a quick look, the table printed only
 
 The checkpoint must have been trained with data.holdout > 0 (config.DataConfig.holdout): those images of its
@@ -10,7 +10,7 @@ training split (dataset.build_dataset(held_out=True)) were never trained on. Eve
   1. the first --num held-out digits are the inputs; all held-out digits are the FID reference;
   2. a digit classifier (features.train_classifier) trained on the KEPT images only (the training split
      minus the held-out ones), so it never saw the inputs either; cached under data/classifiers/;
-  3. inpainting (Diffusion.inpaint, RePaint) of each --masks region (images.builtin_mask: bottom half, centre
+  3. inpainting (editing.algorithms.inpaint, RePaint) of each --masks region (images.builtin_mask: bottom half, centre
      square of half the side) for each --inpaint-rows entry sampler:steps:eta:resample:jump. The default
      "DDPM-50" rows are ddim with eta=1 on a 50-step grid, which is the DDPM posterior step on that
      respaced grid (RePaint's own setting is that with T=250, resample 10, jump 10: 2410 model evaluations
@@ -19,9 +19,9 @@ training split (dataset.build_dataset(held_out=True)) were never trained on. Eve
      sample.py's default resample 5 / jump 5, and the paper's resample 10 / jump 10.
      Scores: the classifier's accuracy on the true labels, the classifier-feature FID against all held-out
      digits, the largest |result - input| over the kept pixels (must be exactly 0), the wall time;
-  4. DDIM inversion (Diffusion.invert) and reconstruction (sample ddim, eta 0, from the inverted x_T) at each
+  4. DDIM inversion (editing.algorithms.invert) and reconstruction (sample ddim, eta 0, from the inverted x_T) at each
      of --invert-steps: PSNR (data range [-1, 1], so peak 2);
-  5. SDEdit (Diffusion.edit, ddim --sdedit-steps, eta 0) at each of --strengths: the distance the images
+  5. SDEdit (editing.algorithms.edit, ddim --sdedit-steps, eta 0) at each of --strengths: the distance the images
      moved from the inputs, FID and label accuracy;
   6. writes the tables between <!-- editing:start --> and <!-- editing:end --> in bench/RESULTS.md (--no-write:
      print only). Every row draws its noise from its own seeded generator (reproducible at one --batch-size).
@@ -36,23 +36,22 @@ import time
 import zlib
 from pathlib import Path
 
-REPO = Path(__file__).resolve().parents[1]
-sys.path[:0] = [str(REPO), str(REPO / "bench")]
+import torch
 
-import torch  # noqa: E402
-from quality_report import RESULTS, commit, machine, markers, write_section  # noqa: E402
-
-import evaluation.features as feat  # noqa: E402
-from config import ConfigError  # noqa: E402
-from dataset import build_dataset  # noqa: E402
-from editing.algorithms import INPAINT_SAMPLERS, repaint_schedule, sdedit_timesteps  # noqa: E402
-from evaluation.metrics import EvalError, frechet_distance, gaussian_stats  # noqa: E402
-from sampling.images import BUILTIN_MASKS, builtin_mask  # noqa: E402
-from sampling.loading import load_for_sampling  # noqa: E402
+import evaluation.features as feat
+from bench.quality_report import RESULTS, commit, machine, markers, write_section
+from config import ConfigError
+from dataset import build_dataset
+from editing.algorithms import INPAINT_SAMPLERS, edit, inpaint, invert, repaint_schedule, sdedit_timesteps
+from evaluation.metrics import EvalError, frechet_distance, gaussian_stats
+from sampling.images import BUILTIN_MASKS, builtin_mask
+from sampling.loading import load_for_sampling
 from sampling.pictures import to_uint8_images
-from storage.checkpoints import CheckpointError  # noqa: E402
-from storage.data_files import DatasetMissingError  # noqa: E402
-from storage.paths import CLASSIFIERS  # noqa: E402
+from storage.checkpoints import CheckpointError
+from storage.data_files import DatasetMissingError
+from storage.paths import CLASSIFIERS
+
+REPO = Path(__file__).resolve().parents[1]
 
 START, END = markers("editing")
 # sampler:steps:eta:resample:jump. ddim eta 1 = the DDPM posterior step on the respaced grid.
@@ -200,8 +199,8 @@ def run_inpainting(model, diffusion, cfg, x, labels, scorer, plan, args) -> list
         for row in plan["rows"]:
             name = f"{region} {row_name(row)} r{row['resample']} j{row['jump']}"
             gen, start = _generator(args.seed, name), time.perf_counter()
-            result = _batched(lambda b: diffusion.inpaint(
-                model, b, mask.expand(len(b), -1, -1, -1), sampler=row["sampler"], steps=row["steps"],
+            result = _batched(lambda b: inpaint(
+                diffusion, model, b, mask.expand(len(b), -1, -1, -1), sampler=row["sampler"], steps=row["steps"],
                 eta=row["eta"], resample=row["resample"], jump=row["jump"], generator=gen,
                 clip_x0=cfg.sample.clip_x0), x, args.batch_size)
             wall = time.perf_counter() - start
@@ -223,7 +222,7 @@ def run_inversion(model, diffusion, cfg, x, labels, scorer, plan, args) -> list[
         start = time.perf_counter()
 
         def round_trip(b):
-            x_T = diffusion.invert(model, b, steps=steps)
+            x_T = invert(diffusion, model, b, steps=steps)
             return diffusion.sample(model, b.shape, "ddim", steps, eta=0.0, x_T=x_T, clip_x0=cfg.sample.clip_x0)
         rec = _batched(round_trip, x, args.batch_size)
         scores = psnr(rec, x)
@@ -238,8 +237,8 @@ def run_sdedit(model, diffusion, cfg, x, labels, scorer, plan, args) -> list[dic
     out = []
     for strength, grid in zip(plan["strengths"], plan["sdedit_grids"]):
         gen, start = _generator(args.seed, f"sdedit {strength}"), time.perf_counter()
-        result = _batched(lambda b: diffusion.edit(model, b, strength, sampler="ddim", steps=args.sdedit_steps,
-                                                   eta=0.0, generator=gen, clip_x0=cfg.sample.clip_x0),
+        result = _batched(lambda b: edit(diffusion, model, b, strength, sampler="ddim", steps=args.sdedit_steps,
+                                         eta=0.0, generator=gen, clip_x0=cfg.sample.clip_x0),
                           x, args.batch_size)
         moved = (result - x).flatten(1)
         out.append({"strength": strength, "grid": grid, "rms": moved.pow(2).mean(1).sqrt().mean().item(),
@@ -352,7 +351,7 @@ def run(args) -> tuple[dict, str]:
     results = {name: fn(model, diffusion, cfg, x, y, scorer, plan, args)
                for name, fn in (("inpaint", run_inpainting), ("invert", run_inversion), ("sdedit", run_sdedit))}
     info.update(date=time.strftime("%Y-%m-%d %H:%M %Z"), machine=machine(), commit=commit(), num=len(x),
-                load=(load_start, os.getloadavg()[0]), command="python bench/edit_quality.py " + args.command,
+                load=(load_start, os.getloadavg()[0]), command="python -m bench.edit_quality " + args.command,
                 total_min=(time.perf_counter() - wall_start) / 60)
     return results, render(args, plan, results, info)
 

@@ -1,9 +1,9 @@
 """One command that checks the CUDA paths on a GPU machine and measures what the speed defaults rest on.
 
-    python bench/gpu_check.py              # one H100/H200: < 8 min; writes its section of bench/RESULTS.md
-    python bench/gpu_check.py --no-write   # print only
-    python bench/gpu_check.py --dry-run    # every part on CPU with tiny sizes (~1 min); prints only
-    python bench/gpu_check.py --parts correct,sample
+    python -m bench.gpu_check              # one H100/H200: < 8 min; writes its section of bench/RESULTS.md
+    python -m bench.gpu_check --no-write   # print only
+    python -m bench.gpu_check --dry-run    # every part on CPU with tiny sizes (~1 min); prints only
+    python -m bench.gpu_check --parts correct,sample
 
 Parts, in the order they run (each under its own time limit; a part that runs out is a FAIL):
   train    images/s of one training step of the cifar10 preset network at batch 128, ours vs diffusers'
@@ -39,14 +39,13 @@ import time
 from pathlib import Path
 from typing import Callable, Optional
 
+import torch
+
+import bench.unet_bench as tp
+from bench.gpu_correct import Check, Plan, make_plan, part_correct, run_part, synced_empty_cache
+from diffusion import Diffusion
+
 REPO = Path(__file__).resolve().parents[1]
-sys.path[:0] = [str(REPO), str(REPO / "bench")]
-
-import torch  # noqa: E402
-import unet_bench as tp  # noqa: E402
-from gpu_correct import Check, Plan, make_plan, part_correct, run_part, synced_empty_cache  # noqa: E402
-
-from diffusion import Diffusion  # noqa: E402
 
 RESULTS = REPO / "bench" / "RESULTS.md"
 START, END = "<!-- gpu_check:start -->", "<!-- gpu_check:end -->"
@@ -228,7 +227,7 @@ def setup_lines(plan: Plan, net) -> list:
              else f"{torch.cuda.get_device_name(plan.device)}, CUDA {torch.version.cuda}, "
                   f"cuDNN {torch.backends.cudnn.version()}")
     params = sum(p.numel() for p in net.ours.parameters()) / 1e6
-    return [f"- Command: `python bench/gpu_check.py{''.join(' ' + a for a in sys.argv[1:])}`",
+    return [f"- Command: `python -m bench.gpu_check{''.join(' ' + a for a in sys.argv[1:])}`",
             f"- Date: {datetime.datetime.now().strftime('%Y-%m-%d %H:%M')}; commit {tp.git_commit()}; torch "
             f"{torch.__version__}; {where}",
             f"- Network: cifar10 preset{' + ' + ' '.join(plan.net) if plan.net else ''}: {params:.1f}M parameters, "

@@ -18,15 +18,14 @@ from pathlib import Path
 from types import SimpleNamespace
 from typing import Callable, Optional
 
+import torch
+import torch.distributed as dist
+
+import bench.unet_bench as tp
+from config import load_config
+from storage.checkpoints import load_checkpoint
+
 REPO = Path(__file__).resolve().parents[1]
-sys.path[:0] = [str(REPO), str(REPO / "bench")]
-
-import torch  # noqa: E402
-import torch.distributed as dist  # noqa: E402
-import unet_bench as tp  # noqa: E402
-
-from config import load_config  # noqa: E402
-from storage.checkpoints import load_checkpoint  # noqa: E402
 
 CIFAR10 = REPO / "configs" / "cifar10.yaml"
 TINY_NET = ["data.image_size=8", "model.channels=8", "model.channel_mult=[1,2]", "model.num_res_blocks=1",

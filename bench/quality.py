@@ -1,11 +1,11 @@
 """Sample quality vs sampler and step count, on real MNIST digits, on a CPU.
 
-    python bench/quality.py                        # train (~50 min), sample with every sampler (~25 min), write
+    python -m bench.quality                        # train (~50 min), sample with every sampler (~25 min), write
                                                    # bench/RESULTS.md
-    python bench/quality.py --num-samples 2000 --image-size 28      # more compute, better numbers
-    python bench/quality.py --samplers ddim:50,dpmpp2m:20 --set diffusion.objective=eps --tag eps --no-write
-    python bench/quality.py --skip-train           # re-score the last trained model (e.g. after a sampler change)
-    python bench/quality.py --tag holdout --set data.holdout=1000 --distill 64:1:1000 --section distill \
+    python -m bench.quality --num-samples 2000 --image-size 28      # more compute, better numbers
+    python -m bench.quality --samplers ddim:50,dpmpp2m:20 --set diffusion.objective=eps --tag eps --no-write
+    python -m bench.quality --skip-train           # re-score the last trained model (e.g. after a sampler change)
+    python -m bench.quality --tag holdout --set data.holdout=1000 --distill 64:1:1000 --section distill \
         --samplers ddpm:1000,ddim:50 --skip-train # distil it 64 -> 1 steps; rows per student (issue #16)
 
 What it does (every size is a flag):
@@ -38,16 +38,26 @@ import sys
 import time
 from pathlib import Path
 
+import torch
+
+import evaluation.features as feat
+import evaluation.scoring as scoring
+from bench.quality_report import (  # noqa: F401
+    END,
+    RESULTS,
+    START,
+    commit,
+    machine,
+    mean_sd,
+    render,
+    table_rows,
+    targets,
+    write_section,
+)
+from config import DataConfig, load_config
+from storage.paths import CLASSIFIERS, FID_REFS, RunPaths, eval_records_file
+
 REPO = Path(__file__).resolve().parents[1]
-sys.path[:0] = [str(REPO), str(REPO / "bench")]
-
-import torch  # noqa: E402
-from quality_report import END, RESULTS, START, commit, machine, mean_sd, render, table_rows, targets, write_section  # noqa: E402,F401
-
-import evaluation.features as feat  # noqa: E402
-import evaluation.scoring as scoring  # noqa: E402
-from config import DataConfig, load_config  # noqa: E402
-from storage.paths import CLASSIFIERS, FID_REFS, RunPaths, eval_records_file  # noqa: E402
 
 MNIST = REPO.parent / "shared" / "data" / "mnist"
 SAMPLERS = "ddpm:1000,ddim:10,ddim:20,ddim:50,ddim:100,ddim:50:1,dpmpp2m:10,dpmpp2m:20"  # sampler:steps[:eta]
@@ -233,7 +243,7 @@ def main(argv=None) -> int:
     floors = real_floors(args, cfg.data, dirs, [int(seed) for seed in args.sample_seeds.split(",")])
     from model import build_model, count_parameters
     info = {"date": time.strftime("%Y-%m-%d %H:%M %Z"), "machine": machine(), "commit": commit(),
-            "load": (load_start, os.getloadavg()[0]), "command": "python bench/quality.py " + " ".join(sys.argv[1:]),
+            "load": (load_start, os.getloadavg()[0]), "command": "python -m bench.quality " + " ".join(sys.argv[1:]),
             "params": count_parameters(build_model(cfg)), "train_s": train_s, "classifier": classifier,
             "overrides": " ".join(train_overrides(args)[1:]), "distill": distilled,
             "num_ref": groups[0][0]["reference"]["num_images"], "total_min": (time.perf_counter() - wall_start) / 60}

@@ -1,8 +1,8 @@
 """Super-resolution 7x7 -> 28x28 on real MNIST digits (SR3 conditioning, configs/mnist_sr.yaml), on a CPU.
 
-    python bench/superres.py                          # train, score bicubic / DDIM-50 / DDPM, write RESULTS.md
-    python bench/superres.py --train-steps 20 --num-samples 8 --ddpm-samples 4 --no-write   # a smoke test
-    python bench/superres.py --skip-train             # re-score the last trained model
+    python -m bench.superres                          # train, score bicubic / DDIM-50 / DDPM, write RESULTS.md
+    python -m bench.superres --train-steps 20 --num-samples 8 --ddpm-samples 4 --no-write   # a smoke test
+    python -m bench.superres --skip-train             # re-score the last trained model
 
 What it does (every size is a flag):
   1. reads the MNIST test split (t10k IDX files) from ../shared/data/mnist; exits 0 if it is absent. The
@@ -28,15 +28,14 @@ import sys
 import time
 from pathlib import Path
 
+import torch
+
+import evaluation.features as feat
+from bench.quality_report import RESULTS, commit, write_section
+from config import load_config
+from storage.paths import CLASSIFIERS, FID_REFS, RunPaths, eval_records_file
+
 REPO = Path(__file__).resolve().parents[1]
-sys.path[:0] = [str(REPO), str(REPO / "bench")]
-
-import torch  # noqa: E402
-from quality_report import RESULTS, commit, write_section  # noqa: E402
-
-import evaluation.features as feat  # noqa: E402
-from config import load_config  # noqa: E402
-from storage.paths import CLASSIFIERS, FID_REFS, RunPaths, eval_records_file  # noqa: E402
 
 MNIST = REPO.parent / "shared" / "data" / "mnist"
 START, END = "<!-- superres:start -->", "<!-- superres:end -->"
@@ -162,7 +161,7 @@ def main(argv=None) -> int:
     if args.ddpm_samples:
         records["ddpm"] = evaluate(ckpt, "ddpm", args.ddpm_samples, args, common)
     info = {"date": time.strftime("%Y-%m-%d %H:%M %Z"), "commit": commit(), "classifier": classifier,
-            "command": "python bench/superres.py " + " ".join(sys.argv[1:]), "T": cfg.diffusion.num_timesteps,
+            "command": "python -m bench.superres " + " ".join(sys.argv[1:]), "T": cfg.diffusion.num_timesteps,
             "train_s": json.loads(timing.read_text())["train_s"] if timing.is_file() else float("nan"),
             "total_min": (time.perf_counter() - start) / 60}
     section = render(args, records, info)

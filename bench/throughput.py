@@ -1,12 +1,12 @@
 """Training and sampling throughput of our U-Net against diffusers' UNet2DModel built as the same network.
 
-    python bench/throughput.py                     # CPU (+ GPU if present): fp32/bf16 x NCHW/channels_last,
+    python -m bench.throughput                     # CPU (+ GPU if present): fp32/bf16 x NCHW/channels_last,
                                                    # 3 networks, batch 32; writes bench/RESULTS.md
                                                    # (~8 min on 2 idle cores; 17 min with --threads 1 when shared)
-    python bench/throughput.py --threads 1         # on a machine shared with other jobs: read "same, by CPU time"
-    python bench/throughput.py --quick             # bf16, channels_last, batch 8: a 1-3 minute smoke run
-    python bench/throughput.py --nets cifar10 --dtypes bf16 --formats nchw,cl --compile both --no-write
-    python bench/throughput.py --nets cifar10 --profile 15   # + torch.profiler top ops of one train step
+    python -m bench.throughput --threads 1         # on a machine shared with other jobs: read "same, by CPU time"
+    python -m bench.throughput --quick             # bf16, channels_last, batch 8: a 1-3 minute smoke run
+    python -m bench.throughput --nets cifar10 --dtypes bf16 --formats nchw,cl --compile both --no-write
+    python -m bench.throughput --nets cifar10 --profile 15   # + torch.profiler top ops of one train step
 
 What it measures, per network (configs/<net>.yaml), device, dtype (autocast), memory format, compile:
   train   images/s of one optimizer step at batch B: forward, MSE on the noise, backward, AdamW
@@ -30,11 +30,9 @@ import argparse
 import sys
 from pathlib import Path
 
-REPO = Path(__file__).resolve().parents[1]
-sys.path.insert(0, str(REPO))
+import torch
 
-import torch  # noqa: E402
-from unet_bench import (  # noqa: E402
+from bench.unet_bench import (
     HEADER,
     RESULTS,
     build_net,
@@ -46,6 +44,8 @@ from unet_bench import (  # noqa: E402
     run_net,
     write_section,
 )
+
+REPO = Path(__file__).resolve().parents[1]
 
 
 def parse_args(argv=None) -> argparse.Namespace:

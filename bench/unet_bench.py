@@ -18,17 +18,16 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Callable, Optional
 
+import torch
+import torch.nn.functional as F
+from torch.utils.flop_counter import FlopCounterMode
+
+from config import ConfigError, load_config
+from diffusion import Diffusion
+from model import build_model
+from utils import autocast
+
 REPO = Path(__file__).resolve().parents[1]
-sys.path.insert(0, str(REPO))
-
-import torch  # noqa: E402
-import torch.nn.functional as F  # noqa: E402
-from torch.utils.flop_counter import FlopCounterMode  # noqa: E402
-
-from config import ConfigError, load_config  # noqa: E402
-from diffusion import Diffusion  # noqa: E402
-from model import build_model  # noqa: E402
-from utils import autocast  # noqa: E402
 
 RESULTS = REPO / "bench" / "RESULTS.md"
 START, END = "<!-- throughput:start -->", "<!-- throughput:end -->"
@@ -429,7 +428,7 @@ def measure_peaks(devices: list[torch.device], args) -> tuple[dict, dict]:
 
 def report(rows: list[Row], info: dict, peaks: dict, convs: dict, nets: list[Net], loads: tuple,
            args) -> str:
-    command = "python bench/throughput.py" + "".join(f" {a}" for a in sys.argv[1:])
+    command = "python -m bench.throughput" + "".join(f" {a}" for a in sys.argv[1:])
     peak_text = "; ".join(f"{d} {n}: matmul {peaks[(d, n)]:.0f} GFLOP/s, 3x3 conv {convs[(d, n)]:.0f} GFLOP/s"
                           for d, n in peaks)
     machine_text = (f"{info['cpu']}, nproc {info['nproc']}, torch threads {info['threads']}"

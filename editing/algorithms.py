@@ -1,8 +1,10 @@
-"""Editing with a trained diffusion model (issue #14): inpainting, inversion, image-to-image.
+"""Editing with a trained diffusion model: inpainting, inversion, image-to-image.
 
-These are methods of `Diffusion` (diffusion.py binds them), so any model `model(xt, t, y=None)` works; the
-first argument `diffusion` is that Diffusion. All three walk the sampling grids of
-`Diffusion.sampling_timesteps` with the one step function `Diffusion.step`.
+Free functions over the public core: `inpaint(diffusion, model, x_known, mask, ...)`, `invert(diffusion, model,
+x0, ...)`, `edit(diffusion, model, x0, strength, ...)`, for any Diffusion and any model `model(xt, t, y=None)`.
+All three walk the sampling grids of `Diffusion.sampling_timesteps` with the one step function `Diffusion.step`,
+and use only Diffusion's public names (`timestep_batch`, `guided_model`, `draw_noise`, ...); diffusion.py does
+not import this module. `generator=` is None, a torch.Generator or a diffusion.NoiseSource (`noise_source`).
 
 References (equation and algorithm numbers are the papers'):
   [RePaint] Lugmayr et al. 2022, "RePaint: Inpainting using Denoising Diffusion Probabilistic Models"
@@ -13,15 +15,13 @@ References (equation and algorithm numbers are the papers'):
 from __future__ import annotations
 
 import numbers
-from typing import TYPE_CHECKING, Callable, Optional
+from typing import Callable, Optional
 
 import torch
 from tqdm.auto import tqdm
 
 from config import ConfigError
-
-if TYPE_CHECKING:  # diffusion.py imports this module to bind the methods, so no import at run time here
-    from diffusion import Diffusion
+from diffusion import DATA_T, Diffusion, NoiseSource, noise_source
 
 INPAINT_SAMPLERS = ("ddpm", "ddim")  # see inpaint's docstring for why not dpmpp2m
 
@@ -84,7 +84,7 @@ def repaint_schedule(num_steps: int, resample: int, jump: int) -> list[int]:
     return path
 
 
-def _forward_jump(diffusion: "Diffusion", x: torch.Tensor, t_from: int, t_to: int,
+def _forward_jump(diffusion: Diffusion, x: torch.Tensor, t_from: int, t_to: int,
                   noise: torch.Tensor) -> torch.Tensor:
     """q(x_{t_to} | x_{t_from}) for t_to > t_from ([DDPM] Eq. 2 composed; [RePaint] Algorithm 1, line 10):
     x_to = sqrt(abar_to / abar_from) x_from + sqrt(1 - abar_to / abar_from) eps."""
@@ -92,12 +92,12 @@ def _forward_jump(diffusion: "Diffusion", x: torch.Tensor, t_from: int, t_to: in
     return ratio.sqrt() * x + (1 - ratio).sqrt() * noise
 
 
-def _with_known(diffusion: "Diffusion", x: torch.Tensor, t: int, x_known: torch.Tensor, mask: torch.Tensor,
-                generator: Optional[torch.Generator]) -> torch.Tensor:
+def _with_known(diffusion: Diffusion, x: torch.Tensor, t: int, x_known: torch.Tensor, mask: torch.Tensor,
+                noise: NoiseSource) -> torch.Tensor:
     """[RePaint] Algorithm 1, lines 4-5 and 8: the known pixels noised to level t with fresh noise
     (x_known itself at the data, t < 0), the unknown ones from x."""
     if t >= 0:
-        x_known = diffusion.q_sample(x_known, diffusion._t(t, x), diffusion._randn(x.shape, generator))
+        x_known = diffusion.q_sample(x_known, diffusion.timestep_batch(t, x), diffusion.draw_noise(x.shape, noise))
     return torch.where(mask, x_known, x)
 
 
@@ -123,9 +123,9 @@ def _inpaint_checks(diffusion, model, x_known, mask, sampler, steps, eta, resamp
 
 
 @torch.no_grad()
-def inpaint(diffusion: "Diffusion", model: Callable, x_known: torch.Tensor, mask: torch.Tensor,
+def inpaint(diffusion: Diffusion, model: Callable, x_known: torch.Tensor, mask: torch.Tensor,
             sampler: str = "ddpm", steps: Optional[int] = None, eta: Optional[float] = None,
-            resample: int = 1, jump: int = 1, generator: Optional[torch.Generator] = None,
+            resample: int = 1, jump: int = 1, generator: Optional[torch.Generator | NoiseSource] = None,
             y: Optional[torch.Tensor] = None, guidance_scale: float = 1.0, clip_x0: bool = True,
             progress: bool = True, timestep_spacing: Optional[str] = None) -> torch.Tensor:
     """RePaint ([RePaint] Algorithm 1 with the jump schedule of Sec. 4.2, `repaint_schedule`): fill in the
@@ -140,45 +140,46 @@ def inpaint(diffusion: "Diffusion", model: Callable, x_known: torch.Tensor, mask
     or ddim with any eta. Not dpmpp2m: its second-order step extrapolates from the previous step's x0
     along one ODE trajectory, which the re-noised known pixels and the jumps break at every step. One
     progress bar counts the model evaluations: len(grid) + (resample - 1) * jump * blocks."""
+    noise_src = noise_source(generator)
     x_known, mask, eta, timesteps = _inpaint_checks(diffusion, model, x_known, mask, sampler, steps, eta, resample,
                                                     jump, y, timestep_spacing)
-    from diffusion import DATA_T  # the data, below the grid's lowest timestep
-    levels = [*reversed(timesteps), DATA_T]  # position s on the grid -> timestep (-1 -> the data)
+    levels = [*reversed(timesteps), DATA_T]  # position s on the grid -> timestep (DATA_T, -1 -> the data)
     path = repaint_schedule(len(timesteps), resample, jump)
-    model_fn = diffusion._model_fn(model, y, guidance_scale)
+    model_fn = diffusion.guided_model(model, y, guidance_scale)
     # x_T, with the known pixels already at their level (the authors' code replaces them before every step)
-    x = _with_known(diffusion, diffusion._randn(x_known.shape, generator), levels[path[0]], x_known, mask, generator)
+    x = _with_known(diffusion, diffusion.draw_noise(x_known.shape, noise_src), levels[path[0]], x_known, mask,
+                    noise_src)
     bar = tqdm(total=sum(b < a for a, b in zip(path, path[1:])), desc=f"{sampler} inpainting", leave=False,
                disable=not progress)
     with bar:
         for a, b in zip(path, path[1:]):
             t, t_next = levels[a], levels[b]
             if b > a:  # jump back up: every pixel, known ones included, through the forward process
-                x = _forward_jump(diffusion, x, t, t_next, diffusion._randn(x.shape, generator))
+                x = _forward_jump(diffusion, x, t, t_next, diffusion.draw_noise(x.shape, noise_src))
                 continue
-            out = model_fn(x, diffusion._t(t, x))
-            noise = diffusion._randn(x.shape, generator) if diffusion.needs_noise(sampler, t_next, eta) else None
+            out = model_fn(x, diffusion.timestep_batch(t, x))
+            noise = diffusion.draw_noise(x.shape, noise_src) if diffusion.needs_noise(sampler, t_next, eta) else None
             x = diffusion.step(sampler, out, x, t, t_next, eta=eta, noise=noise, clip_x0=clip_x0).prev_sample
-            x = _with_known(diffusion, x, t_next, x_known, mask, generator)
+            x = _with_known(diffusion, x, t_next, x_known, mask, noise_src)
             bar.update(1)
     return x
 
 
 # ----------------------------------------------------------------------------- DDIM inversion
-def _ddim_up(diffusion: "Diffusion", model_out: torch.Tensor, x: torch.Tensor, t: int, t_next: int) -> torch.Tensor:
+def _ddim_up(diffusion: Diffusion, model_out: torch.Tensor, x: torch.Tensor, t: int, t_next: int) -> torch.Tensor:
     """Inverts the deterministic sampling step t_next -> t ([DDIM] Eq. 12, eta = 0), which uses the (x0, eps) the
     model predicts at (x_{t_next}, t_next): x_t = sqrt(abar_t) x0 + sqrt(1 - abar_t) eps. The unknown x_{t_next}
     is replaced by x_t in the model's input (model_out = model(x_t, t_next), as diffusers' DDIMInverseScheduler);
     then x0 follows from x_t exactly and x_{t_next} = sqrt(abar_next) x0 + sqrt(1 - abar_next) eps. t may be
     the data (DATA_T, abar = 1: x0 is x itself)."""
-    _, eps = diffusion.predict_x0_eps(model_out, x, diffusion._t(t_next, x))
+    _, eps = diffusion.predict_x0_eps(model_out, x, diffusion.timestep_batch(t_next, x))
     abar, abar_next = diffusion.alpha_bar_prev(t, x), diffusion.alpha_bar_prev(t_next, x)
     x0 = (x - (1 - abar).sqrt() * eps) / abar.sqrt()
     return abar_next.sqrt() * x0 + (1 - abar_next).sqrt() * eps
 
 
 @torch.no_grad()
-def invert(diffusion: "Diffusion", model: Callable, x0: torch.Tensor, steps: Optional[int] = None,
+def invert(diffusion: Diffusion, model: Callable, x0: torch.Tensor, steps: Optional[int] = None,
            y: Optional[torch.Tensor] = None, progress: bool = True,
            timestep_spacing: Optional[str] = None) -> torch.Tensor:
     """DDIM inversion ([DDIM] Sec. 4.3 and 5.4: the ODE of Eq. 14 run from x0 to x_T): x_T such that
@@ -188,20 +189,19 @@ def invert(diffusion: "Diffusion", model: Callable, x0: torch.Tensor, steps: Opt
     like 1 / steps (first order; smaller than evaluating at the step's start: measured on a Gaussian, max
     error 0.26 instead of 0.51 at 10 steps, 0.017 instead of 0.025 at 250). Deterministic: DDIM with
     eta = 0 only; with y, the conditional model (guidance makes the inversion drift)."""
-    from diffusion import DATA_T
     _check_input(model, x0, "the image to invert", y)
     levels = [DATA_T, *reversed(diffusion.sampling_timesteps("ddim", steps, timestep_spacing))]
-    model_fn = diffusion._model_fn(model, y, 1.0)
+    model_fn = diffusion.guided_model(model, y, 1.0)
     x = x0.to(diffusion.betas.device).float()
     with tqdm(total=len(levels) - 1, desc="ddim inversion", leave=False, disable=not progress) as bar:
         for t, t_next in zip(levels, levels[1:]):
-            x = _ddim_up(diffusion, model_fn(x, diffusion._t(t_next, x)), x, t, t_next)
+            x = _ddim_up(diffusion, model_fn(x, diffusion.timestep_batch(t_next, x)), x, t, t_next)
             bar.update(1)
     return x
 
 
 # ----------------------------------------------------------------------------- SDEdit
-def sdedit_timesteps(diffusion: "Diffusion", strength: float, sampler: str, steps: Optional[int] = None,
+def sdedit_timesteps(diffusion: Diffusion, strength: float, sampler: str, steps: Optional[int] = None,
                      spacing: Optional[str] = None) -> list[int]:
     """The grid SDEdit walks at `strength`: the sampler's grid restricted to t <= t_start, where
     t_start = round(strength * T) - 1 (the level of noise strength * T of T; strength 1 -> T - 1). x0 is
@@ -221,20 +221,22 @@ def sdedit_timesteps(diffusion: "Diffusion", strength: float, sampler: str, step
 
 
 @torch.no_grad()
-def edit(diffusion: "Diffusion", model: Callable, x0: torch.Tensor, strength: float, sampler: str = "ddpm",
-         steps: Optional[int] = None, eta: Optional[float] = None, generator: Optional[torch.Generator] = None,
+def edit(diffusion: Diffusion, model: Callable, x0: torch.Tensor, strength: float, sampler: str = "ddpm",
+         steps: Optional[int] = None, eta: Optional[float] = None,
+         generator: Optional[torch.Generator | NoiseSource] = None,
          y: Optional[torch.Tensor] = None, guidance_scale: float = 1.0, clip_x0: bool = True,
          progress: bool = True, timestep_spacing: Optional[str] = None) -> torch.Tensor:
     """SDEdit ([SDEdit] Algorithm 1, here with the VP forward process [DDPM] Eq. 4 and any sampler): noise x0
     to t_start with the forward process and sample back from there. strength in (0, 1]: low keeps the
     input's detail, 1 is plain sampling (x0 noised to the top of the grid, almost pure noise). The grid
     and t_start are `sdedit_timesteps`'; the progress bar counts its model evaluations, one per step."""
+    noise_src = noise_source(generator)
     eta = diffusion.check_eta(sampler, eta)
     timesteps = sdedit_timesteps(diffusion, strength, sampler, steps, timestep_spacing)
     _check_input(model, x0, "the image to edit", y)
     x0 = x0.to(diffusion.betas.device).float()
-    x = diffusion.q_sample(x0, diffusion._t(timesteps[0], x0), diffusion._randn(x0.shape, generator))
-    for record in diffusion.sample_steps(model, x, timesteps, sampler, eta=eta, generator=generator, y=y,
+    x = diffusion.q_sample(x0, diffusion.timestep_batch(timesteps[0], x0), diffusion.draw_noise(x0.shape, noise_src))
+    for record in diffusion.sample_steps(model, x, timesteps, sampler, eta=eta, generator=noise_src, y=y,
                                          guidance_scale=guidance_scale, clip_x0=clip_x0, progress=progress):
         x = record.xt
     return x

@@ -1,4 +1,4 @@
-"""The editing modes of sample.py (issue #14): what each one checks, runs and writes.
+"""The editing modes of sample.py: what each one checks, runs and writes.
 
     --inpaint IMG --mask MASK|center|left|right|top|bottom [--resample R --jump J]   RePaint
     --init-image IMG --strength S                                                    SDEdit (image-to-image)
@@ -8,7 +8,7 @@
 `plan_edit` reads the inputs and checks every flag before any model evaluation (each bad input is one
 SampleError line); the EditJob it returns names its output files (for sample.py's manifest check), runs,
 and saves. Results do not depend on --batch-size: output j draws its noise from SampleNoise(seed, j), as
-sampling does (generation.py), and for --num-samples K per input, output j is result j % K of input j // K.
+sampling does (sampling/generation.py), and for --num-samples K per input, output j is result j % K of input j // K.
 """
 from __future__ import annotations
 
@@ -19,17 +19,17 @@ from typing import Callable, Optional
 
 import torch
 
-from editing.algorithms import INPAINT_SAMPLERS, sdedit_timesteps
-from sampling.generation import SampleError, SampleNoise, autocast, parse_class_labels, sampling_settings
+from editing.algorithms import INPAINT_SAMPLERS, edit, inpaint, invert, sdedit_timesteps
+from sampling.generation import SampleError, SampleNoise, parse_class_labels, sampling_autocast, sampling_settings
 from sampling.images import BUILTIN_MASKS, load_images, load_mask, mask_picture, psnr, save_png
 from sampling.pictures import image_grid
 
 MODES = {"inpaint": "--inpaint", "init_image": "--init-image", "interpolate": "--interpolate", "invert": "--invert"}
 ONLY_WITH = {"mask": "inpaint", "resample": "inpaint", "jump": "inpaint", "strength": "init_image",
              "seeds": "interpolate", "frames": "interpolate"}
-# RePaint defaults, measured on the digits quickstart (README, "Editing with a trained model"): resampling each
-# block of 5 steps 5 times joins the generated half to the kept one; 1 (plain replacement) leaves seams.
-RESAMPLE, JUMP, FRAMES = 10, 10, 8  # RePaint: best label recovery in bench/RESULTS.md (editing)
+# RePaint's resampling joins the generated region to the kept one (plain replacement, 1/1, leaves seams); 10/10
+# gave the best label recovery in bench/RESULTS.md's editing table.
+RESAMPLE, JUMP, FRAMES = 10, 10, 8
 
 
 def add_edit_args(p) -> None:
@@ -193,9 +193,9 @@ def _plan_inpaint(args, model, diffusion, cfg, class_names, seed) -> EditJob:
     y, dev = _labels(args, cfg, class_names, len(src)), diffusion.betas.device
 
     def one(sl, noise, y_b, _):
-        with autocast(dev, args.amp):
-            return diffusion.inpaint(model, src[sl].to(dev), keep[sl].to(dev), resample=resample, jump=jump,
-                                     generator=noise, y=None if y_b is None else y_b.to(dev), **kw)
+        with sampling_autocast(dev, args.amp):
+            return inpaint(diffusion, model, src[sl].to(dev), keep[sl].to(dev), resample=resample, jump=jump,
+                           generator=noise, y=None if y_b is None else y_b.to(dev), **kw)
     bs = args.batch_size or cfg.sample.batch_size
     return EditJob("inpaint", _folder("inpaint", kw, len(ts), seed, f"_r{resample}j{jump}"), ["grid.png"]
                    + _sample_names(len(src)), lambda cb: _batched(one, len(src), bs, seed, y),
@@ -217,14 +217,14 @@ def _plan_img2img(args, model, diffusion, cfg, class_names, seed) -> EditJob:
 
     def one(sl, noise, y_b, callback):
         y_b = None if y_b is None else y_b.to(dev)
-        with autocast(dev, args.amp):
+        with sampling_autocast(dev, args.amp):
             if callback is None:
-                return diffusion.edit(model, src[sl].to(dev), strength, generator=noise, y=y_b, **kw)
+                return edit(diffusion, model, src[sl].to(dev), strength, generator=noise, y=y_b, **kw)
             return _edit_recorded(diffusion, model, src[sl].to(dev), ts, noise, y_b, kw, callback)
 
     def noised():  # each input's starting point: its first output's first noise draw, as edit() makes it
         noise = SampleNoise(seed, range(0, len(src), k)).randn(x.shape, device=dev)
-        return diffusion.q_sample(x.to(dev), diffusion._t(ts[0], noise), noise).cpu()
+        return diffusion.q_sample(x.to(dev), diffusion.timestep_batch(ts[0], noise), noise).cpu()
     bs = args.batch_size or cfg.sample.batch_size
     return EditJob("init_image", _folder("init_image", kw, len(ts), seed, f"_s{strength:g}"),
                    ["grid.png"] + _sample_names(len(src)), lambda cb: _batched(one, len(src), bs, seed, y, cb),
@@ -232,8 +232,8 @@ def _plan_img2img(args, model, diffusion, cfg, class_names, seed) -> EditJob:
 
 
 def _edit_recorded(diffusion, model, x0, ts, noise, y, kw, callback) -> torch.Tensor:
-    """Diffusion.edit's loop with a callback(i, t, x_t, x0_pred) for --animation (edit() takes none)."""
-    x = diffusion.q_sample(x0, diffusion._t(ts[0], x0), diffusion._randn(x0.shape, noise))
+    """edit()'s loop with a callback(i, t, x_t, x0_pred) for --animation (edit() takes none)."""
+    x = diffusion.q_sample(x0, diffusion.timestep_batch(ts[0], x0), diffusion.draw_noise(x0.shape, noise))
     for rec in diffusion.sample_steps(model, x, ts, kw["sampler"], eta=kw["eta"], generator=noise, y=y,
                                       guidance_scale=kw["guidance_scale"], clip_x0=kw["clip_x0"], progress=False):
         x = rec.xt
@@ -252,7 +252,7 @@ def _plan_invert(args, model, diffusion, cfg, class_names, seed) -> EditJob:
 
     def one(sl, _noise, y_b, _cb):  # fp32: the reconstruction error is what this mode measures
         y_b = None if y_b is None else y_b.to(dev)
-        x_T = diffusion.invert(model, x[sl].to(dev), steps=kw["steps"], y=y_b, timestep_spacing=kw["timestep_spacing"])
+        x_T = invert(diffusion, model, x[sl].to(dev), steps=kw["steps"], y=y_b, timestep_spacing=kw["timestep_spacing"])
         noises.append(x_T.float().cpu())
         return diffusion.sample(model, x_T.shape, "ddim", kw["steps"], eta=0.0, x_T=x_T, y=y_b, clip_x0=kw["clip_x0"],
                                 timestep_spacing=kw["timestep_spacing"])
@@ -303,8 +303,8 @@ def _plan_interpolate(args, model, diffusion, cfg, class_names, seed) -> EditJob
 
     def run(_cb):
         if ends:
-            zs = [diffusion.invert(model, e.to(dev), steps=kw["steps"], y=None if y is None else y.to(dev),
-                                   timestep_spacing=kw["timestep_spacing"]).float().cpu() for e in ends]
+            zs = [invert(diffusion, model, e.to(dev), steps=kw["steps"], y=None if y is None else y.to(dev),
+                         timestep_spacing=kw["timestep_spacing"]).float().cpu() for e in ends]
         else:
             zs = [SampleNoise(s, [0]).randn(shape) for s in args.seeds]
         x_T = torch.cat([slerp(zs[0], zs[1], a / (frames - 1)) for a in range(frames)])

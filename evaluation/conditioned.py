@@ -1,7 +1,7 @@
 """Scores of an image-conditioned model (data.task superres / colorize) on held-out images: the library behind
 evaluate.py --checkpoint for such a model (and bench/superres.py).
 
-For N held-out targets (condition_images.held_out_split: data.holdout's images, else the test split), each
+For N held-out targets (sampling.conditions.held_out_split: data.holdout's images, else the test split), each
 output is sampled from the target's condition with its own seeded noise, quantised to uint8 like a saved PNG,
 and scored against its target, next to the classical baseline (bicubic upsampling; for colorize the grey
 image itself) in the same record:
@@ -10,7 +10,7 @@ image itself) in the same record:
   - consistency_mse: SR3's consistency, the MSE between the condition and the output brought back to it
     (superres: area-downsampled by sr_factor; colorize: its grey version), on [0, 1];
   - fid (and precision/recall, classifier scores) of the outputs against the usual reference statistics
-    (scoring.py: the digit classifier's features on grey digits, Inception-v3 on RGB);
+    (evaluation/scoring.py: the digit classifier's features on grey digits, Inception-v3 on RGB);
   - classifier_accuracy (digit classifier only): its predicted class against the targets' labels, also of
     the targets themselves ("targets"), for scale.
 """

@@ -21,7 +21,7 @@ from sampling.pictures import to_uint8_images
 from storage.checkpoints import load_checkpoint
 from storage.paths import CLASSIFIERS, INCEPTION
 
-CLASSIFIER_DIR = CLASSIFIERS  # caches under data/ (paths.py)
+CLASSIFIER_DIR = CLASSIFIERS  # caches under data/ (storage/paths.py)
 INCEPTION_DIR = INCEPTION
 CLASSIFIER_DATASETS = ("mnist", "fashion_mnist", "digits")
 # torch-fidelity's copy of the TTUR FID Inception (pytorch-fid's pt_inception-2015-12-05-6726825d.pth is the

@@ -8,10 +8,10 @@ import math
 import numpy as np
 import torch
 
+from config import UserError
 
-# Defined here, at the bottom of the import chain (metrics <- features <- evaluate), because precision_recall
-# raises it too; features.py and evaluate.py import it from here, so evaluate.EvalError is this class.
-class EvalError(RuntimeError):
+
+class EvalError(UserError, RuntimeError):
     """A user-fixable problem (missing weights/classifier/samples); the message says what to do."""
 
 

@@ -1,5 +1,5 @@
 """Interop with Hugging Face diffusers: the conversion between our U-Net/Diffusion and diffusers'
-UNet2DModel/DDPMScheduler (configs and state dicts), and writing a DDPMPipeline folder. pretrained.py reads
+UNet2DModel/DDPMScheduler (configs and state dicts), and writing a DDPMPipeline folder. interop/pretrained.py reads
 diffusers folders with it (sample.py --pretrained), export.py writes them.
 
 model.UNet is the DDPM network exactly as diffusers' UNet2DModel builds it for the google/ddpm-* models,
@@ -20,6 +20,7 @@ from config import (SPACINGS, Config, ConfigError, DataConfig, DiffusionConfig, 
     cond_channels, validate)
 from model import build_model
 from storage.checkpoints import CheckpointError
+from utils import is_int
 
 WEIGHTS = "diffusion_pytorch_model"
 
@@ -90,16 +91,12 @@ _SCHEDULER_RULES = [
 ]
 
 
-def _is_int(v) -> bool:
-    return isinstance(v, int) and not isinstance(v, bool)
-
-
 # The types of the values that the rules and the conversion compute with (config.json is untrusted input).
 _KINDS = {
-    "int": (lambda v: _is_int(v) and v > 0, "a positive integer"),
-    "int?": (lambda v: v is None or (_is_int(v) and v > 0), "a positive integer or null"),
+    "int": (lambda v: is_int(v) and v > 0, "a positive integer"),
+    "int?": (lambda v: v is None or (is_int(v) and v > 0), "a positive integer or null"),
     "num": (lambda v: isinstance(v, (int, float)) and not isinstance(v, bool), "a number"),
-    "ints": (lambda v: isinstance(v, list) and v and all(_is_int(w) and w > 0 for w in v),
+    "ints": (lambda v: isinstance(v, list) and v and all(is_int(w) and w > 0 for w in v),
              "a non-empty list of positive integers"),
     "strs": (lambda v: isinstance(v, list) and all(isinstance(t, str) for t in v), "a list of strings"),
 }
@@ -114,7 +111,7 @@ def _type_problems(config: dict, types: dict, what: str) -> list[str]:
             for key, kind in types.items() if not _KINDS[kind][0](config.get(key))]
 
 
-# An image-conditioned model (data.task, conditioning.py) takes its condition as extra input channels; the
+# An image-conditioned model (data.task, sampling/conditioning.py) takes its condition as extra input channels; the
 # export records the task under this key, which diffusers ignores (a leading "_" marks private config keys).
 CONDITION_KEY = "_ddpm_lab_condition"
 
@@ -125,7 +122,7 @@ def _condition(c: dict) -> Optional[dict]:
     if cond is None:
         return None
     if (not isinstance(cond, dict) or cond.get("task") not in ("superres", "colorize")
-            or not _is_int(cond.get("sr_factor")) or cond["sr_factor"] < 1):
+            or not is_int(cond.get("sr_factor")) or cond["sr_factor"] < 1):
         raise ConfigError(f"config.json {CONDITION_KEY} = {cond!r} must be {{\"task\": \"superres\" or "
                           "\"colorize\", \"sr_factor\": a positive integer}")
     return cond

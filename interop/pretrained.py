@@ -1,5 +1,5 @@
 """Run published diffusers DDPM weights in our U-Net: load_pretrained("google/ddpm-cifar10-32") (a hub id)
-or a local diffusers folder -> (model, diffusion, config). The conversion itself is interop.py's; this
+or a local diffusers folder -> (model, diffusion, config). The conversion itself is interop/diffusers.py's; this
 module finds and reads the files (hub downloads with a timeout, offline cache, untrusted weights)."""
 from __future__ import annotations
 

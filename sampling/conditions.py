@@ -1,4 +1,4 @@
-"""The images around an image-conditioned model (data.task superres / colorize, conditioning.py): held-out
+"""The images around an image-conditioned model (data.task superres / colorize, sampling/conditioning.py): held-out
 targets whose conditions show progress in training grids and are scored by evaluate.py, the user's
 condition images of sample.py --condition, and the comparison grid
 

@@ -14,20 +14,21 @@ from typing import Callable, Iterable, Optional
 import torch
 from tqdm.auto import tqdm
 
-from diffusion import Diffusion
+from config import UserError
+from diffusion import Diffusion, NoiseSource
 from sampling.conditioning import with_condition
-from utils import autocast as amp_autocast
-from utils import derive_seed, resolve_amp
+from utils import autocast, derive_seed, resolve_amp
 
 
-class SampleError(ValueError):
+class SampleError(UserError, ValueError):
     """A bad sampling argument (sample.py, evaluate.py); the message says what to change."""
 
 
 # ----------------------------------------------------------------------------- per-sample noise
-class SampleNoise:
-    """Noise for a batch of samples, one torch.Generator per sample seeded from (seed, index): pass it as
-    Diffusion.sample's `generator`. randn draws each sample's share from its own stream and stacks them."""
+class SampleNoise(NoiseSource):
+    """Noise for a batch of samples, one torch.Generator per sample seeded from (seed, index): a NoiseSource, so
+    pass it as the `generator` of Diffusion.sample or the editing functions. randn draws each sample's share from
+    its own stream and stacks them."""
 
     def __init__(self, seed: int, indices: Iterable[int]):
         self.generators = [torch.Generator().manual_seed(derive_seed(seed, int(i))) for i in indices]
@@ -45,12 +46,11 @@ def sample_shape(cfg) -> tuple[int, ...]:
     return (2,) if cfg.model.kind == "mlp" else (cfg.model.in_channels, size, size)
 
 
-def autocast(device: torch.device, amp: str):
-    """Sampling autocast for --amp (auto resolved per device); fp16 needs CUDA."""
-    amp = resolve_amp(amp, device)
-    if amp == "fp16" and device.type != "cuda":
+def sampling_autocast(device: torch.device, amp: str):
+    """utils.autocast for --amp, refusing fp16 off CUDA (on CPU bf16 is the fast half precision)."""
+    if resolve_amp(amp, device) == "fp16" and device.type != "cuda":
         raise SampleError("--amp fp16 needs a CUDA device; on CPU use --amp bf16 (or off)")
-    return amp_autocast(device, amp)
+    return autocast(device, amp)
 
 
 def generate(model: Callable, diffusion: Diffusion, cfg, num_samples: int, batch_size: int, seed: int,
@@ -61,7 +61,7 @@ def generate(model: Callable, diffusion: Diffusion, cfg, num_samples: int, batch
     """num_samples samples (N, *sample_shape) on the CPU. Sample i draws its noise from its own generator
     seeded from (seed, i) (SampleNoise), so it does not depend on batch_size or the device. `callback(i, t,
     x_t, x0_pred)` sees the first batch only (enough for an animation). An image-conditioned model gets sample
-    i's condition image conditions[i] (N, Cc, S, S; conditioning.py)."""
+    i's condition image conditions[i] (N, Cc, S, S; sampling/conditioning.py)."""
     device, shape = diffusion.betas.device, sample_shape(cfg)
     y_all = torch.tensor(labels, dtype=torch.long) if labels is not None else None
     out = []
@@ -70,7 +70,7 @@ def generate(model: Callable, diffusion: Diffusion, cfg, num_samples: int, batch
         n = min(batch_size, num_samples - start)
         y = y_all[start:start + n].to(device) if y_all is not None else None
         cond = conditions[start:start + n].to(device) if conditions is not None else None
-        with autocast(device, amp):
+        with sampling_autocast(device, amp):
             x = diffusion.sample(with_condition(model, cond), (n, *shape), sampler=sampler, steps=steps, eta=eta,
                                  generator=SampleNoise(seed, range(start, start + n)), y=y,
                                  guidance_scale=guidance_scale, clip_x0=clip_x0, progress=progress,
@@ -97,16 +97,11 @@ def sampling_settings(cfg, num_timesteps: int, sampler: Optional[str] = None, st
                 guidance_scale=s.guidance_scale if guidance_scale is None else guidance_scale)
 
 
-def check_eta(eta: Optional[float]) -> None:
-    if eta is not None and not 0 <= eta <= 1:  # NaN fails too (it gave all-black images)
-        raise SampleError(f"--eta {eta} is outside [0, 1]: use 0 (deterministic DDIM) up to 1 (ancestral-like)")
-
-
 def check_sampling_flags(sampler: str, eta: Optional[float], spacing: Optional[str],
                          guidance_scale: Optional[float], num_classes: int) -> None:
     """Refuse explicit flags (None = not given) that are out of range or that this sampler or model would
     silently ignore."""
-    check_eta(eta)
+    Diffusion.check_eta(None, eta, "--eta")
     if eta is not None and sampler != "ddim":
         raise SampleError(f"--eta is used only by the ddim sampler; {sampler} ignores it: drop --eta, or pass "
                           "--sampler ddim")

@@ -16,7 +16,7 @@ from storage.paths import ema_snapshot_folder
 def load_for_sampling(checkpoint: str | Path, device: str | torch.device = "cpu", use_ema: bool = True,
                       ema_length: Optional[float] = None):
     """(model in eval mode, diffusion, cfg, ckpt), all rebuilt from the config stored in the checkpoint.
-    ema_length: a post-hoc EMA of that sigma_rel, rebuilt from the run's snapshots (posthoc_ema.py)."""
+    ema_length: a post-hoc EMA of that sigma_rel, rebuilt from the run's snapshots (sampling/posthoc.py)."""
     ckpt, cfg = read_checkpoint(checkpoint)
     weights = ckpt.get("ema") if use_ema else ckpt["model"]
     if weights is None:
@@ -50,7 +50,7 @@ def first_mismatch(expected: dict, weights) -> Optional[str]:
 
 def posthoc_weights(ckpt: dict, checkpoint: Path, sigma_rel: float, template: dict) -> dict:
     """The post-hoc EMA of length sigma_rel at the checkpoint's step, from the snapshots in the ema/ folder
-    next to the checkpoint (posthoc_ema.reconstruct_weights); a bad length is a CheckpointError too."""
+    next to the checkpoint (sampling.posthoc.reconstruct_weights); a bad length is a CheckpointError too."""
     from sampling.posthoc import reconstruct_weights
     try:
         weights, summary = reconstruct_weights(ckpt, ema_snapshot_folder(checkpoint.parent), sigma_rel, template)

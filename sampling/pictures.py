@@ -1,4 +1,5 @@
-"""Pictures: image grids, the loss plot, 2-D scatter plots, GIFs of the reverse process, trajectories and the forward-process figure."""
+"""Pictures: image grids, the loss plot, 2-D scatter plots, GIFs of the reverse process, trajectories and the
+forward-process figure."""
 from __future__ import annotations
 
 from pathlib import Path

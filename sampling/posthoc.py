@@ -30,9 +30,9 @@ from typing import Sequence
 import numpy as np
 import torch
 
+from config import SIGMA_REL_MAX
 from storage.checkpoints import CheckpointError
 
-SIGMA_REL_MAX = math.sqrt(1 / 12)      # gamma = 0 (a flat average of the whole run); gamma > 0 below it
 DEFAULT_PROFILES = (0.05, 0.10)        # EDM2's two tracked profiles
 SNAPSHOT_NAME = re.compile(r"ema_(\d{7})\.pt")
 

@@ -1,4 +1,13 @@
-"""The one checkpoint module: save (atomic), load (untrusted input: weights_only), list and resolve checkpoint files."""
+"""The one checkpoint module: save (atomic), load (untrusted input: weights_only), list and resolve checkpoints.
+
+Checkpoint format (a dict saved with torch.save, loaded with weights_only=True):
+    format_version  int, CHECKPOINT_VERSION
+    step            int, optimizer steps done
+    config          dict, config.to_dict(cfg): the full config, so sample.py needs no flags
+    model           state_dict of the bare network (no DDP "module." / compile "_orig_mod." prefixes)
+    ema             state_dict of the EMA network, same keys as `model`
+    ... plus training state (optimizer, lr_scheduler, grad_scaler, rng, data_state) written by train.py
+"""
 from __future__ import annotations
 
 import pickle
@@ -10,13 +19,13 @@ from typing import BinaryIO, Optional
 
 import torch
 
-from config import Config, ConfigError, from_dict, load_config, validate
+from config import Config, ConfigError, UserError, from_dict, load_config, validate
 from storage.files import atomic_write
 from storage.paths import CHECKPOINTS, RunPaths
 
 CHECKPOINT_VERSION = 1
 
-class CheckpointError(RuntimeError):
+class CheckpointError(UserError, RuntimeError):
     """A missing, corrupt or incompatible checkpoint; the message says what to do. `cause`: the message
     without its advice, for callers that give their own (train.py's resume lists the files that load)."""
 

@@ -17,7 +17,7 @@ import numpy as np
 import torch
 from PIL import Image
 
-from config import ConfigError
+from config import ConfigError, UserError
 
 CIFAR10_CLASSES = ["airplane", "automobile", "bird", "cat", "deer", "dog", "frog", "horse", "ship", "truck"]
 DIGIT_CLASSES = [str(d) for d in range(10)]
@@ -43,7 +43,7 @@ CIFAR_FIX = (f"To fix it, delete the folder {CIFAR10_FOLDER}/ that holds it and 
              f"(https://www.cs.toronto.edu/~kriz/{CIFAR10_ARCHIVE}) beside the folder first.")
 
 
-class DatasetMissingError(RuntimeError):
+class DatasetMissingError(UserError, RuntimeError):
     """The data is not on disk and cannot be downloaded; the message says exactly what to do."""
 
 

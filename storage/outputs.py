@@ -7,8 +7,13 @@ from __future__ import annotations
 import json
 from pathlib import Path
 
-from sampling.generation import SampleError
+from config import UserError
 from storage.files import output_folder_problem
+
+
+class OutputFolderError(UserError, ValueError):
+    """An output folder that cannot be written as asked; the message says which folder and what to do."""
+
 
 MANIFEST = "ddpm-lab-samples.json"  # in every output folder: the files sample.py wrote there
 
@@ -24,7 +29,7 @@ def read_manifest(out_dir: Path) -> set[str]:
         if not isinstance(names, list):
             raise TypeError("files is not a list")
     except (OSError, ValueError, TypeError, KeyError) as e:
-        raise SampleError(f"'{path}' is not a manifest sample.py can read ({type(e).__name__}), so nothing in "
+        raise OutputFolderError(f"'{path}' is not a manifest sample.py can read ({type(e).__name__}), so nothing in "
                           f"'{out_dir}' is known to be ours: choose another --out") from None
     return {n for n in names if isinstance(n, str) and n not in ("", ".", "..", MANIFEST) and Path(n).name == n}
 
@@ -34,17 +39,17 @@ def check_out_dir(out_dir: Path, names: list[str], overwrite: bool) -> list[Path
     write there; returns the files of an earlier run (its manifest) to remove before writing."""
     problem = output_folder_problem(out_dir)
     if problem:
-        raise SampleError(f"--out {problem}: choose another output folder")
+        raise OutputFolderError(f"--out {problem}: choose another output folder")
     if not out_dir.is_dir() or not any(out_dir.iterdir()):
         return []
     if not overwrite:
-        raise SampleError(f"output folder '{out_dir}' is not empty: choose a new or empty folder, or pass "
+        raise OutputFolderError(f"output folder '{out_dir}' is not empty: choose a new or empty folder, or pass "
                           f"--overwrite to replace the files an earlier sample.py run wrote there ({MANIFEST})")
     ours = read_manifest(out_dir)
     for name in names:
         path = out_dir / name
         if (path.exists() or path.is_symlink()) and (name not in ours or not path.is_file()):
-            raise SampleError(f"'{path}' was not written by sample.py (not in '{out_dir / MANIFEST}'), and "
+            raise OutputFolderError(f"'{path}' was not written by sample.py (not in '{out_dir / MANIFEST}'), and "
                               "--overwrite replaces only such files: move it away, or choose another --out")
     return [out_dir / n for n in sorted(ours) if (out_dir / n).is_file() or (out_dir / n).is_symlink()]
 

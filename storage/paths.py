@@ -62,5 +62,5 @@ def eval_records_file(run_name: str, folder: Path = EVAL_RECORDS) -> Path:
 
 
 def ema_snapshot_folder(checkpoint_folder: Path) -> Path:
-    """<folder>/ema/: the post-hoc EMA snapshots (posthoc_ema.py) of the run whose checkpoints lie in folder."""
+    """<folder>/ema/: the post-hoc EMA snapshots (sampling/posthoc.py) of the run whose checkpoints lie in folder."""
     return Path(checkpoint_folder) / "ema"

@@ -1,6 +1,6 @@
 """The run's folder on disk: where runs live, the lock that keeps a second train.py off a run, clearing or
 refusing an existing run, which checkpoint --resume means, and which step files hold good weights (kept
-by the rotation, named after a divergence). Library code of trainer.py.
+by the rotation, named after a divergence). Library code of training/trainer.py.
 """
 from __future__ import annotations
 
@@ -95,7 +95,7 @@ def prepare_run_dir(run_name: str, info, resuming: bool, overwrite: bool) -> Non
     """A fresh run into a folder that holds one: a ConfigError unless `overwrite`, which deletes its
     checkpoints (and post-hoc EMA snapshots), logs and sample grids (rank 0, after every rank has looked)."""
     run_dir = RunPaths(run_name).checkpoints
-    existing = sorted(RunPaths(run_name).ema_snapshots.glob("ema_*.pt"))  # post-hoc EMA snapshots (posthoc_ema.py)
+    existing = sorted(RunPaths(run_name).ema_snapshots.glob("ema_*.pt"))  # post-hoc EMA snapshots (sampling/posthoc.py)
     existing += list_checkpoints(run_dir) + [p for p in [run_dir / "last.pt"] if p.is_file()]
     if info.enabled:
         dist.barrier(group=info.control)

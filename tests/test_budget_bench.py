@@ -9,10 +9,9 @@ from pathlib import Path
 
 import pytest
 
-REPO = Path(__file__).resolve().parents[1]
-sys.path[:0] = [str(REPO / "bench")]
+import bench.budget as budget
 
-import budget  # noqa: E402
+REPO = Path(__file__).resolve().parents[1]
 
 ROWS = [{"recipe": r, "steps": s, "train_s": t, "sample_s": 30.0, "params": 6e6, "fid": f, "precision": 0.5,
          "recall": 0.4} for r, s, t, f in [("ddpm-lab", 500, 600, 40.0), ("ddpm-lab", 1000, 1200, 20.0),
@@ -58,8 +57,8 @@ def test_budget_trains_samples_scores_and_writes_rows_table_and_plot(tmp_path):
     results = tmp_path / "RESULTS.md"
     argv = ["--budgets", "1", "--recipes", ",".join(recipes), "--num-samples", "4", "--sample-batch-size", "4",
             "--threads", "1", "--classifier-steps", "5", "--work", str(tmp_path / "work"), "--results", str(results)]
-    proc = subprocess.run([sys.executable, str(REPO / "bench" / "budget.py"), *argv], cwd=tmp_path,
-                          env={**os.environ, "OMP_NUM_THREADS": "1"}, capture_output=True, text=True, timeout=900)
+    proc = subprocess.run([sys.executable, "-m", "bench.budget", *argv], cwd=tmp_path,
+                          env={**os.environ, "OMP_NUM_THREADS": "1", "PYTHONPATH": str(REPO)}, capture_output=True, text=True, timeout=900)
     assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
     rows = json.loads((tmp_path / "work" / "results" / "bench_budget.json").read_text())
     assert [(r["recipe"], r["steps"]) for r in rows] == [(name, 1) for name in recipes]

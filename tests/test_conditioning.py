@@ -13,7 +13,8 @@ from diffusion import Diffusion
 from model import UNet, build_model
 from sampling.conditioning import Conditioned, grey, low_res, make_condition, upsample, with_condition
 from sampling.conditions import comparison, conditions_from_targets, held_out_conditions
-from training.trainer import DiffusionLoss, train
+from training.loss import DiffusionLoss
+from training.trainer import train
 
 REPO = Path(__file__).resolve().parents[1]
 DIGITS = str(REPO / "configs" / "digits.yaml")

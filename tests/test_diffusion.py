@@ -222,11 +222,11 @@ def test_classifier_free_guidance_mixes_outputs():
         calls.append(y.clone())
         return xt * 0 + (y[:, None] >= 0).float() * 2.0 - 1.0  # cond -> +1, uncond -> -1
     y = torch.tensor([3, 1])
-    fn = d._model_fn(model, y, guidance_scale=3.0)
+    fn = d.guided_model(model, y, guidance_scale=3.0)
     out = fn(torch.zeros(2, 2), torch.zeros(2, dtype=torch.long))
     torch.testing.assert_close(out, torch.full((2, 2), -1.0 + 3.0 * 2.0))  # u + s (c - u)
     assert calls[0].tolist() == [3, 1, -1, -1]
-    plain = d._model_fn(model, y, guidance_scale=1.0)(torch.zeros(2, 2), torch.zeros(2, dtype=torch.long))
+    plain = d.guided_model(model, y, guidance_scale=1.0)(torch.zeros(2, 2), torch.zeros(2, dtype=torch.long))
     torch.testing.assert_close(plain, torch.ones(2, 2))
 
 

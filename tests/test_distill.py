@@ -2,6 +2,7 @@
 
 A tiny class-conditional digits teacher (8x8, an 8-channel U-Net, T=20, guidance 2 from configs/digits.yaml)
 trained 2 steps, distilled in rounds of 3 optimizer steps, in a temporary working directory."""
+import ast
 import functools
 import os
 import sys
@@ -161,7 +162,7 @@ def test_compute_loss_is_the_student_loss_against_the_guided_two_step_teacher(te
         xt = d.q_sample(x0, t2, torch.randn_like(x0))
         model = load_for_sampling(teacher)[0]
         model.load_state_dict(plan.teacher_weights)
-        target, weight = distillation_target(d, d._model_fn(model, y, 2.0), xt, t2, t_mid, t_next, clip_x0=True)
+        target, weight = distillation_target(d, d.guided_model(model, y, 2.0), xt, t2, t_mid, t_next, clip_x0=True)
         expected = student_loss(d, trainer.net(xt, t2, y), xt, t2, target, weight)
         assert torch.equal(t, t2)
         assert torch.equal(losses, expected)
@@ -206,3 +207,54 @@ def test_evaluate_record_names_the_teacher_and_the_steps(straight, teacher):
     found = evaluate._distilled_from(load_checkpoint(straight / "last.pt"))
     assert found == {"teacher": str(teacher), "student_steps": 4, "teacher_start_steps": 16, "guidance_scale": 2.0}
     assert evaluate._distilled_from(load_checkpoint(teacher)) is None
+
+
+# ----------------------------------------------------------------------------- how distillation plugs in
+def _private(name: str) -> bool:
+    return name.startswith("_") and not (name.startswith("__") and name.endswith("__"))
+
+
+def _members(cls: ast.ClassDef) -> list[str]:
+    """The names a class body defines: methods, and attributes assigned there (`_update = other`)."""
+    names = [n.name for n in cls.body if isinstance(n, (ast.FunctionDef, ast.AsyncFunctionDef))]
+    for n in cls.body:
+        targets = n.targets if isinstance(n, ast.Assign) else [n.target] if isinstance(n, ast.AnnAssign) else []
+        names += [t.id for t in targets if isinstance(t, ast.Name)]
+    return names
+
+
+def _bases(cls: ast.ClassDef) -> set[str]:
+    return {b.id if isinstance(b, ast.Name) else b.attr for b in cls.bases if isinstance(b, (ast.Name, ast.Attribute))}
+
+
+def private_overrides(folder: Path) -> list[str]:
+    """Classes in folder/*.py deriving (directly or not) from training/trainer.py's Trainer that define one of
+    its private names, and `Sub._x = ...` assignments of them anywhere in those files."""
+    trees = {path: ast.parse(path.read_text()) for path in sorted(folder.glob("*.py"))}
+    classes = [(path, node) for path, tree in trees.items() for node in ast.walk(tree)
+               if isinstance(node, ast.ClassDef)]
+    (trainer,) = [cls for path, cls in classes if path.name == "trainer.py" and cls.name == "Trainer"]
+    private = {name for name in _members(trainer) if _private(name)}
+    assert {"_setup", "_update", "_finish"} <= private  # the walk sees the Trainer's private methods
+    derived, grown = {"Trainer"}, True
+    while grown:  # subclasses of subclasses too
+        more = {cls.name for _, cls in classes if _bases(cls) & derived}
+        grown, derived = not more <= derived, derived | more
+    found = [f"{path.name}: {cls.name}.{name}" for path, cls in classes if cls.name in derived - {"Trainer"}
+             for name in _members(cls) if name in private]
+    found += [f"{path.name}: {ast.unparse(t)} = ..." for path, tree in trees.items() for node in ast.walk(tree)
+              if isinstance(node, ast.Assign) for t in node.targets if isinstance(t, ast.Attribute)
+              and isinstance(t.value, ast.Name) and t.value.id in derived - {"Trainer"} and t.attr in private]
+    return found
+
+
+def test_no_class_in_training_overrides_a_private_method_of_the_trainer(tmp_path):
+    """Distillation plugs into the Trainer as a loss object and a TrainerHook using its public methods; a
+    subclass overriding _update, _setup, ... would silently depend on its internals. Planted overrides (a
+    method of a sub-subclass, an assignment) are found in a copy of training/."""
+    assert private_overrides(REPO / "training") == []
+    (tmp_path / "trainer.py").write_text((REPO / "training" / "trainer.py").read_text())
+    (tmp_path / "x.py").write_text("from training.trainer import Trainer\nclass A(Trainer):\n    pass\n"
+                                   "class B(A):\n    def _update(self, skip):\n        pass\n"
+                                   "A._finish = print\n")
+    assert private_overrides(tmp_path) == ["x.py: B._update", "x.py: A._finish = ..."]

@@ -294,7 +294,7 @@ def test_gradients_reach_the_student_not_the_teacher():
 
 
 def test_classifier_free_guidance_teacher():
-    """The guided teacher is Diffusion._model_fn: its mixed output out_u + w (out_c - out_u) is what the
+    """The guided teacher is Diffusion.guided_model: its mixed output out_u + w (out_c - out_u) is what the
     target is built from, per example t included."""
     d = Diffusion(num_timesteps=100, objective="eps")
 
@@ -303,10 +303,10 @@ def test_classifier_free_guidance_teacher():
     y = torch.tensor([0, 1, 2, 1])
     t, t_mid, t_next = (torch.tensor(v) for v in ([99, 49, 99, 49], [74, 24, 74, 24], [49, -1, 49, -1]))
     xt = noise(4).float()
-    got = dist.distillation_target(d, d._model_fn(model, y, 3.0), xt, t, t_mid, t_next)[0]
+    got = dist.distillation_target(d, d.guided_model(model, y, 3.0), xt, t, t_mid, t_next)[0]
     null = torch.full_like(y, -1)
     by_hand = dist.distillation_target(
         d, lambda x, u: model(x, u, null) + 3.0 * (model(x, u, y) - model(x, u, null)), xt, t, t_mid, t_next)[0]
     torch.testing.assert_close(got, by_hand)
-    unguided = dist.distillation_target(d, d._model_fn(model, y, 1.0), xt, t, t_mid, t_next)[0]
+    unguided = dist.distillation_target(d, d.guided_model(model, y, 1.0), xt, t, t_mid, t_next)[0]
     assert (got - unguided).abs().max() > 1e-3

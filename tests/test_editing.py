@@ -1,8 +1,10 @@
 """Editing with a trained model (issue #14): RePaint inpainting, DDIM inversion and SDEdit, checked against
 closed forms. Data: a 4-D Gaussian with a full, strongly correlated covariance, for which the exact denoiser
 E[x0 | x_t] and the exact conditional of some coordinates given the others are known."""
+import ast
 import io
 import math
+from pathlib import Path
 
 import pytest
 import torch
@@ -11,8 +13,10 @@ from tqdm.auto import tqdm as real_tqdm
 import diffusion as diffusion_module
 import editing.algorithms as editing
 from config import ConfigError
-from diffusion import Diffusion
+from diffusion import Diffusion, NoiseSource, TorchNoise, noise_source
+from editing.algorithms import edit, inpaint, invert
 from model import UNet
+from sampling.generation import SampleNoise
 
 MU = torch.tensor([0.5, -0.3, 0.2, 0.0], dtype=torch.float64)
 STD = torch.tensor([0.6, 0.5, 0.7, 0.4], dtype=torch.float64)
@@ -109,8 +113,8 @@ def test_inpainting_matches_the_gaussian_conditional_and_resampling_beats_replac
     errors = {}
     for resample, jump in [(1, 1), (10, 5)]:
         oracle = GaussianOracle(d, watch=KNOWN)
-        x = d.inpaint(oracle, x_known, mask, resample=resample, jump=jump, clip_x0=False, progress=False,
-                      generator=torch.Generator().manual_seed(0))
+        x = inpaint(d, oracle, x_known, mask, resample=resample, jump=jump, clip_x0=False, progress=False,
+                    generator=torch.Generator().manual_seed(0))
         assert torch.equal(x[:, KNOWN], x_known[:, KNOWN])  # exactly the known values
         assert_known_pixels_at_their_noise_level(d, oracle, n)
         assert oracle.calls == 200 + (resample - 1) * jump * 39  # 39 blocks of 5 below the top level 199
@@ -129,8 +133,8 @@ def test_inpainting_on_a_ddim_grid_conditions_and_keeps_the_known_pixels(eta):
     err = {}
     for resample in (1, 10):
         oracle = GaussianOracle(d, watch=KNOWN)
-        x = d.inpaint(oracle, x_known, mask, sampler="ddim", steps=50, eta=eta, resample=resample, jump=2,
-                      clip_x0=False, progress=False, generator=torch.Generator().manual_seed(1))
+        x = inpaint(d, oracle, x_known, mask, sampler="ddim", steps=50, eta=eta, resample=resample, jump=2,
+                    clip_x0=False, progress=False, generator=torch.Generator().manual_seed(1))
         assert torch.equal(x[:, KNOWN], x_known[:, KNOWN])
         assert_known_pixels_at_their_noise_level(d, oracle, n)
         err[resample] = (x[:, ~KNOWN].double().mean(0) - mean).abs().max().item()
@@ -143,8 +147,8 @@ def test_the_model_sees_the_known_pixels_at_their_noise_level_from_the_first_ste
     at the top from noise instead of q(x_T | x_known) shows."""
     d, n = Diffusion(20), 2000
     oracle = GaussianOracle(d, watch=KNOWN)
-    x = d.inpaint(oracle, X_KNOWN.float().expand(n, 4), KNOWN.float(), sampler=sampler, steps=steps, eta=eta,
-                  resample=3, jump=2, clip_x0=False, progress=False, generator=torch.Generator().manual_seed(8))
+    x = inpaint(d, oracle, X_KNOWN.float().expand(n, 4), KNOWN.float(), sampler=sampler, steps=steps, eta=eta,
+                resample=3, jump=2, clip_x0=False, progress=False, generator=torch.Generator().manual_seed(8))
     assert torch.equal(x[:, KNOWN], X_KNOWN.float().expand(n, 4)[:, KNOWN])
     assert oracle.calls == len(oracle.seen) > 20 and oracle.seen[0][0] == (19 if sampler == "ddpm" else 18)
     assert_known_pixels_at_their_noise_level(d, oracle, n)
@@ -167,8 +171,8 @@ def test_sdedit_keeps_the_data_distribution(sampler, steps, strength):
     d = Diffusion(1000)
     x0 = data(3000, seed=2)
     oracle = GaussianOracle(d)
-    x = d.edit(oracle, x0, strength, sampler=sampler, steps=steps, clip_x0=False, progress=False,
-               generator=torch.Generator().manual_seed(3))
+    x = edit(d, oracle, x0, strength, sampler=sampler, steps=steps, clip_x0=False, progress=False,
+             generator=torch.Generator().manual_seed(3))
     assert oracle.calls == len(editing.sdedit_timesteps(d, strength, sampler, steps))
     z_mean, z_cov = z_scores(x.double(), MU, COV)
     assert z_mean < 5 and z_cov < 5, (z_mean, z_cov)
@@ -189,7 +193,7 @@ def test_inversion_round_trips_and_the_error_shrinks_with_steps(spacing):
     errors = []
     for steps in (10, 50, 250):
         oracle = GaussianOracle(d)
-        x_T = d.invert(oracle, x0, steps=steps, progress=False, timestep_spacing=spacing)
+        x_T = invert(d, oracle, x0, steps=steps, progress=False, timestep_spacing=spacing)
         assert oracle.calls == steps
         grid = d.sampling_timesteps("ddim", steps, spacing)
         assert oracle.timesteps == grid[::-1]  # the sampler's grid, upwards
@@ -228,13 +232,13 @@ def test_unet_smoke_shapes_and_labels_pass_through(method):
     mask = torch.zeros(2, 1, 8, 8)
     mask[:, :, :, :4] = 1  # keep the left half
     if method == "inpaint":
-        x = d.inpaint(model, x0, mask, sampler="ddim", steps=5, eta=0.5, resample=2, jump=2, y=y,
-                      guidance_scale=3.0, generator=g, progress=False)
+        x = inpaint(d, model, x0, mask, sampler="ddim", steps=5, eta=0.5, resample=2, jump=2, y=y,
+                    guidance_scale=3.0, generator=g, progress=False)
         assert torch.equal(x[:, :, :, :4], x0[:, :, :, :4]) and not torch.equal(x, x0)
     elif method == "invert":
-        x = d.invert(model, x0, steps=5, y=y, progress=False)
+        x = invert(d, model, x0, steps=5, y=y, progress=False)
     else:
-        x = d.edit(model, x0, 0.5, sampler="ddim", steps=5, y=y, guidance_scale=3.0, generator=g, progress=False)
+        x = edit(d, model, x0, 0.5, sampler="ddim", steps=5, y=y, guidance_scale=3.0, generator=g, progress=False)
     assert x.shape == x0.shape and torch.isfinite(x).all()
     guided = [[2, 0, -1, -1]] if method != "invert" else [[2, 0]]  # invert: the conditional model, no guidance
     assert model.labels and all(labels in guided for labels in model.labels)
@@ -256,13 +260,13 @@ def test_one_progress_bar_counts_the_model_evaluations(monkeypatch, method):
         return torch.tanh(xt) * 0.5
     x0 = torch.randn(3, 4, generator=torch.Generator().manual_seed(6))
     if method == "inpaint":  # 20 steps + 2 more passes over the 9 blocks of 2 below the top level 19
-        d.inpaint(model, x0, KNOWN.float(), resample=3, jump=2, generator=torch.Generator().manual_seed(7))
+        inpaint(d, model, x0, KNOWN.float(), resample=3, jump=2, generator=torch.Generator().manual_seed(7))
         expected = 20 + 2 * 2 * 9
     elif method == "invert":
-        d.invert(model, x0, steps=7)
+        invert(d, model, x0, steps=7)
         expected = 7
     else:
-        d.edit(model, x0, 0.5, generator=torch.Generator().manual_seed(7))
+        edit(d, model, x0, 0.5, generator=torch.Generator().manual_seed(7))
         expected = 10
     assert len(bars) == 1 and bars[0].total == expected and bars[0].n == expected
     assert counts == list(range(expected))  # k evaluations done when the (k+1)-th starts
@@ -280,24 +284,61 @@ IMG, MASK = torch.zeros(2, 1, 8, 8), torch.ones(2, 1, 8, 8)
 
 
 @pytest.mark.parametrize("call, match", [
-    (lambda d, m: d.inpaint(m, IMG, torch.ones(2, 1, 4, 4)), "mask of shape .* does not fit the image"),
-    (lambda d, m: d.inpaint(m, IMG, MASK * 0.5), "only 0 .* and 1"),
-    (lambda d, m: d.inpaint(m, torch.zeros(2, 3, 8, 8), MASK), "model takes images \\(B, 1, H, W\\)"),
-    (lambda d, m: d.inpaint(m, IMG, MASK, y=torch.tensor([1])), "one per sample"),
-    (lambda d, m: d.inpaint(m, IMG, MASK, y=torch.tensor([1, 3])), "below the model's 3 classes"),
-    (lambda d, m: d.inpaint(m, IMG, MASK, sampler="dpmpp2m", steps=5), "cannot use sampler dpmpp2m.*ddpm or ddim"),
-    (lambda d, m: d.inpaint(m, IMG, MASK, resample=0), "resample must be an integer >= 1"),
-    (lambda d, m: d.inpaint(m, IMG, MASK, jump=0), "jump must be an integer >= 1"),
-    (lambda d, m: d.inpaint(m, IMG, MASK, sampler="ddim", steps=5, resample=2, jump=5), "no block to resample"),
-    (lambda d, m: d.inpaint(m, IMG, MASK, eta=1.0), "does not use eta"),
-    (lambda d, m: d.invert(m, torch.zeros(2, 8, 8)), "model takes images"),
-    (lambda d, m: d.invert(m, IMG, steps=0), "steps must be between"),
-    (lambda d, m: d.edit(m, IMG, 0.0), "strength must be in \\(0, 1\\]"),
-    (lambda d, m: d.edit(m, IMG, 1.5), "strength must be in \\(0, 1\\]"),
-    (lambda d, m: d.edit(m, IMG, math.nan), "strength must be in \\(0, 1\\]"),
-    (lambda d, m: d.edit(m, IMG, 0.02, sampler="ddim", steps=4, timestep_spacing="trailing"), "raise strength"),
-    (lambda d, m: d.edit(m, torch.zeros(2, 2, 8, 8), 0.5), "model takes images"),
+    (lambda d, m: inpaint(d, m, IMG, torch.ones(2, 1, 4, 4)), "mask of shape .* does not fit the image"),
+    (lambda d, m: inpaint(d, m, IMG, MASK * 0.5), "only 0 .* and 1"),
+    (lambda d, m: inpaint(d, m, torch.zeros(2, 3, 8, 8), MASK), "model takes images \\(B, 1, H, W\\)"),
+    (lambda d, m: inpaint(d, m, IMG, MASK, y=torch.tensor([1])), "one per sample"),
+    (lambda d, m: inpaint(d, m, IMG, MASK, y=torch.tensor([1, 3])), "below the model's 3 classes"),
+    (lambda d, m: inpaint(d, m, IMG, MASK, sampler="dpmpp2m", steps=5), "cannot use sampler dpmpp2m.*ddpm or ddim"),
+    (lambda d, m: inpaint(d, m, IMG, MASK, resample=0), "resample must be an integer >= 1"),
+    (lambda d, m: inpaint(d, m, IMG, MASK, jump=0), "jump must be an integer >= 1"),
+    (lambda d, m: inpaint(d, m, IMG, MASK, sampler="ddim", steps=5, resample=2, jump=5), "no block to resample"),
+    (lambda d, m: inpaint(d, m, IMG, MASK, eta=1.0), "does not use eta"),
+    (lambda d, m: invert(d, m, torch.zeros(2, 8, 8)), "model takes images"),
+    (lambda d, m: invert(d, m, IMG, steps=0), "steps must be between"),
+    (lambda d, m: edit(d, m, IMG, 0.0), "strength must be in \\(0, 1\\]"),
+    (lambda d, m: edit(d, m, IMG, 1.5), "strength must be in \\(0, 1\\]"),
+    (lambda d, m: edit(d, m, IMG, math.nan), "strength must be in \\(0, 1\\]"),
+    (lambda d, m: edit(d, m, IMG, 0.02, sampler="ddim", steps=4, timestep_spacing="trailing"), "raise strength"),
+    (lambda d, m: edit(d, m, torch.zeros(2, 2, 8, 8), 0.5), "model takes images"),
 ])
 def test_bad_input_is_refused_before_any_model_evaluation(call, match):
     with pytest.raises(ConfigError, match=match):
         call(Diffusion(20), NeverCalled())
+
+
+def test_editing_is_a_free_function_over_the_public_core():
+    """Layout: the editing algorithms are functions of a Diffusion, over its public names only. diffusion.py does
+    not import editing (no cycle), Diffusion has no editing methods, editing/ reads no `_private` attribute, and
+    the noise source is a NoiseSource by type: None, a torch.Generator, a NoiseSource (SampleNoise); anything
+    else, even with a `randn` of its own, is a clear TypeError before any model evaluation."""
+    tree = ast.parse(Path(diffusion_module.__file__).read_text())
+    imported = {a.name for n in ast.walk(tree) if isinstance(n, ast.Import) for a in n.names}
+    imported |= {n.module for n in ast.walk(tree) if isinstance(n, ast.ImportFrom) and n.module}
+    assert not {m for m in imported if m.split(".")[0] == "editing"}
+    assert not any(hasattr(Diffusion, name) for name in ("inpaint", "invert", "edit", "_t", "_randn", "_model_fn"))
+    for path in Path(editing.__file__).parent.glob("*.py"):
+        private = [(path.name, n.lineno, n.attr) for n in ast.walk(ast.parse(path.read_text()))
+                   if isinstance(n, ast.Attribute) and n.attr.startswith("_") and not n.attr.startswith("__")]
+        assert not private
+
+    g, per_sample = torch.Generator().manual_seed(0), SampleNoise(0, range(3))
+    assert isinstance(noise_source(None), TorchNoise) and noise_source(g).generator is g
+    assert noise_source(per_sample) is per_sample and isinstance(per_sample, NoiseSource)
+    d = Diffusion(20)
+    assert torch.equal(d.draw_noise((3, 4), torch.Generator().manual_seed(1)),
+                       torch.randn(3, 4, generator=torch.Generator().manual_seed(1)))
+
+    class Duck:  # has a randn, but is no NoiseSource
+        def randn(self, shape, device=None):
+            return torch.zeros(shape)
+    message = "generator must be None, a torch.Generator or a diffusion.NoiseSource"
+    for bad in (Duck(), 7, "seed"):
+        with pytest.raises(TypeError, match=message):
+            noise_source(bad)
+        with pytest.raises(TypeError, match=message):
+            inpaint(d, NeverCalled(), IMG, MASK, generator=bad)
+        with pytest.raises(TypeError, match=message):
+            edit(d, NeverCalled(), IMG, 0.5, generator=bad)
+        with pytest.raises(TypeError, match=message):  # deterministic DDIM draws nothing, and still refuses it
+            d.sample(NeverCalled(), IMG.shape, "ddim", steps=4, x_T=IMG, generator=bad)

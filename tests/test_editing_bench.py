@@ -1,6 +1,5 @@
 """bench/edit_quality.py (issue #14's editing benchmark) end to end on a tiny random model of the digits data set:
 the tables have their rows, the kept pixels come back exactly, bad input is refused in one line."""
-import importlib.util
 import re
 from pathlib import Path
 
@@ -8,13 +7,11 @@ import pytest
 import torch
 from test_sample import make_checkpoint, tiny_config  # noqa: F401
 
+import bench.edit_quality as bench
+
 pytestmark = pytest.mark.usefixtures("one_thread")  # tests/conftest.py
 
 REPO = Path(__file__).resolve().parents[1]
-# Loaded by file path (bench/ is not a package).
-_spec = importlib.util.spec_from_file_location("editing_bench", REPO / "bench" / "edit_quality.py")
-bench = importlib.util.module_from_spec(_spec)
-_spec.loader.exec_module(bench)
 
 ROWS = "ddim:5:1:1:1,ddim:5:1:2:2,ddim:4:0:1:1,ddim:4:0:3:1"
 

@@ -392,12 +392,8 @@ def test_train_classifier_cli(tmp_path, capsys):
 
 # ----------------------------------------------------------------------------- bench/quality.py's report
 def load_bench():
-    import importlib.util
-    spec = importlib.util.spec_from_file_location("bench_quality", Path(__file__).resolve().parents[1] / "bench"
-                                                  / "quality.py")
-    module = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(module)
-    return module
+    import bench.quality
+    return bench.quality
 
 
 def test_bench_rewrites_only_its_own_section(tmp_path):
@@ -442,7 +438,7 @@ def test_bench_table_averages_fids_over_sampling_seeds():
     assert rows[5].startswith("| real MNIST test images (the metric's floor) | – | 5.00 ± 1.41 | 5.00 ± 1.41 |")
     # The targets are about deterministic DDIM: the eta=1 row must not stand in for DDIM-50.
     args = bench.parse_args(["--num-samples", "500", "--ddpm-samples", "250"])
-    info = {"date": "d", "machine": "m", "commit": "c", "load": (0.0, 0.0), "command": "python bench/quality.py",
+    info = {"date": "d", "machine": "m", "commit": "c", "load": (0.0, 0.0), "command": "python -m bench.quality",
             "params": 1e6, "train_s": 60.0, "classifier": {"accuracy": 0.99, "accuracy_on": "held-out"},
             "num_ref": 10000, "total_min": 1.0, "overrides": "seed=0"}
     section = bench.render(args, groups, floors, info)
@@ -467,7 +463,7 @@ def test_bench_distillation_rows_and_targets_compare_students_with_the_right_row
     assert rows[3].startswith("| DDIM (eta=0, trailing grid) | 4 | 40.00 |")
     assert rows[4].startswith("| **student** of DDIM-64 (progressive distillation) | 4 | 12.00 |")
     args = bench.parse_args(["--num-samples", "100", "--ddpm-samples", "100", "--section", "distill"])
-    info = {"date": "d", "machine": "m", "commit": "c", "load": (0.0, 0.0), "command": "python bench/quality.py",
+    info = {"date": "d", "machine": "m", "commit": "c", "load": (0.0, 0.0), "command": "python -m bench.quality",
             "params": 1e6, "train_s": 60.0, "classifier": {"accuracy": 0.99, "accuracy_on": "held-out"},
             "num_ref": 9000, "total_min": 1.0, "overrides": "seed=0",
             "distill": {"command": "python distill.py", "wall_s": 120.0, "rounds": [[8, 60.0], [4, 60.0]]}}

@@ -9,17 +9,16 @@ from pathlib import Path
 import torch
 
 REPO = Path(__file__).resolve().parents[1]
-sys.path.insert(0, str(REPO / "bench"))
 
-import gpu_check  # noqa: E402
-import unet_bench as throughput  # noqa: E402
+import bench.gpu_check as gpu_check
+import bench.unet_bench as throughput
 
 
 def test_dry_run_passes_every_part_on_cpu_and_writes_nothing(tmp_path):
     results = REPO / "bench" / "RESULTS.md"
     before = results.read_bytes()
-    proc = subprocess.run([sys.executable, str(REPO / "bench" / "gpu_check.py"), "--dry-run"], cwd=tmp_path,
-                          env={**os.environ, "OMP_NUM_THREADS": "1"}, capture_output=True, text=True, timeout=600)
+    proc = subprocess.run([sys.executable, "-m", "bench.gpu_check", "--dry-run"], cwd=tmp_path,
+                          env={**os.environ, "OMP_NUM_THREADS": "1", "PYTHONPATH": str(REPO)}, capture_output=True, text=True, timeout=600)
     out = proc.stdout + proc.stderr
     assert proc.returncode == 0, out[-4000:]
     rows = re.findall(r"^\| (\w+) \| (.+?) \| (PASS|FAIL|SKIP) \|", proc.stdout, re.M)

@@ -1,5 +1,5 @@
 """Image-conditioned models under classifier-free guidance with batches > 1 (conditioning.Conditioned and
-with_condition, Diffusion._model_fn's doubled batch, generation.generate, sample.py --condition), and the range
+with_condition, Diffusion.guided_model's doubled batch, generation.generate, sample.py --condition), and the range
 of the condition images (conditioning.make_condition, condition_from_input, condition_images.load_conditions).
 
 Guidance runs [x_t, x_t] in one call with the labels [y, null]; Conditioned then repeats the condition batch, so

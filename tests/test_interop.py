@@ -200,7 +200,7 @@ def test_diffusion_betas_equal_ddpmscheduler(schedule, T):
 # ----------------------------------------------------------------------------- hub ids
 def test_offline_hub_id_gives_one_clear_error(tmp_path):
     env = {**os.environ, "HF_HUB_OFFLINE": "1", "HF_HOME": str(tmp_path), "HF_HUB_CACHE": str(tmp_path / "hub")}
-    code = ("from pretrained import load_pretrained\ntry:\n    load_pretrained('google/ddpm-cifar10-32')\n"
+    code = ("from interop.pretrained import load_pretrained\ntry:\n    load_pretrained('google/ddpm-cifar10-32')\n"
             "except Exception as e:\n    print(type(e).__name__, e)\n")
     proc = subprocess.run([sys.executable, "-c", code], cwd=REPO, env=env, capture_output=True, text=True,
                           timeout=120)

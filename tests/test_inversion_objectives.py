@@ -14,6 +14,7 @@ from test_sample import make_checkpoint, run_main, tiny_config
 
 import sample
 from diffusion import Diffusion
+from editing.algorithms import invert
 
 pytestmark = pytest.mark.usefixtures("one_thread")  # tests/conftest.py
 
@@ -94,7 +95,7 @@ def test_inversion_matches_the_closed_form_for_every_objective(x0, objective, sp
     x0 model must be converted at the timestep the model was evaluated at (the step's target t_next)."""
     d = Diffusion(T, schedule="cosine", objective=objective)
     oracle = Oracle(d)
-    x_T = d.invert(oracle, x0, steps=STEPS, progress=False, timestep_spacing=spacing)
+    x_T = invert(d, oracle, x0, steps=STEPS, progress=False, timestep_spacing=spacing)
     ts = grid(spacing)
     assert oracle.timesteps == ts[::-1]  # the grid asked for, upwards, one evaluation per step
     expected = reference_inversion(d, x0, ts)
@@ -108,7 +109,7 @@ def test_the_inverted_noise_does_not_depend_on_the_parameterisation(x0, spacing)
     out = {}
     for objective in ("eps", "v", "x0"):
         d = Diffusion(T, schedule="cosine", objective=objective)
-        out[objective] = d.invert(Oracle(d), x0, steps=STEPS, progress=False, timestep_spacing=spacing)
+        out[objective] = invert(d, Oracle(d), x0, steps=STEPS, progress=False, timestep_spacing=spacing)
     assert (out["v"] - out["eps"]).abs().max() < 2e-3
     assert (out["x0"] - out["eps"]).abs().max() < 2e-3
 
@@ -121,7 +122,7 @@ def test_invert_then_ddim_sampling_reconstructs_for_v_and_x0_models(x0, objectiv
     of the continuous ODE for Gaussian data, x_t - a MU = (a^2 COV + s^2 I)^1/2 COV^-1/2 (x0 - MU)."""
     d = Diffusion(T, schedule="cosine", objective=objective)
     oracle = Oracle(d)
-    x_T = d.invert(oracle, x0, steps=STEPS, progress=False, timestep_spacing=spacing)
+    x_T = invert(d, oracle, x0, steps=STEPS, progress=False, timestep_spacing=spacing)
     back = d.sample(oracle, x0.shape, "ddim", steps=STEPS, x_T=x_T, clip_x0=False, progress=False,
                     timestep_spacing=spacing)
     err = (back - x0).abs().max().item()

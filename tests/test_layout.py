@@ -1,78 +1,239 @@
-"""The layout rule of issue #13: library modules below, command-line scripts on top.
+"""The layers of the tree, read from every import (with `ast`, imports inside functions included).
 
-The command-line files (train.py, sample.py, evaluate.py, export.py and the bench/ scripts) import library
-modules and never each other; library modules (every other .py file at the top, dataset.py included: its
-`python dataset.py --preview` is a __main__ block of a library module) never import a command-line file.
-Imports are found with `ast` anywhere in a file, inside functions too."""
+    config                      imports nothing of the project
+    storage/                    config
+    model, diffusion,           config, storage (the core)
+    dataset, utils
+    sampling/                   the core and below
+    training/, editing/,        sampling and below (never each other)
+    evaluation/, interop/
+    train.py, sample.py, ...    anything but another script
+    bench/                      anything but a script
+
+No module imports another module's `_private` names, there is no import cycle, and every error class a user
+can meet derives from config.UserError (each script catches it once)."""
 import ast
+import os
+import subprocess
+import sys
 from pathlib import Path
 
 import pytest
 
 REPO = Path(__file__).resolve().parents[1]
-TOP_SCRIPTS = {"train", "sample", "evaluate", "export", "distill"}
+SCRIPTS = {"train", "sample", "evaluate", "export", "distill"}
+CORE = {"model", "diffusion", "dataset", "utils"}
+FEATURES = {"training", "editing", "evaluation", "interop"}
+# What each layer may import (by top-level name); a module may always import its own package.
+ALLOWED = {"config": set(), "storage": {"config"}, "core": {"config", "storage"},
+           "sampling": {"config", "storage"} | CORE, "feature": {"config", "storage", "sampling"} | CORE,
+           "interop": {"config", "storage"} | CORE}
 
 
-def bench_scripts() -> set[str]:
-    """bench/*.py files with a __main__ block (other bench files are helpers the scripts may share)."""
-    return {p.stem for p in (REPO / "bench").glob("*.py") if '__name__ == "__main__"' in p.read_text()}
+def module_name(path: Path) -> str:
+    parts = path.relative_to(REPO).with_suffix("").parts
+    return ".".join(parts[:-1] if parts[-1] == "__init__" else parts)
 
 
-def imported_names(path: Path) -> set[str]:
-    """Every module name a file imports: `import a.b` -> a.b, `from a import b` -> a and a.b."""
-    names = set()
+def project_files() -> list[Path]:
+    skip = {"tests", ".venv", ".git", "checkpoints", "results", "data", "docs", "configs"}
+    return sorted(p for p in REPO.rglob("*.py") if p.relative_to(REPO).parts[0] not in skip)
+
+
+PROJECT = {module_name(p) for p in project_files()}
+TOP = {m.split(".")[0] for m in PROJECT}
+
+
+def imports(path: Path) -> list[tuple[str, list[str]]]:
+    """(module, names) of every import of a project module in a file, relative imports resolved."""
+    found = []
     for node in ast.walk(ast.parse(path.read_text(), filename=str(path))):
         if isinstance(node, ast.Import):
-            names.update(alias.name for alias in node.names)
-        elif isinstance(node, ast.ImportFrom) and node.module and node.level == 0:
-            names.add(node.module)
-            names.update(f"{node.module}.{alias.name}" for alias in node.names)
-    return names
+            found += [(alias.name, []) for alias in node.names]
+        elif isinstance(node, ast.ImportFrom):
+            base = node.module or ""
+            if node.level:
+                package = module_name(path).split(".")
+                package = package[:len(package) - node.level + (path.name == "__init__.py")]
+                base = ".".join(package + ([base] if base else []))
+            found.append((base, [alias.name for alias in node.names]))
+    return [(m, names) for m, names in found if m.split(".")[0] in TOP]
 
 
-def scripts_imported(path: Path) -> set[str]:
-    """The command-line files among a file's imports. A bench file runs with bench/ on sys.path, so it can
-    reach a bench script by its bare name as well as by bench.<name>."""
-    bench = bench_scripts()
-    found = {name for name in imported_names(path) if name in TOP_SCRIPTS}
-    found |= {name for name in imported_names(path) if name.startswith("bench.") and name[6:] in bench}
-    if path.parent.name == "bench":
-        found |= {f"bench.{name}" for name in imported_names(path) if name in bench}
-    return found - {path.stem, f"bench.{path.stem}"}
+def layer(module: str) -> str:
+    top = module.split(".")[0]
+    if top in ("config", "storage", "sampling", "interop", "bench"):
+        return top
+    if top in CORE:
+        return "core"
+    if top in FEATURES:
+        return "feature"
+    return "script" if top in SCRIPTS else "other"
 
 
-def library_modules() -> list[Path]:
-    return sorted(p for p in REPO.glob("*.py") if p.stem not in TOP_SCRIPTS)
+def layer_problems(path: Path) -> list[str]:
+    me = module_name(path)
+    mine, problems = layer(me), []
+    for target, names in imports(path):
+        top = target.split(".")[0]
+        if top == me.split(".")[0]:
+            continue
+        if mine in ("script", "bench"):
+            bad = top in SCRIPTS
+        else:
+            bad = top not in ALLOWED.get(mine, set())
+        if bad:
+            problems.append(f"{me} ({mine}) imports {target}")
+    return problems
 
 
-def script_files() -> list[Path]:
-    return [REPO / f"{name}.py" for name in sorted(TOP_SCRIPTS)] + [REPO / "bench" / f"{name}.py"
-                                                                  for name in sorted(bench_scripts())]
+def private_uses(path: Path) -> list[str]:
+    """`from m import _x`, `m._x` on an imported project module, and `obj._x` on anything but self/cls."""
+    me, found = module_name(path), []
+    tree = ast.parse(path.read_text(), filename=str(path))
+    aliases = set()
+    for node in ast.walk(tree):
+        if isinstance(node, ast.Import):
+            aliases |= {(a.asname or a.name).split(".")[0] for a in node.names if a.name.split(".")[0] in TOP}
+    for target, names in imports(path):
+        if target != me:
+            found += [f"{me}: from {target} import {n}" for n in names if n.startswith("_") and not n.startswith("__")]
+    for node in ast.walk(tree):
+        if isinstance(node, ast.Attribute) and node.attr.startswith("_") and not node.attr.startswith("__"):
+            base = node.value
+            if isinstance(base, ast.Name) and base.id in ("self", "cls"):
+                continue
+            if node.attr in ("_replace", "_asdict", "_fields", "_make"):  # NamedTuple's public API
+                continue
+            if isinstance(base, ast.Name) and base.id not in aliases and base.id[0].isupper() and base.id in {
+                    n.name for n in tree.body if isinstance(n, ast.ClassDef)}:
+                continue  # a class's own private names, used inside its module
+            found.append(f"{me}:{node.lineno}: .{node.attr}")
+    return found
 
 
-def test_the_layout_sees_every_file():
-    assert {"config", "diffusion", "generation", "loading", "paths", "utils"} <= {p.stem for p in library_modules()}
-    assert {"quality", "throughput"} <= bench_scripts()
+def import_graph() -> dict[str, set[str]]:
+    graph = {}
+    for path in project_files():
+        edges = set()
+        for target, names in imports(path):
+            for cand in [f"{target}.{n}" for n in names] + [target]:
+                if cand in PROJECT:
+                    edges.add(cand)
+                    break
+        graph[module_name(path)] = edges - {module_name(path)}
+    return graph
 
 
-@pytest.mark.parametrize("path", library_modules(), ids=lambda p: p.name)
-def test_library_modules_never_import_a_command_line_file(path):
-    assert not scripts_imported(path), f"{path.name} (a library module) imports {scripts_imported(path)}"
+def cycles(graph: dict[str, set[str]]) -> list[list[str]]:
+    """Strongly connected components of more than one module (Tarjan)."""
+    index, low, stack, on, out, counter = {}, {}, [], set(), [], [0]
+
+    def visit(v):
+        index[v] = low[v] = counter[0]
+        counter[0] += 1
+        stack.append(v)
+        on.add(v)
+        for w in graph.get(v, ()):
+            if w not in index:
+                visit(w)
+                low[v] = min(low[v], low[w])
+            elif w in on:
+                low[v] = min(low[v], index[w])
+        if low[v] == index[v]:
+            comp = []
+            while True:
+                w = stack.pop()
+                on.discard(w)
+                comp.append(w)
+                if w == v:
+                    break
+            if len(comp) > 1:
+                out.append(sorted(comp))
+
+    for v in sorted(graph):
+        if v not in index:
+            visit(v)
+    return out
 
 
-@pytest.mark.parametrize("path", script_files(), ids=lambda p: str(p.relative_to(REPO)))
-def test_command_line_files_never_import_each_other(path):
-    assert not scripts_imported(path), f"{path.relative_to(REPO)} imports {scripts_imported(path)}"
+def test_the_walk_sees_every_layer():
+    layers = {layer(m) for m in PROJECT}
+    assert {"config", "storage", "core", "sampling", "feature", "interop", "script", "bench"} <= layers
+    assert "other" not in layers, sorted(m for m in PROJECT if layer(m) == "other")
 
 
-def test_the_walk_finds_imports_inside_functions(tmp_path):
-    f = tmp_path / "x.py"
-    f.write_text("def f():\n    from sample import generate\n    import bench.quality\n")
-    assert scripts_imported(f) == {"sample", "bench.quality"}
+@pytest.mark.parametrize("path", project_files(), ids=lambda p: str(p.relative_to(REPO)))
+def test_every_module_imports_only_its_layer_and_below(path):
+    assert not layer_problems(path)
+
+
+@pytest.mark.parametrize("path", [p for p in project_files() if p.relative_to(REPO).parts[0] != "bench"],
+                         ids=lambda p: str(p.relative_to(REPO)))
+def test_no_module_uses_another_modules_private_names(path):
+    assert not private_uses(path)
+
+
+def test_there_is_no_import_cycle():
+    assert not cycles(import_graph())
+
+
+def test_the_checks_fail_on_planted_bad_imports(tmp_path, monkeypatch):
+    """Each rule, broken once in a file placed in the tree's layout (a temp copy of the names)."""
+    for folder, name, text in [
+            ("", "diffusion.py", "def f():\n    from editing.algorithms import inpaint\n"),
+            ("", "config.py", "from storage.paths import RunPaths\n"),
+            ("storage", "x.py", "import model\n"),
+            ("training", "x.py", "from editing import modes\n"),
+            ("bench", "x.py", "from sample import main\n"),
+            ("", "train.py", "import sample\n")]:
+        (tmp_path / folder).mkdir(exist_ok=True)
+        (tmp_path / folder / name).write_text(text)
+        monkeypatch.setattr(sys.modules[__name__], "REPO", tmp_path)
+        assert layer_problems(tmp_path / folder / name), (folder, name)
+    (tmp_path / "sampling").mkdir()
+    (tmp_path / "sampling" / "y.py").write_text("from diffusion import _choice\nimport diffusion\n"
+                                                "def f(d):\n    return d._t(0, None), diffusion._x\n")
+    assert len(private_uses(tmp_path / "sampling" / "y.py")) == 3
+    assert cycles({"a": {"b"}, "b": {"c"}, "c": {"a"}, "d": {"a"}}) == [["a", "b", "c"]]
+
+
+def test_every_error_class_is_a_user_error():
+    """A user's mistake is one line and exit 1 in every script, because they all catch config.UserError."""
+    sys.path.insert(0, str(REPO))
+    from config import UserError
+    found = []
+    for path in project_files():
+        for node in ast.parse(path.read_text()).body:
+            if isinstance(node, ast.ClassDef) and node.name.endswith("Error") and not node.name.startswith("_"):
+                module = __import__(module_name(path), fromlist=[node.name])
+                found.append(getattr(module, node.name))
+    assert len(found) >= 9
+    assert [c for c in found if not issubclass(c, UserError)] == []
+
+
+def test_train_py_loads_no_editing_interop_or_evaluation_module(tmp_path):
+    """The quickstart's command, on a tiny model for one step: the modules it loaded, listed at exit."""
+    tiny = ["device=cpu", "data.image_size=8", "model.channels=8", "model.norm_groups=4", "model.channel_mult=[1,2]",
+            "model.attention_resolutions=[]", "model.num_heads=1", "diffusion.num_timesteps=20",
+            "train.batch_size=8", "train.max_steps=1", "train.amp=off", "train.sample_every=1000",
+            "train.ckpt_every=1000", "train.num_sample_images=4", "train.sample_steps=2"]
+    code = ("import atexit, runpy, sys\n"
+            "atexit.register(lambda: print('MODULES', ' '.join(sorted(sys.modules)), file=sys.stderr))\n"
+            f"sys.argv = ['train.py', '--config', {str(REPO / 'configs/digits.yaml')!r}, *{tiny!r}]\n"
+            f"sys.path.insert(0, {str(REPO)!r})\n"
+            f"runpy.run_path({str(REPO / 'train.py')!r}, run_name='__main__')\n")
+    proc = subprocess.run([sys.executable, "-c", code], cwd=tmp_path, capture_output=True, text=True,
+                          env={**os.environ, "OMP_NUM_THREADS": "1"}, timeout=300)
+    line = [ln for ln in proc.stderr.splitlines() if ln.startswith("MODULES ")]
+    assert line, proc.stderr[-3000:]
+    loaded = set(line[-1].split()[1:])
+    assert {"training.trainer", "diffusion", "model"} <= loaded
+    assert not {m for m in loaded if m.split(".")[0] in ("editing", "interop", "evaluation")}
 
 
 def test_run_paths_name_the_folders_the_scripts_always_used():
-    """paths.py is the one place the output folders are spelled (relative to the working directory)."""
+    """storage/paths.py is the one place the output folders are spelled (relative to the working directory)."""
     from storage.paths import CLASSIFIERS, FID_REFS, INCEPTION, RunPaths
     run = RunPaths("mnist")
     assert (run.checkpoints, run.images, run.plots, run.logs, run.eval_records) == (
@@ -80,3 +241,26 @@ def test_run_paths_name_the_folders_the_scripts_always_used():
         Path("results/logs/mnist"), Path("results/eval/mnist.jsonl"))
     assert (FID_REFS, CLASSIFIERS, INCEPTION) == (Path("data/fid_refs"), Path("data/classifiers"),
                                                   Path("data/inception"))
+
+
+def private_overrides(path: Path, base_methods: set[str]) -> list[str]:
+    """Methods named _x of classes deriving from Trainer that Trainer defines too: overrides of its internals."""
+    found = []
+    for node in ast.parse(path.read_text()).body:
+        if isinstance(node, ast.ClassDef) and any(getattr(b, "id", getattr(b, "attr", "")) == "Trainer"
+                                                  for b in node.bases):
+            found += [f"{node.name}.{f.name}" for f in node.body if isinstance(f, ast.FunctionDef)
+                      and f.name.startswith("_") and not f.name.startswith("__") and f.name in base_methods]
+    return found
+
+
+def test_no_trainer_subclass_overrides_a_private_method(tmp_path):
+    """Extensions use the Trainer's public methods (setup_model, setup_state, restore_state, compute_loss, ...)."""
+    trainer = REPO / "training" / "trainer.py"
+    (cls,) = [n for n in ast.parse(trainer.read_text()).body if isinstance(n, ast.ClassDef) and n.name == "Trainer"]
+    methods = {f.name for f in cls.body if isinstance(f, ast.FunctionDef)}
+    assert "_update" in methods  # a private method exists to be overridden wrongly
+    assert [o for p in project_files() for o in private_overrides(p, methods)] == []
+    planted = tmp_path / "x.py"
+    planted.write_text("class D(Trainer):\n    def _update(self, skip):\n        pass\n")
+    assert private_overrides(planted, methods) == ["D._update"]

@@ -14,6 +14,7 @@ import interop.pretrained as pretrained
 import sample
 import sampling.generation as generation
 import sampling.loading as loading
+import storage.checkpoints as checkpoints
 from config import load_config, save_config, to_dict
 from model import build_model
 from sampling.pictures import to_uint8_images
@@ -89,9 +90,9 @@ def test_default_checkpoint_is_run_last_or_newest(work):
     make_checkpoint("checkpoints/tiny/last.pt", tiny_config())
     newest = make_checkpoint("checkpoints/other/last.pt", tiny_config("other"))
     save_config(tiny_config(), "tiny.yaml")
-    assert loading.resolve_checkpoint(None, "tiny.yaml") == Path("checkpoints/tiny/last.pt")
-    assert loading.resolve_checkpoint(None, None) == newest
-    assert loading.resolve_checkpoint("x.pt", "tiny.yaml") == Path("x.pt")
+    assert checkpoints.resolve_checkpoint(None, "tiny.yaml") == Path("checkpoints/tiny/last.pt")
+    assert checkpoints.resolve_checkpoint(None, None) == newest
+    assert checkpoints.resolve_checkpoint("x.pt", "tiny.yaml") == Path("x.pt")
 
 
 # ----------------------------------------------------------------------------- generation

@@ -3,7 +3,6 @@
 Every run is a tiny CPU config (8x8 digits, an 8-channel U-Net, T=20) in a temporary working directory,
 so checkpoints/ and results/ of the repository are never touched.
 """
-import ast
 import os
 import re
 import signal
@@ -433,43 +432,3 @@ def test_cli_prints_user_errors_without_traceback(capsys):
     assert main(["--config", DIGITS, "train.no_such_key=1"]) == 1
     err = capsys.readouterr().err
     assert err.startswith("error: ") and "train.no_such_key" in err and "Traceback" not in err
-
-
-# ----------------------------------------------------------------------------- how variants plug in
-def _private(name: str) -> bool:
-    return name.startswith("_") and not (name.startswith("__") and name.endswith("__"))
-
-
-def _members(cls: ast.ClassDef) -> list[str]:
-    """The names a class body defines: methods, and attributes assigned there (`_restore = other`)."""
-    names = [n.name for n in cls.body if isinstance(n, (ast.FunctionDef, ast.AsyncFunctionDef))]
-    for n in cls.body:
-        targets = n.targets if isinstance(n, ast.Assign) else [n.target] if isinstance(n, ast.AnnAssign) else []
-        names += [t.id for t in targets if isinstance(t, ast.Name)]
-    return names
-
-
-def _base_names(cls: ast.ClassDef) -> set[str]:
-    return {b.id if isinstance(b, ast.Name) else b.attr for b in cls.bases if isinstance(b, (ast.Name, ast.Attribute))}
-
-
-def test_no_class_in_training_overrides_a_private_method_of_the_trainer():
-    """A variant of training (distillation) plugs in a loss object and TrainerHooks that use the Trainer's
-    public methods; a subclass overriding _setup_state, _restore, ... silently depends on its internals."""
-    trees = {path: ast.parse(path.read_text()) for path in sorted((REPO / "training").glob("*.py"))}
-    classes = [(path, node) for path, tree in trees.items() for node in ast.walk(tree)
-               if isinstance(node, ast.ClassDef)]
-    trainer = [cls for path, cls in classes if path.name == "trainer.py" and cls.name == "Trainer"]
-    assert len(trainer) == 1
-    private = {name for name in _members(trainer[0]) if _private(name)}
-    assert {"_setup_state", "_restore", "_setup"} <= private  # the walk sees the Trainer's private methods
-    derived, grown = {"Trainer"}, True
-    while grown:  # subclasses of subclasses too
-        more = {cls.name for _, cls in classes if _base_names(cls) & derived}
-        grown, derived = not more <= derived, derived | more
-    offenders = [f"{path.name}: {cls.name}.{name}" for path, cls in classes if cls.name in derived - {"Trainer"}
-                 for name in _members(cls) if name in private]
-    offenders += [f"{path.name}: {ast.unparse(t)} = ..." for path, tree in trees.items() for node in ast.walk(tree)
-                  if isinstance(node, ast.Assign) for t in node.targets if isinstance(t, ast.Attribute)
-                  and isinstance(t.value, ast.Name) and t.value.id in derived and t.attr in private]
-    assert not offenders, f"Trainer's private methods overridden: {offenders}; pass a loss object or a TrainerHook"

@@ -127,3 +127,12 @@ class DataStream:
     def close(self) -> None:
         self._it = self.loader = None  # shuts persistent workers down
 
+
+def training_stream(base, cfg, rank: int, world_size: int, device) -> DataStream:
+    """The Trainer's batches of data set `base`: this rank's share of each epoch's order (EpochBatches), the
+    item-keyed flips (data.random_flip) and data.num_workers loader workers."""
+    sampler = EpochBatches(len(base), batch_size=cfg.train.batch_size, seed=cfg.seed, rank=rank,
+                           world_size=world_size)
+    items = KeyedItems(base, seed=cfg.seed, augmented=cfg.data.random_flip)
+    return DataStream(items, sampler, num_workers=cfg.data.num_workers, pin_memory=device.type == "cuda",
+                      seed=cfg.seed)

@@ -11,7 +11,7 @@ file), per round and per batch:
     loss = student_loss(diffusion, student(xt, t, y), xt, t, x0_target, weight).mean()
 
 teacher_fn is any callable (xt, t) -> model output with t a (B,) long tensor; for a class-conditional teacher
-with classifier-free guidance pass `diffusion._model_fn(teacher, y, guidance_scale)`: the student then learns
+with classifier-free guidance pass `diffusion.guided_model(teacher, y, guidance_scale)`: the student then learns
 the guided two-step map and samples guided in one evaluation per step. The N-step student samples with
 `Diffusion.sample(..., sampler="ddim", eta=0, steps=N, timestep_spacing=GRID_SPACING)`, the grid it was trained
 on. Pass distillation_target the clip_x0 the teacher samples with: the target is then a weighted mean of clamped
@@ -40,7 +40,6 @@ from __future__ import annotations
 
 import copy
 import dataclasses
-import numbers
 from dataclasses import dataclass
 from typing import Callable, Optional
 
@@ -49,9 +48,10 @@ import torch
 from config import Config, ConfigError, config_with_overrides, to_dict, validate
 from diffusion import DATA_T, Diffusion
 from storage.checkpoints import CheckpointError, copy_checkpoint
+from training.hooks import TrainerHook
 from training.parts import lr_factor
-from training.trainer import Trainer, TrainerHook, train
-from utils import autocast
+from training.trainer import Trainer, train
+from utils import autocast, is_int
 
 # The time grid of every round. "trailing" puts step i of N at round(T - i T / N) - 1, the integer version of
 # [PD]'s t = i / N, so the N-step grid is exactly every other point of the 2N-step grid (i T / N = 2i T / 2N,
@@ -62,14 +62,10 @@ from utils import autocast
 GRID_SPACING = "trailing"
 
 
-def _is_int(n) -> bool:
-    return isinstance(n, numbers.Integral) and not isinstance(n, bool)
-
-
 def distillation_rounds(start_steps: int, final_steps: int, num_timesteps: int) -> list[int]:
     """The student's step count of each round, from a start_steps-step teacher down to final_steps:
     [N0/2, N0/4, ..., final_steps]. Refuses (ConfigError) what halving cannot reach."""
-    if not _is_int(start_steps) or not _is_int(final_steps) or final_steps < 1:
+    if not is_int(start_steps) or not is_int(final_steps) or final_steps < 1:
         raise ConfigError(f"distillation step counts must be positive integers, got start {start_steps!r} and "
                           f"final {final_steps!r}")
     if not final_steps < start_steps <= num_timesteps:
@@ -131,7 +127,7 @@ def distillation_target(diffusion: Diffusion, teacher_fn: Callable, xt: torch.Te
     """([PD] Alg. 2) The x0 the student must predict at (xt, t) so that ONE deterministic DDIM step t -> t_next
     lands where TWO teacher DDIM steps t -> t_mid -> t_next land, and its loss weight max(SNR(t), 1).
     t, t_mid, t_next: ints or (B,) long tensors (one student step per example), t > t_mid > t_next >= DATA_T.
-    teacher_fn(xt, t) -> model output in the diffusion's objective (e.g. `diffusion._model_fn(model, y, w)`).
+    teacher_fn(xt, t) -> model output in the diffusion's objective (e.g. `diffusion.guided_model(model, y, w)`).
     Returns (x0_target like xt, weight (B,)). No gradient flows into the teacher or the target."""
     t, t_mid, t_next = (_as_steps(s, xt) for s in (t, t_mid, t_next))
     if not ((t > t_mid) & (t_mid > t_next) & (t_next >= DATA_T)).all():
@@ -268,7 +264,7 @@ class DistillationLoss:
         t, t_mid, t_next = sample_triples(self.triples, x0.shape[0], device=x0.device)
         xt = diffusion.q_sample(x0, t, torch.randn_like(x0))
         with autocast(trainer.device, trainer.amp):
-            teacher_fn = diffusion._model_fn(self.teacher, y, self.guidance_scale)
+            teacher_fn = diffusion.guided_model(self.teacher, y, self.guidance_scale)
             x0_target, weight = distillation_target(diffusion, teacher_fn, xt, t, t_mid, t_next,
                                                     clip_x0=trainer.cfg.sample.clip_x0)
             out = trainer.model(xt, t, y).float()

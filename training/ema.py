@@ -1,4 +1,5 @@
-"""EMA of the weights: the classic decay with warm-up, and EDM2's power-function profiles that post-hoc EMA rebuilds from."""
+"""EMA of the weights: the classic decay with warm-up, and EDM2's power-function profiles (the snapshots that
+post-hoc EMA, sampling/posthoc.py, rebuilds any length from)."""
 from __future__ import annotations
 
 import copy

@@ -1,6 +1,6 @@
 """Building blocks of the Trainer (trainer.py): process layout (DDP), EMA, optimizer and LR schedule, stop
-signals, logging (rank 0) and the exploding-loss watch. Run folder and checkpoint files: run_folder.py;
-resuming: train_resume.py.
+signals, the exploding-loss watch and the step's numbers (wrapping, clipping, the one host read). Run folder
+and checkpoint files: storage/; resuming: training/resume.py.
 """
 from __future__ import annotations
 
@@ -55,6 +55,15 @@ def setup_distributed(device_name: str) -> tuple[DistInfo, torch.device]:
         dist.init_process_group("nccl" if device.type == "cuda" else "gloo")
     control = dist.new_group(backend="gloo") if device.type == "cuda" else dist.group.WORLD
     return DistInfo(rank, world, local_rank, control, owner), device
+
+
+def agreed_code(code: int, info: DistInfo) -> int:
+    """A stop code agreed on by all ranks (largest wins; collective on the control group under DDP)."""
+    if info.enabled:
+        flag = torch.tensor([code])
+        dist.all_reduce(flag, op=dist.ReduceOp.MAX, group=info.control)
+        code = int(flag)
+    return code
 
 
 def gather_rng_states(info: DistInfo) -> list[dict]:
@@ -134,9 +143,6 @@ class StopSignals:
         self._previous.clear()
 
 
-# ----------------------------------------------------------------------------- logging (rank 0)
-
-
 # ----------------------------------------------------------------------------- health of the loss and checkpoints
 class LossWatch:
     """Flags a loss that explodes while staying finite (divergence that the NaN guard alone sees too late):
@@ -163,3 +169,43 @@ class LossWatch:
         """A level for runs resumed from checkpoints that did not store one: the median of recent losses."""
         recent = [v for v in history[-50:] if math.isfinite(v)]
         return sorted(recent)[len(recent) // 2] if recent else 0.0
+
+
+# ----------------------------------------------------------------------------- the step's numbers
+def wrap_model(net: torch.nn.Module, info: DistInfo, device: torch.device, compile: bool) -> torch.nn.Module:
+    """The module the step calls: DDP around the bare network (under torchrun), then torch.compile if asked."""
+    model = net
+    if info.enabled:
+        ids = [device.index] if device.type == "cuda" else None
+        model = torch.nn.parallel.DistributedDataParallel(net, device_ids=ids)
+    if compile:
+        model = torch.compile(model)
+    return model
+
+
+def unscale_and_clip(params: list, optimizer, scaler, grad_clip: float, device: torch.device) -> torch.Tensor:
+    """Total gradient norm BEFORE clipping (what is logged); fp16: the gradients are unscaled first."""
+    if scaler is not None:
+        scaler.unscale_(optimizer)
+    if grad_clip > 0:
+        return torch.nn.utils.clip_grad_norm_(params, grad_clip, foreach=True)
+    grads = [p.grad for p in params if p.grad is not None]
+    return torch.nn.utils.get_total_norm(grads, foreach=True).to(device)
+
+
+def read_step(step_loss: torch.Tensor, grad_norm: torch.Tensor, by_t: torch.Tensor, loss_watch: LossWatch,
+              info: DistInfo) -> list[float]:
+    """The step's numbers on the host, in one read: loss, grad norm, the flags non-finite loss /
+    non-finite gradient / exploding loss (DDP: agreed by all ranks, largest wins), loss sums and counts
+    per quarter of t.
+
+    Host syncs: this `.tolist()` is the step's one read on the host, and the skip of a non-finite step is a
+    plain `if`. Earlier versions kept all of this on the device (lagged reads, fused AdamW's found_inf flag)
+    to avoid that sync; no GPU measurement ever showed it mattered, so the simple form stays until one does
+    (what to measure, on a GPU: bench/RESULTS.md, "One host sync per training step")."""
+    finite = torch.isfinite(step_loss)
+    flags = torch.stack([~finite, ~torch.isfinite(grad_norm), loss_watch(step_loss, finite).bool()])
+    flags = flags.float()
+    if info.enabled:
+        dist.all_reduce(flags, op=dist.ReduceOp.MAX)
+    return torch.cat([torch.stack([step_loss, grad_norm.float()]), flags, by_t.flatten()]).tolist()

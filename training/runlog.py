@@ -69,7 +69,7 @@ class RunLogger:
         self.writer.close()
 
 @torch.no_grad()
-def save_samples(diffusion, ema_model: torch.nn.Module, cfg: Config, path: Path, dataset, title: str,
+def save_training_grid(diffusion, ema_model: torch.nn.Module, cfg: Config, path: Path, dataset, title: str,
                  conditions=None) -> None:
     """train.num_sample_images EMA samples (DDIM, train.sample_steps) from a generator seeded with cfg.seed,
     so the grids of a run are comparable over time: an image grid at `path`, or for the 2-D toy data a
@@ -93,3 +93,30 @@ def save_samples(diffusion, ema_model: torch.nn.Module, cfg: Config, path: Path,
         save_scatter_plot(torch.stack([dataset[i][0] for i in range(min(len(dataset), n))]), x, path, title)
     else:
         save_image_grid(x.float(), path, nrow=classes if classes and n >= classes else None)
+
+
+def reduce_interval(window: list, by_t: list[float], info) -> tuple[list[float], list[float]]:
+    """The losses of the steps in `window` (NaN = a skipped step) and the loss sums / counts per quarter of t;
+    under DDP the losses averaged and the sums added over the ranks (collective)."""
+    n, losses = len(window), [loss for loss, _, _ in window]
+    if info.enabled:
+        packed = torch.tensor(losses + by_t)
+        torch.distributed.all_reduce(packed, group=info.control)
+        packed[:n] /= info.world_size
+        losses, by_t = packed[:n].tolist(), packed[n:].tolist()
+    return losses, by_t
+
+
+def write_interval(trainer, window: list, losses: list[float], by_t: list[float], elapsed: float) -> None:
+    """Rank 0: the interval into the loss history, the throughput and the run log (RunLogger.interval)."""
+    tcfg, data = trainer.tcfg, trainer.data
+    trainer.history.extend(losses)
+    images = len(window) * tcfg.batch_size * tcfg.grad_accum * trainer.dist.world_size
+    trainer.images_per_sec = images / max(elapsed, 1e-9)
+    scalars = {"train/lr": trainer.scheduler.get_last_lr()[0], "train/images_per_sec": trainer.images_per_sec,
+               "train/skipped_steps": trainer.skipped_total,
+               "train/epoch": data.epoch + data.position / data.sampler.batches_per_epoch}
+    if trainer.scaler is not None:
+        scalars["train/grad_scale"] = trainer.scaler.get_scale()
+    trainer.logger.interval(trainer.step, losses, [norm for _, norm, skip in window if not skip], by_t,
+                            trainer.diffusion.num_timesteps, scalars)

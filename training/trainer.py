@@ -1,26 +1,21 @@
 """The Trainer: setup, the training step, logging, sampling and checkpoints of one run. train.py is its
 command line. A variant of training (e.g. progressive distillation, training/distillation.py) does not subclass
-it: it passes a LOSS object, called on each micro-batch (the default: DiffusionLoss, the diffusion's training
-loss), and HOOKS (TrainerHook) called at named points of the run, which act through the Trainer's public
-methods (load_weights, reset_optimizer, set_lr_schedule, save, ...) and add their own checkpoint entries.
+it: it passes a LOSS object (training/loss.py), called on each micro-batch (the default: DiffusionLoss, the
+diffusion's training loss), and HOOKS (training/hooks.py) called at named points of the run, which act through
+the Trainer's public methods (load_weights, reset_optimizer, set_lr_schedule, save, ...) and add their own
+checkpoint entries. The checkpoint's entries: training/checkpoint_state.py; what the run reports (start and end
+lines, the summary, the divergence error): training/run_report.py.
 
 Resume is exact (bitwise on CPU, same thread count): data order, flips and every RNG state continue where
-the run stopped (data_order.py, train_resume.py, which also refuses changed model/diffusion/data settings).
-Unhealthy steps (a non-finite loss or gradient: skipped; an exploding loss: train_utils.LossWatch) stop the
-run after train.max_nonfinite in a row, naming the last good checkpoint, which rotation never deletes
-(run_folder.CheckpointHealth); the run lock and --overwrite live in run_folder.py too (README: Safety).
-
-Host syncs: each step reads its loss, gradient norm and health flags on the host once (`.tolist()` in
-_read_step), and the skip of a non-finite step is a plain `if`. Earlier versions kept all of this on the
-device (lagged reads, fused AdamW's found_inf flag) to avoid that sync; no GPU measurement ever showed it
-mattered, so the simple form stays until one does (what to measure, on a GPU: bench/RESULTS.md, "One host
-sync per training step").
+the run stopped (training/data_order.py, training/resume.py, which also refuses changed model/diffusion/data
+settings). Unhealthy steps (a non-finite loss or gradient: skipped; an exploding loss: parts.LossWatch) stop
+the run after train.max_nonfinite in a row, naming the last good checkpoint, which rotation never deletes
+(storage/run_folder.CheckpointHealth, with the run lock and --overwrite). Each step reads its numbers on the
+host once (parts.read_step, which says why).
 """
 from __future__ import annotations
 
 import math
-import signal
-import sys
 import time
 from contextlib import nullcontext
 from pathlib import Path
@@ -28,66 +23,28 @@ from typing import Optional
 
 import torch
 import torch.distributed as dist
-from tqdm.auto import tqdm
 
-from config import Config, ConfigError, to_dict
+from config import Config, ConfigError
 from dataset import build_dataset, check_data
 from diffusion import build_diffusion
-from model import build_model, count_parameters
-from sampling.conditioning import condition_for, conditioned, with_condition
+from model import build_model
+from sampling.conditioning import conditioned
 from sampling.conditions import held_out_conditions
 from storage.checkpoints import copy_checkpoint, load_resume_checkpoint, resume_path, save_checkpoint
 from storage.paths import RESULTS as RESULTS_ROOT
 from storage.paths import RunPaths
-from storage.run_folder import CheckpointHealth, end_message, lock_run_dir, prepare_run_dir, start_message
-from training.data_order import NOISE, DataStream, EpochBatches, KeyedItems
+from storage.run_folder import CheckpointHealth, lock_run_dir, prepare_run_dir
+from training.checkpoint_state import restore_trainer_entries, trainer_entries
+from training.data_order import NOISE, training_stream
 from training.ema import EMA, PowerFunctionEMA
-from training.parts import (LossWatch, StopSignals, all_finite, build_optimizer, gather_rng_states, lr_factor,
-    setup_distributed)
-from training.resume import check_resumable, restore_optimization, restore_rng, warn_thread_count
-from training.runlog import RunLogger, save_samples
+from training.loss import DiffusionLoss
+from training.parts import (LossWatch, StopSignals, agreed_code, all_finite, build_optimizer, gather_rng_states,
+    lr_factor, read_step, setup_distributed, unscale_and_clip, wrap_model)
+from training.resume import check_resumable, warn_thread_count
+from training.run_report import (NONFINITE, STOP_AT, NonFiniteLossError, announce, divergence_error, interruption,
+    report_end, run_summary)
+from training.runlog import RunLogger, reduce_interval, save_training_grid, write_interval
 from utils import autocast, derive_seed, resolve_amp, resolve_channels_last, seed_everything
-
-STOP_AT, NONFINITE = 1, 1000                 # stop codes next to signal numbers (largest wins across ranks)
-
-
-class NonFiniteLossError(RuntimeError):
-    """Training diverged: too many unhealthy steps (non-finite or exploding loss) in a row; the message names
-    the last good checkpoint."""
-
-
-class DiffusionLoss:
-    """train.py's loss: the diffusion's per-example training loss (Diffusion.training_losses: t and noise from
-    the global RNG) of the model on one micro-batch. An image-conditioned model (data.task) sees its condition
-    made from the augmented target itself. Called as loss(trainer, batch) -> (losses (B,), t (B,))."""
-
-    def __call__(self, trainer, batch: tuple[torch.Tensor, Optional[torch.Tensor]]):
-        x0, y = batch
-        model = with_condition(trainer.model, condition_for(trainer.cfg, x0))
-        with autocast(trainer.device, trainer.amp):
-            return trainer.diffusion.training_losses(model, x0, y)
-
-
-class TrainerHook:
-    """Named points of a run where a variant of training acts, through the Trainer's public methods and
-    attributes; every default does nothing. Pass a list of them as Trainer(..., hooks=[...])."""
-
-    def on_setup(self, trainer: Trainer, ckpt: Optional[dict]) -> None:
-        """After the networks, optimizer and LR schedule are built, before the training state is set (fresh,
-        or restored from the resume checkpoint `ckpt`; None for a fresh run)."""
-
-    def restore(self, trainer: Trainer, ckpt: dict) -> None:
-        """After the Trainer restored its own state from `ckpt`: read back what checkpoint_state added."""
-
-    def on_step_start(self, trainer: Trainer) -> None:
-        """Before each optimizer step (trainer.step: the steps done so far)."""
-
-    def on_step_end(self, trainer: Trainer) -> None:
-        """After each optimizer step (trainer.step counts it), before the run's log / save / sample."""
-
-    def checkpoint_state(self, trainer: Trainer) -> dict:
-        """Entries added to every checkpoint (after the Trainer's own)."""
-        return {}
 
 
 class Trainer:
@@ -132,8 +89,8 @@ class Trainer:
         self.setup_model()
         for hook in self.hooks:
             hook.on_setup(self, ckpt)
-        self._setup_state(ckpt, resumed_from)
-        self.model = self._wrap(self.net)
+        self.setup_state(ckpt, resumed_from)
+        self.model = wrap_model(self.net, self.dist, self.device, compile=self.tcfg.compile)
         self.logger = (RunLogger(cfg, start_step=self.step, history=self.history, results_root=RESULTS_ROOT)
                        if self.dist.is_main else None)
         self.signals = StopSignals().install()
@@ -154,11 +111,7 @@ class Trainer:
         self.sample_conditions = None
         if conditioned(cfg) and info.is_main and self.tcfg.num_sample_images:
             self.sample_conditions = held_out_conditions(cfg, self.tcfg.num_sample_images)[0]
-        sampler = EpochBatches(len(base), batch_size=self.tcfg.batch_size, seed=cfg.seed, rank=info.rank,
-                               world_size=info.world_size)
-        items = KeyedItems(base, seed=cfg.seed, augmented=cfg.data.random_flip)
-        self.data = DataStream(items, sampler, num_workers=cfg.data.num_workers,
-                               pin_memory=self.device.type == "cuda", seed=cfg.seed)
+        self.data = training_stream(base, cfg, rank=info.rank, world_size=info.world_size, device=self.device)
 
     def setup_model(self) -> None:
         """Network, diffusion, EMA, optimizer, GradScaler (fp16); hooks add their extra networks in on_setup."""
@@ -177,14 +130,17 @@ class Trainer:
         self.scaler = torch.amp.GradScaler("cuda") if self.amp == "fp16" else None
         self.params = [p for p in net.parameters() if p.requires_grad]
 
-    def _setup_state(self, ckpt: Optional[dict], resumed_from: Optional[Path]) -> None:
+    def setup_state(self, ckpt: Optional[dict], resumed_from: Optional[Path]) -> None:
+        """The loop's counters, the RNG (fresh) or the state of `ckpt` (restore_state, then each hook's
+        restore: more state, e.g. distillation's rounds, comes back through a TrainerHook), the loss watch and
+        the checkpoint rotation."""
         self.step, self.history, self.last_saved = 0, [], None
         self.skipped_total, self.streak = 0, 0  # streak: unhealthy steps in a row
         self.window, self.by_t = [], [0.0] * 8  # per step since the last log: (loss, grad norm, skipped)
         if ckpt is None:
             seed_everything(derive_seed(self.cfg.seed, NOISE, self.dist.rank))  # per-rank noise streams
         else:
-            self._restore(ckpt)
+            self.restore_state(ckpt)
             for hook in self.hooks:
                 hook.restore(self, ckpt)
         log_state = (ckpt or {}).get("log_state") or {}
@@ -194,21 +150,10 @@ class Trainer:
         self.health = CheckpointHealth(self.run_dir, keep_last=self.tcfg.keep_last, resumed_from=resumed_from,
                                        start_step=self.step)
 
-    def _restore(self, ckpt: dict) -> None:
-        """The training state of `ckpt`; hyper-parameters (lr, betas, weight decay, fused) come from the
-        current config."""
-        restore_optimization(ckpt, net=self.net, ema=self.ema, optimizer=self.optimizer, scheduler=self.scheduler,
-                             lr=self.tcfg.lr)
-        if self.scaler is not None and ckpt.get("grad_scaler"):
-            self.scaler.load_state_dict(ckpt["grad_scaler"])
-        self.step = self.last_saved = int(ckpt["step"])
-        if self.phema is not None:
-            self.phema.load_state_dict(ckpt["phema"])
-        self.data.load_state_dict(ckpt["data_state"])
-        log_state = ckpt.get("log_state") or {}
-        self.skipped_total = int(log_state.get("skipped_total", 0))
-        self.history = [float(v) for v in log_state.get("loss_history", torch.zeros(0)).tolist()]
-        restore_rng(ckpt["rng"], rank=self.dist.rank, seed=self.cfg.seed, step=self.step)
+    def restore_state(self, ckpt: dict) -> None:
+        """The Trainer's training state of `ckpt` (checkpoint_state.restore_trainer_entries); hyper-parameters
+        (lr, betas, weight decay, fused) come from the current config. Hooks then restore theirs."""
+        restore_trainer_entries(self, ckpt)
 
     # -- what hooks change between rounds (e.g. distillation) ---------------------------------------
     def load_weights(self, weights: dict) -> None:
@@ -232,15 +177,6 @@ class Trainer:
         for group in self.optimizer.param_groups:  # undo the old scheduler's first step before the new one
             group["lr"] = group["initial_lr"]
         self.scheduler = torch.optim.lr_scheduler.LambdaLR(self.optimizer, factor)
-
-    def _wrap(self, net: torch.nn.Module) -> torch.nn.Module:
-        model = net
-        if self.dist.enabled:
-            ids = [self.device.index] if self.device.type == "cuda" else None
-            model = torch.nn.parallel.DistributedDataParallel(net, device_ids=ids)
-        if self.tcfg.compile:
-            model = torch.compile(model)
-        return model
 
     # -- one step ------------------------------------------------------------------------------------
     def next_batch(self) -> tuple[torch.Tensor, Optional[torch.Tensor]]:
@@ -281,8 +217,9 @@ class Trainer:
             step_loss += loss.detach()
             by_t[0].index_add_(0, t * 4 // T, losses.detach())
             by_t[1].index_add_(0, t * 4 // T, torch.ones_like(losses))
-        grad_norm = self._unscale_and_clip()
-        loss, norm, nonfinite_loss, nonfinite_grad, exploding, *by_t = self._read_step(step_loss, grad_norm, by_t)
+        grad_norm = unscale_and_clip(self.params, self.optimizer, self.scaler, self.tcfg.grad_clip, self.device)
+        loss, norm, nonfinite_loss, nonfinite_grad, exploding, *by_t = read_step(step_loss, grad_norm, by_t,
+                                                                                 self.loss_watch, self.dist)
         skip = bool(nonfinite_loss or nonfinite_grad)
         self._update(skip)
         # fp16: gradient overflows are the GradScaler's normal way to find its scale; only losses count.
@@ -296,26 +233,6 @@ class Trainer:
             self.by_t = [a + b for a, b in zip(self.by_t, by_t)]
         for hook in self.hooks:
             hook.on_step_end(self)
-
-    def _unscale_and_clip(self) -> torch.Tensor:
-        """Total gradient norm BEFORE clipping (what is logged)."""
-        if self.scaler is not None:
-            self.scaler.unscale_(self.optimizer)
-        if self.tcfg.grad_clip > 0:
-            return torch.nn.utils.clip_grad_norm_(self.params, self.tcfg.grad_clip, foreach=True)
-        grads = [p.grad for p in self.params if p.grad is not None]
-        return torch.nn.utils.get_total_norm(grads, foreach=True).to(self.device)
-
-    def _read_step(self, step_loss: torch.Tensor, grad_norm: torch.Tensor, by_t: torch.Tensor) -> list[float]:
-        """The step's numbers on the host, in one read: loss, grad norm, the flags non-finite loss /
-        non-finite gradient / exploding loss (DDP: agreed by all ranks, largest wins), loss sums and counts
-        per quarter of t."""
-        finite = torch.isfinite(step_loss)
-        flags = torch.stack([~finite, ~torch.isfinite(grad_norm), self.loss_watch(step_loss, finite).bool()])
-        flags = flags.float()
-        if self.dist.enabled:
-            dist.all_reduce(flags, op=dist.ReduceOp.MAX)
-        return torch.cat([torch.stack([step_loss, grad_norm.float()]), flags, by_t.flatten()]).tolist()
 
     def _update(self, skip: bool) -> None:
         if self.scaler is not None:
@@ -332,30 +249,15 @@ class Trainer:
 
     # -- logging, sampling, checkpoints ----------------------------------------------------------------
     def log(self) -> None:
-        """Write the steps since the last log (DDP: losses averaged over the ranks) and reset the window."""
-        n, window, by_t = len(self.window), self.window, self.by_t
-        if n == 0:
+        """Write the steps since the last log (DDP: losses averaged over the ranks; runlog.write_interval) and
+        reset the window."""
+        if not self.window:
             return
-        losses = [loss for loss, _, _ in window]                 # NaN = a skipped step
-        if self.dist.enabled:
-            packed = torch.tensor(losses + by_t)
-            dist.all_reduce(packed, group=self.dist.control)
-            packed[:n] /= self.dist.world_size
-            losses, by_t = packed[:n].tolist(), packed[n:].tolist()
+        window, (losses, by_t) = self.window, reduce_interval(self.window, self.by_t, self.dist)
         elapsed = time.perf_counter() - self._interval_start - self._paused
         self.window, self.by_t, self._interval_start, self._paused = [], [0.0] * 8, time.perf_counter(), 0.0
-        if not self.dist.is_main:
-            return
-        self.history.extend(losses)
-        images = n * self.tcfg.batch_size * self.tcfg.grad_accum * self.dist.world_size
-        self.images_per_sec = images / max(elapsed, 1e-9)
-        scalars = {"train/lr": self.scheduler.get_last_lr()[0], "train/images_per_sec": self.images_per_sec,
-                   "train/skipped_steps": self.skipped_total,
-                   "train/epoch": self.data.epoch + self.data.position / self.data.sampler.batches_per_epoch}
-        if self.scaler is not None:
-            scalars["train/grad_scale"] = self.scaler.get_scale()
-        self.logger.interval(self.step, losses, [norm for _, norm, skip in window if not skip], by_t,
-                             self.diffusion.num_timesteps, scalars)
+        if self.dist.is_main:
+            write_interval(self, window, losses, by_t, elapsed)
 
     @torch.no_grad()
     def sample(self) -> Optional[Path]:
@@ -366,7 +268,7 @@ class Trainer:
         start, path = time.perf_counter(), self.images_dir / f"step_{self.step:07d}.png"
         cuda = [self.device.index or 0] if self.device.type == "cuda" else []
         with torch.random.fork_rng(devices=cuda), autocast(self.device, self.amp):
-            save_samples(self.diffusion, self.ema.model, self.cfg, path, self.base_dataset,
+            save_training_grid(self.diffusion, self.ema.model, self.cfg, path, self.base_dataset,
                          title=f"{self.cfg.run_name} step {self.step}: EMA, DDIM {self.tcfg.sample_steps}",
                          conditions=self.sample_conditions)
         self.logger.image("samples/ema_ddim", path, self.step)
@@ -384,18 +286,8 @@ class Trainer:
         return path
 
     def checkpoint_state(self, rng_states: list) -> dict:
-        """Every checkpoint's entries: the Trainer's, then each hook's (TrainerHook.checkpoint_state)."""
-        state = {"step": self.step, "config": to_dict(self.cfg), "model": self.net.state_dict(),
-                 "ema": self.ema.model.state_dict(), "ema_num_updates": float(self.ema.num_updates),
-                 "optimizer": self.optimizer.state_dict(), "lr_scheduler": self.scheduler.state_dict(),
-                 "grad_scaler": self.scaler.state_dict() if self.scaler is not None else None,
-                 "rng": {"world_size": self.dist.world_size, "ranks": rng_states},
-                 "data_state": self.data.state_dict(),
-                 "cpu_threads": torch.get_num_threads() if self.device.type == "cpu" else None,
-                 "log_state": {"skipped_total": self.skipped_total,
-                               "loss_history": torch.tensor(self.history, dtype=torch.float32),
-                               "loss_level": float(self.loss_watch.level)},
-                 **({"phema": self.phema.state_dict()} if self.phema is not None else {})}  # post-hoc EMA: on only
+        """Every checkpoint's entries: the Trainer's (checkpoint_state.trainer_entries), then each hook's."""
+        state = trainer_entries(self, rng_states)
         for hook in self.hooks:
             state.update(hook.checkpoint_state(self))
         return state
@@ -436,18 +328,14 @@ class Trainer:
             code = max(code, STOP_AT)
         if self.streak >= self.tcfg.max_nonfinite:
             code = NONFINITE
-        if self.dist.enabled:
-            flag = torch.tensor([code])
-            dist.all_reduce(flag, op=dist.ReduceOp.MAX, group=self.dist.control)
-            code = int(flag)
-        return code
+        return agreed_code(code, self.dist)
 
     def run(self) -> dict:
         """Steps until finished or stopped; log, save, then sample at their intervals and after the last
         step (save before sampling: a failure there must not lose the run)."""
         start = time.perf_counter()
         self._interval_start, self._paused, self.images_per_sec = start, 0.0, 0.0
-        self._announce()
+        announce(self)
         code = self.stop_code()
         while not code and not self.finished:
             self.train_step()
@@ -463,42 +351,16 @@ class Trainer:
             code = 0  # a signal during the last step: the run is complete anyway
         return self._finish(code, time.perf_counter() - start)
 
-    def _announce(self) -> None:
-        if self.dist.is_main:
-            tqdm.write(start_message(self.cfg, step=self.step, params=count_parameters(self.net),
-                                     items=len(self.base_dataset), world_size=self.dist.world_size,
-                                     device=self.device, amp=self.amp, channels_last=self.channels_last))
-            sys.stdout.flush()
-
     def _finish(self, code: int, wall: float) -> dict:
         if code == NONFINITE:
             self.log()
-            raise NonFiniteLossError(
-                f"stopping at step {self.step}: {self.tcfg.max_nonfinite} steps in a row had a non-finite "
-                f"loss or gradient, or an exploding loss (above max({LossWatch.FACTOR:g} x its running level, "
-                f"{LossWatch.FLOOR:g})) (train.max_nonfinite={self.tcfg.max_nonfinite}); the non-finite ones "
-                f"were skipped. {self.health.hint(self.last_saved)}")
+            raise divergence_error(self)
         if code and self.step > self.start_step:
             self.save()
-        interrupted = None if not code else ("stop_at" if code == STOP_AT else signal.Signals(code).name)
+        interrupted = interruption(code)
         if self.dist.is_main:
-            self._report(interrupted, wall)
-        return {"run_name": self.cfg.run_name, "step": self.step, "start_step": self.start_step,
-                "interrupted": interrupted, "exit_code": 128 + code if code > STOP_AT else 0,
-                "checkpoint": str(self.run_dir / "last.pt"), "wall_time_s": wall,
-                "images_per_sec": self.images_per_sec, "skipped_steps": self.skipped_total,
-                "final_loss": next((v for v in reversed(self.history) if math.isfinite(v)), math.nan),
-                "model": self.net, "ema": self.ema.model}
-
-    def _report(self, interrupted: Optional[str], wall: float) -> None:
-        if self.logger:
-            self.logger.close()
-            self.logger = None
-        launcher = f"torchrun --nproc_per_node {self.dist.world_size} train.py" if self.dist.enabled else None
-        message = end_message(self.cfg.run_name, step=self.step, interrupted=interrupted,
-                              saved=self.last_saved is not None, wall=wall, launcher=launcher)
-        if message:
-            print(message, flush=True)
+            report_end(self, interrupted, wall)
+        return run_summary(self, code, interrupted, wall)
 
     def close(self) -> None:
         torch.set_num_threads(self._threads)
@@ -510,6 +372,7 @@ class Trainer:
             self.logger.close()
             self.logger = None
         if self.dist and self.dist.owner and dist.is_initialized():
+            dist.barrier()  # no rank tears gloo down while another still talks to it (that aborts the process)
             dist.destroy_process_group()
         if self.lock:  # last: the data workers (forked with the lock's descriptor) are gone by now
             self.lock.release()
