@@ -13,7 +13,7 @@ from config import SPACINGS, load_config, to_dict  # noqa: E402
 from diffusion import Diffusion  # noqa: E402
 from model import build_model  # noqa: E402
 from safety import DIGITS, TINY  # noqa: E402
-from sampling.generation import generate  # noqa: E402
+from sampling.generation import generate, sampling_settings  # noqa: E402
 from storage.checkpoints import save_checkpoint  # noqa: E402
 
 pytestmark = pytest.mark.usefixtures("one_thread")  # tests/conftest.py
@@ -56,3 +56,84 @@ def test_the_sampling_defaults_survive_the_export(tmp_path):
     _, _, back_cfg, _ = exported(tmp_path, ["sample.sampler=ddim", "sample.steps=3", "sample.eta=0.5",
                                             "diffusion.timestep_spacing=trailing"])
     assert (back_cfg.sample.sampler, back_cfg.sample.steps, back_cfg.sample.eta) == ("ddim", 3, 0.5)
+
+
+# ---------------------------------------------------------------- what sample.py --pretrained does with the export
+def draw_as_sample_py(model, diffusion, cfg, labels=None):
+    """Samples with the settings sample.py takes from a config when no sampling flag is given."""
+    kw = sampling_settings(cfg, diffusion.num_timesteps)
+    if labels is None:
+        kw.pop("guidance_scale")
+    return generate(model, diffusion, cfg, 3, 3, seed=7, progress=False, amp="off", labels=labels, **kw)
+
+
+def exported_as_loaded(tmp_path, overrides):
+    """exported(), plus the Diffusion load_pretrained builds (what sample.py --pretrained samples with)."""
+    cfg, ema, back_cfg, back = exported(tmp_path, overrides)
+    _, diffusion, _ = pretrained.load_pretrained(str(tmp_path / "exp"))
+    return cfg, ema, back_cfg, back, diffusion
+
+
+DIFFUSIONS = {  # every diffusion setting the export writes to scheduler_config.json, off its default
+    "linear-eps-fixed_large": ["diffusion.schedule=linear", "diffusion.objective=eps", "diffusion.var_type=fixed_large",
+                               "diffusion.beta_start=0.0002", "diffusion.beta_end=0.03"],
+    "cosine-v-fixed_small": ["diffusion.schedule=cosine", "diffusion.objective=v", "diffusion.var_type=fixed_small"],
+    "linear-x0-fixed_small": ["diffusion.schedule=linear", "diffusion.objective=x0", "diffusion.var_type=fixed_small"],
+}
+
+
+@pytest.mark.parametrize("case", DIFFUSIONS)
+def test_every_diffusion_setting_survives_the_export_and_ddpm_samples_the_same(tmp_path, case):
+    cfg, ema, back_cfg, back, diffusion = exported_as_loaded(tmp_path, DIFFUSIONS[case] + [
+        "sample.sampler=ddpm", "diffusion.timestep_spacing=linspace", "sample.clip_x0=false"])
+    for key in ("num_timesteps", "schedule", "beta_start", "beta_end", "objective", "var_type", "timestep_spacing"):
+        assert getattr(back_cfg.diffusion, key) == pytest.approx(getattr(cfg.diffusion, key)), key
+    assert back_cfg.sample.clip_x0 is False
+    ours_d = Diffusion.from_config(cfg.diffusion)
+    assert torch.equal(diffusion.betas, ours_d.betas) and diffusion.objective == cfg.diffusion.objective
+    # ddpm (all T steps, the var_type's noise) with the sampler passed: the export does not record it (see below)
+    ours = generate(ema, ours_d, cfg, 3, 3, seed=7, sampler="ddpm", steps=None, progress=False, amp="off",
+                    clip_x0=cfg.sample.clip_x0)
+    theirs = generate(back, diffusion, back_cfg, 3, 3, seed=7, sampler="ddpm", steps=None, progress=False,
+                      amp="off", clip_x0=back_cfg.sample.clip_x0)
+    assert (ours - theirs).abs().max() < 1e-6  # measured 0.0 on CPU (bitwise); margin for summation order
+
+
+DROPPED = "the export drops sample.{sampler,steps,eta,guidance_scale}: load_pretrained gives the defaults (#23)"
+# Each case: overrides off the defaults load_pretrained gives back (ddim, steps = min(50, T) = 20, eta 0, no
+# guidance; digits.yaml's 2 is reset to 1 here), and the sample settings that must come back. The first four
+# are what the export carries today.
+BASE = ["sample.steps=20", "sample.guidance_scale=1.0"]
+SETTINGS = [
+    pytest.param(["diffusion.timestep_spacing=trailing"], {}, id="trailing"),
+    pytest.param(["diffusion.timestep_spacing=linspace"], {}, id="linspace"),
+    pytest.param(["diffusion.timestep_spacing=trailing", "sample.clip_x0=false"], {"clip_x0": False},
+                 id="trailing-noclip"),
+    pytest.param(["diffusion.timestep_spacing=linspace", "sample.clip_x0=false"], {"clip_x0": False},
+                 id="linspace-noclip"),
+    # a distilled 2-step student's grid: deterministic DDIM, 2 steps, trailing
+    pytest.param(["sample.steps=2", "diffusion.timestep_spacing=trailing"], {"steps": 2}, id="student-steps",
+                 marks=pytest.mark.xfail(strict=True, reason=DROPPED)),
+    pytest.param(["sample.eta=0.5"], {"eta": 0.5}, id="eta",
+                 marks=pytest.mark.xfail(strict=True, reason=DROPPED)),
+    pytest.param(["sample.sampler=dpmpp2m"], {"sampler": "dpmpp2m"}, id="sampler",
+                 marks=pytest.mark.xfail(strict=True, reason=DROPPED)),
+    pytest.param(["model.num_classes=3", "sample.guidance_scale=3.0"], {"guidance_scale": 3.0}, id="guidance",
+                 marks=pytest.mark.xfail(strict=True, reason=DROPPED)),
+]
+
+
+@pytest.mark.parametrize("overrides, expected", SETTINGS)
+def test_the_export_samples_what_the_checkpoint_samples_with_its_recorded_settings(tmp_path, overrides, expected):
+    """sample.py --pretrained EXPORT (no sampling flags) draws what sample.py --checkpoint CKPT draws: every
+    recorded setting comes back equal, and the same seed gives the same samples."""
+    cfg, ema, back_cfg, back, diffusion = exported_as_loaded(tmp_path, BASE + overrides)
+    for key, value in expected.items():
+        assert getattr(cfg.sample, key) == value  # the case really sets it
+    assert back_cfg.diffusion.timestep_spacing == cfg.diffusion.timestep_spacing
+    for key in ("sampler", "steps", "eta", "guidance_scale", "clip_x0"):
+        assert getattr(back_cfg.sample, key) == getattr(cfg.sample, key), key
+    labels = [0, 1, 2] if cfg.model.num_classes else None
+    ours = draw_as_sample_py(ema, Diffusion.from_config(cfg.diffusion), cfg, labels)
+    theirs = draw_as_sample_py(back, diffusion, back_cfg, labels)
+    assert (ours - theirs).abs().max() < 1e-6  # measured 0.0 on CPU (bitwise); margin for summation order
