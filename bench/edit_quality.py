@@ -59,7 +59,7 @@ INPAINT_ROWS = "ddim:50:1:1:1,ddim:50:1:5:5,ddim:50:1:10:10,ddim:50:0:1:1,ddim:5
 
 
 def parse_args(argv=None) -> argparse.Namespace:
-    p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0],
+    p = argparse.ArgumentParser(prog="python -m bench.edit_quality", description=__doc__.split("\n\n")[0],
                                 formatter_class=argparse.RawDescriptionHelpFormatter, epilog=__doc__)
     p.add_argument("--checkpoint", required=True, help="a model trained with data.holdout > 0")
     p.add_argument("--data", help="data folder (default: the checkpoint's data.root, relative to the repository)")

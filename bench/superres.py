@@ -43,7 +43,7 @@ RUN = "bench_superres"
 
 
 def parse_args(argv=None) -> argparse.Namespace:
-    p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0],
+    p = argparse.ArgumentParser(prog="python -m bench.superres", description=__doc__.split("\n\n")[0],
                                 formatter_class=argparse.RawDescriptionHelpFormatter, epilog=__doc__)
     p.add_argument("--data", default=str(MNIST), help="folder with t10k-images-idx3-ubyte(.gz) and labels")
     p.add_argument("--train-steps", type=int, default=6000)

@@ -49,7 +49,7 @@ REPO = Path(__file__).resolve().parents[1]
 
 
 def parse_args(argv=None) -> argparse.Namespace:
-    p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0], epilog=__doc__,
+    p = argparse.ArgumentParser(prog="python -m bench.throughput", description=__doc__.split("\n\n")[0], epilog=__doc__,
                                 formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--nets", default="cifar10,mnist,digits", help="presets in configs/ (U-Nets)")
     p.add_argument("--devices", default="cpu,cuda", help="cuda is skipped when no GPU is available")
