@@ -6,7 +6,7 @@ Resume is exact (bitwise on CPU, same thread count): data order, flips and every
 the run stopped (data_order.py, train_resume.py, which also refuses changed model/diffusion/data settings).
 Unhealthy steps (a non-finite loss or gradient: skipped; an exploding loss: train_utils.LossWatch) stop the
 run after train.max_nonfinite in a row, naming the last good checkpoint, which rotation never deletes
-(run_folder.CheckpointHealth); the run lock and --overwrite live in run_folder.py too (README: Safety).
+(run_folder.CheckpointHealth); the run lock and --overwrite live in run_folder.py too (docs/safety.md).
 
 Host syncs: each step reads its loss, gradient norm and health flags on the host once (`.tolist()` in
 _read_step), and the skip of a non-finite step is a plain `if`. Earlier versions kept all of this on the
