@@ -33,8 +33,7 @@ RESAMPLE, JUMP, FRAMES = 10, 10, 8
 
 
 def add_edit_args(p) -> None:
-    g = p.add_argument_group("editing a user's images (a trained image model; README: 'Editing with a trained "
-                             "model')")
+    g = p.add_argument_group("editing a user's images (a trained image model; see docs/editing.md)")
     g.add_argument("--inpaint", metavar="IMG", help="image or folder to inpaint (RePaint), with --mask")
     g.add_argument("--mask", help="PNG of the image's size, WHITE = generate, black = keep (diffusers' "
                    f"convention); or a built-in region to generate: {', '.join(BUILTIN_MASKS)}")

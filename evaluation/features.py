@@ -168,7 +168,7 @@ def load_classifier(path: Path) -> tuple[DigitClassifier, dict]:
     if not path.is_file():
         dataset, size = path.stem.rsplit("_", 1) if "_" in path.stem else (path.stem, "?")
         raise EvalError(f"no classifier at '{path}': train it once with `python evaluate.py train-classifier "
-                        f"--dataset {dataset} --image-size {size}` (about a minute on a CPU), or use "
+                        f"--dataset {dataset} --image-size {size}` (a few minutes on a CPU), or use "
                         f"--features inception")
     ckpt = load_checkpoint(path)
     meta = ckpt["config"]
