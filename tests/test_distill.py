@@ -228,9 +228,12 @@ def _bases(cls: ast.ClassDef) -> set[str]:
 
 
 def private_overrides(folder: Path) -> list[str]:
-    """Classes in folder/*.py deriving (directly or not) from training/trainer.py's Trainer that define one of
-    its private names, and `Sub._x = ...` assignments of them anywhere in those files."""
-    trees = {path: ast.parse(path.read_text()) for path in sorted(folder.glob("*.py"))}
+    """Classes in the .py files under folder (tests and virtual environments aside) deriving, directly or not,
+    from training/trainer.py's Trainer that define one of its private names, and `Sub._x = ...` assignments
+    of them anywhere in those files."""
+    skip = {".venv", ".git", "tests"}
+    paths = [p for p in sorted(folder.rglob("*.py")) if not skip & set(p.relative_to(folder).parts)]
+    trees = {path: ast.parse(path.read_text()) for path in paths}
     classes = [(path, node) for path, tree in trees.items() for node in ast.walk(tree)
                if isinstance(node, ast.ClassDef)]
     (trainer,) = [cls for path, cls in classes if path.name == "trainer.py" and cls.name == "Trainer"]
@@ -250,9 +253,9 @@ def private_overrides(folder: Path) -> list[str]:
 
 def test_no_class_in_training_overrides_a_private_method_of_the_trainer(tmp_path):
     """Distillation plugs into the Trainer as a loss object and a TrainerHook using its public methods; a
-    subclass overriding _update, _setup, ... would silently depend on its internals. Planted overrides (a
-    method of a sub-subclass, an assignment) are found in a copy of training/."""
-    assert private_overrides(REPO / "training") == []
+    subclass overriding _update, _setup, ... would silently depend on its internals: none does anywhere in the
+    tree. Planted overrides (a method of a sub-subclass, an assignment) are found in a copy of trainer.py."""
+    assert private_overrides(REPO) == []
     (tmp_path / "trainer.py").write_text((REPO / "training" / "trainer.py").read_text())
     (tmp_path / "x.py").write_text("from training.trainer import Trainer\nclass A(Trainer):\n    pass\n"
                                    "class B(A):\n    def _update(self, skip):\n        pass\n"
