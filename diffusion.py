@@ -87,15 +87,15 @@ class StepRecord(NamedTuple):
 def make_betas(schedule: str, num_timesteps: int, beta_start: float = 1e-4, beta_end: float = 0.02,
                cosine_s: float = 0.008) -> torch.Tensor:
     """Beta schedule in float64, shape (T,)."""
+    check_choice("schedule", schedule, SCHEDULES)
     if schedule == "linear":  # [DDPM] Sec. 4: betas linear from 1e-4 to 0.02
         return torch.linspace(beta_start, beta_end, num_timesteps, dtype=torch.float64)
-    if schedule == "cosine":  # [iDDPM] Eq. 17: abar(t) = f(t)/f(0), f(t) = cos^2(((t/T + s)/(1 + s)) pi/2)
-        steps = torch.arange(num_timesteps + 1, dtype=torch.float64) / num_timesteps
-        f = torch.cos((steps + cosine_s) / (1 + cosine_s) * math.pi / 2) ** 2
-        abar = f / f[0]
-        # beta_t = 1 - abar_t / abar_{t-1}, clipped at 0.999 to avoid a singularity at t = T.
-        return (1 - abar[1:] / abar[:-1]).clamp(max=0.999)
-    raise ConfigError(f"unknown schedule {schedule!r} (choose from {', '.join(SCHEDULES)})")
+    # cosine, [iDDPM] Eq. 17: abar(t) = f(t)/f(0), f(t) = cos^2(((t/T + s)/(1 + s)) pi/2)
+    steps = torch.arange(num_timesteps + 1, dtype=torch.float64) / num_timesteps
+    f = torch.cos((steps + cosine_s) / (1 + cosine_s) * math.pi / 2) ** 2
+    abar = f / f[0]
+    # beta_t = 1 - abar_t / abar_{t-1}, clipped at 0.999 to avoid a singularity at t = T.
+    return (1 - abar[1:] / abar[:-1]).clamp(max=0.999)
 
 
 class Diffusion(nn.Module):
