@@ -199,6 +199,8 @@ def _check_type(key: str, value: Any, tp: Any) -> Any:
         return [_check_type(f"{key}[{i}]", v, args[0]) for i, v in enumerate(value)]
     if tp is float and isinstance(value, int) and not isinstance(value, bool):
         return float(value)
+    if tp is float and isinstance(value, str) and value.strip().lower().lstrip("+-.") in ("nan", "inf", "infinity"):
+        check_value(key.split("[")[0], float(value.replace(".", "")))  # `lr=nan` (YAML's .nan): not finite
     # bool is a subclass of int: reject True where an int is expected and vice versa.
     if not isinstance(value, tp) or (tp is int and isinstance(value, bool)):
         raise ConfigError(
@@ -301,35 +303,95 @@ def save_config(cfg: Config, path: str | Path) -> None:
 
 
 # ----------------------------------------------------------------------------- value checks
+INT64_MAX = 2 ** 63 - 1  # torch and numpy take 64-bit integers: a larger seed or count overflows there
+# The allowed values of every numeric field, (low, high, bounds): '[' / ']' allow the bound itself, '(' / ')'
+# do not, None is no bound. Every float must also be finite and every int at most INT64_MAX. A list field's
+# rule is each entry's. Rules between fields (beta_start < beta_end, steps <= T, ...) follow in validate.
+POSITIVE, NON_NEGATIVE, FINITE = (0, None, "()"), (0, None, "[)"), (None, None, "()")
+FRACTION, BELOW_ONE, OPEN_UNIT = (0, 1, "[]"), (0, 1, "[)"), (0, 1, "()")
+RANGES = {
+    "seed": (0, INT64_MAX, "[]"),
+    **dict.fromkeys(["data.image_size", "data.sr_factor", "data.toy_num_points", "model.in_channels",
+                     "model.channels", "model.num_res_blocks", "model.attention_resolutions",
+                     "model.num_heads", "model.norm_groups", "model.norm_eps", "model.mlp_hidden", "model.mlp_layers",
+                     "model.mlp_emb_size", "diffusion.num_timesteps", "diffusion.min_snr_gamma", "train.batch_size",
+                     "train.lr", "train.max_steps", "train.grad_accum", "train.ema_snapshot_every",
+                     "train.max_nonfinite", "train.log_every", "train.sample_every", "train.ckpt_every",
+                     "train.keep_last", "train.sample_steps", "sample.steps", "sample.num_samples",
+                     "sample.batch_size"], POSITIVE),
+    **dict.fromkeys(["data.holdout", "data.channels", "data.num_workers", "model.num_classes", "train.weight_decay",
+                     "train.warmup_steps", "train.num_sample_images", "train.cpu_threads"], NON_NEGATIVE),
+    "model.num_head_channels": (-1, None, "[)"), "model.channel_mult": (1, None, "[)"),  # -1: model.num_heads
+    **dict.fromkeys(["model.dropout", "train.adam_beta1", "train.adam_beta2", "train.ema_decay"], BELOW_ONE),
+    **dict.fromkeys(["train.min_lr_ratio", "train.cond_drop_prob", "sample.eta"], FRACTION),
+    **dict.fromkeys(["diffusion.beta_start", "diffusion.beta_end"], OPEN_UNIT),
+    "train.ema_profiles": (0, SIGMA_REL_MAX, "()"),
+    **dict.fromkeys(["train.grad_clip", "sample.guidance_scale"], FINITE),  # grad_clip <= 0: no clipping
+}
+
+
+def _bound_text(value: float) -> str:
+    return "2**63-1" if value == INT64_MAX else f"{value:g}"
+
+
+def check_number(name: str, value, rule: tuple) -> None:
+    """The one range check of numbers (config keys, flags, library arguments); `name` is how the user set the
+    value (config key 'train.lr', --eta). None (an unset optional value) passes."""
+    if value is None:
+        return
+    low, high, bounds = rule
+    number = float(value) if isinstance(value, float) else value
+    ok = (math.isfinite(number) if isinstance(number, float) else number <= INT64_MAX) and (
+        low is None or (number >= low if bounds[0] == "[" else number > low)) and (
+        high is None or (number <= high if bounds[1] == "]" else number < high))
+    if ok:
+        return
+    if low is not None and high is not None:
+        allowed = f"in {bounds[0]}{_bound_text(low)}, {_bound_text(high)}{bounds[1]}"
+    elif low is not None:
+        allowed = f"{'>=' if bounds[0] == '[' else '>'} {low:g}"
+    else:
+        allowed = ""
+    if isinstance(number, float):
+        allowed += " and finite" if allowed else "finite"
+    elif high is None and number > INT64_MAX:
+        allowed += " and at most 2**63-1 (a 64-bit integer)"
+    raise ConfigError(f"{name} must be {allowed}, got {value!r}")
+
+
+def check_value(key: str, value, name: Optional[str] = None) -> None:
+    """`value` by the rule of config key `key` (RANGES); `name` is the flag that set it, e.g. --eta."""
+    check_number(name or f"config key '{key}'", value, RANGES[key])
+
+
 def check_choice(name: str, value: str, choices: tuple) -> None:
     """One rule for every named choice (config keys, flags, library arguments): `name` is how the user set it."""
     if value not in choices:
         raise ConfigError(f"unknown {name} {value!r}: choose one of {', '.join(choices)}")
 
 
-def _positive(key: str, value: float, allow_zero: bool = False) -> None:
-    if value < 0 or (value == 0 and not allow_zero):
-        raise ConfigError(f"config key '{key}' must be {'>= 0' if allow_zero else '> 0'}, got {value}")
+def plain_name(label: str, name, names: str, example: str = "digits_2") -> str:
+    """`name` if it is a plain name (letters, digits, '.', '_', '-'; not '.' or '..'), else a ConfigError:
+    every name that becomes a path (run_name, evaluate.py --run-name, a data set's name in a cache file) is
+    checked here, so none can point outside its folder. `names`: what it names, for the message."""
+    if not isinstance(name, str) or not re.fullmatch(r"[A-Za-z0-9._-]+", name) or name in (".", ".."):
+        raise ConfigError(f"{label} = {name!r} is not a plain name (it names {names}): use only letters, digits, "
+                          f"'.', '_' and '-', e.g. {example}")
+    return name
 
 
 def _check_run_name(name: str) -> None:
     # run_name becomes checkpoints/<run_name>/ and results/*/<run_name>/: a path would write (and with
     # --overwrite delete) outside them.
-    if not re.fullmatch(r"[A-Za-z0-9._-]+", name) or name in (".", ".."):
-        raise ConfigError(f"config key 'run_name' = {name!r} is not a plain name (it names the folders "
-                          f"checkpoints/<run_name>/ and results/*/<run_name>/): use only letters, digits, '.', "
-                          f"'_' and '-', e.g. run_name=digits_2")
+    plain_name("config key 'run_name'", name, "the folders checkpoints/<run_name>/ and results/*/<run_name>/",
+               "run_name=digits_2")
 
 
 def _check_unet_levels(cfg: Config) -> None:
-    """channel_mult entries >= 1; attention_resolutions must name levels the U-Net has (it matches them exactly)."""
+    """channel_mult not empty; attention_resolutions must name levels the U-Net has (it matches them exactly)."""
     m, size = cfg.model, cfg.data.image_size
     if not m.channel_mult:
         raise ConfigError("config key 'model.channel_mult' must not be empty")
-    for i, mult in enumerate(m.channel_mult):
-        if mult < 1:
-            raise ConfigError(f"config key 'model.channel_mult' = {m.channel_mult}: every entry must be >= 1 "
-                              f"(level widths are model.channels x entry), got {mult} at index {i}")
     if m.kind != "unet":
         return
     levels = [size // 2 ** i for i in range(len(m.channel_mult))]  # model.UNet halves after each level
@@ -358,43 +420,20 @@ def _check_choices(cfg: Config) -> None:
     check_choice("value of config key 'train.lr_schedule'", train.lr_schedule, LR_SCHEDULES)
 
 
-def _check_counts(cfg: Config) -> None:
-    data, model, dcfg, train, sample = cfg.data, cfg.model, cfg.diffusion, cfg.train, cfg.sample
-    for key, val in [("data.image_size", data.image_size), ("model.channels", model.channels),
-                     ("model.num_res_blocks", model.num_res_blocks), ("model.in_channels", model.in_channels),
-                     ("diffusion.num_timesteps", dcfg.num_timesteps), ("train.batch_size", train.batch_size),
-                     ("train.lr", train.lr), ("train.max_steps", train.max_steps),
-                     ("train.grad_accum", train.grad_accum), ("train.log_every", train.log_every),
-                     ("train.sample_every", train.sample_every), ("train.ckpt_every", train.ckpt_every),
-                     ("train.keep_last", train.keep_last), ("sample.num_samples", sample.num_samples),
-                     ("sample.batch_size", sample.batch_size), ("diffusion.min_snr_gamma", dcfg.min_snr_gamma),
-                     ("model.norm_eps", model.norm_eps), ("train.max_nonfinite", train.max_nonfinite),
-                     ("model.mlp_hidden", model.mlp_hidden), ("model.mlp_layers", model.mlp_layers),
-                     ("model.mlp_emb_size", model.mlp_emb_size), ("data.sr_factor", data.sr_factor),
-                     ("train.ema_snapshot_every", train.ema_snapshot_every)]:
-        _positive(key, val)
-    for key, val in [("train.warmup_steps", train.warmup_steps), ("model.num_classes", model.num_classes),
-                     ("data.num_workers", data.num_workers), ("data.holdout", data.holdout),
-                     ("sample.eta", sample.eta),
-                     ("train.weight_decay", train.weight_decay), ("train.cond_drop_prob", train.cond_drop_prob),
-                     ("train.num_sample_images", train.num_sample_images),
-                     ("train.cpu_threads", train.cpu_threads or 0)]:
-        _positive(key, val, allow_zero=True)
+def _check_numbers(cfg: Config) -> None:
+    """Every numeric field against its rule in RANGES (types were checked on load)."""
+    for key, rule in RANGES.items():
+        section, _, name = key.rpartition(".")
+        value = getattr(getattr(cfg, section) if section else cfg, name)
+        for entry in value if isinstance(value, list) else [value]:
+            check_number(f"config key '{key}'", entry, rule)
 
 
 def _check_ranges(cfg: Config) -> None:
-    model, dcfg, train, sample = cfg.model, cfg.diffusion, cfg.train, cfg.sample
+    dcfg, train, sample = cfg.diffusion, cfg.train, cfg.sample
     if not 0 < dcfg.beta_start < dcfg.beta_end < 1:
         raise ConfigError(f"need 0 < diffusion.beta_start < diffusion.beta_end < 1, "
                           f"got {dcfg.beta_start} and {dcfg.beta_end}")
-    if not 0 <= train.ema_decay < 1:
-        raise ConfigError(f"config key 'train.ema_decay' must be in [0, 1), got {train.ema_decay}")
-    _check_ema_profiles(train.ema_profiles)
-    if not 0 <= train.min_lr_ratio <= 1:
-        raise ConfigError(f"config key 'train.min_lr_ratio' must be in [0, 1] (the cosine floor as a fraction of "
-                          f"train.lr), got {train.min_lr_ratio}")
-    if not 0 <= model.dropout < 1:
-        raise ConfigError(f"config key 'model.dropout' must be in [0, 1), got {model.dropout}")
     if cfg.data.channels not in (0, 1, 3):
         raise ConfigError(f"config key 'data.channels' = {cfg.data.channels} must be 0 (auto: 1 for a folder of "
                           "grey images, else 3), 1 or 3")
@@ -434,7 +473,8 @@ def _check_ema_profiles(profiles: list[float]) -> None:
 def validate(cfg: Config) -> Config:
     """Check values (types were checked on load). Raises ConfigError naming the key."""
     _check_choices(cfg)
-    _check_counts(cfg)
+    _check_ema_profiles(cfg.train.ema_profiles)  # its own message first: the EDM2 lengths
+    _check_numbers(cfg)
     _check_ranges(cfg)
     _check_run_name(cfg.run_name)
     _check_unet_levels(cfg)

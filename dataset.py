@@ -38,7 +38,7 @@ import torch.nn.functional as F
 from PIL import Image
 from torch.utils.data import Dataset, Subset, TensorDataset
 
-from config import DATASETS, TOY_DISTRIBUTIONS, Config, ConfigError, DataConfig
+from config import DATASETS, TOY_DISTRIBUTIONS, Config, ConfigError, DataConfig, UserError
 from storage.data_files import (CIFAR10_ARCHIVE, CIFAR10_CLASSES, CIFAR10_FOLDER, DIGIT_CLASSES, IDX_DATASETS,
     IDX_FILES, BadDataError, DatasetMissingError, check_image_files, first_line, folder_channels, open_as, read_cifar10,
     read_idx_split, scan_image_folder)
@@ -343,8 +343,9 @@ def _print_summary(data_cfg, train_set: Dataset, test_set: Dataset) -> None:
     print(f"classes      {info.num_classes}{names}")
 
 
-def _save_preview(train_set: Dataset, path: Path, toy: bool) -> None:
-    path.parent.mkdir(parents=True, exist_ok=True)
+def _save_preview(train_set: Dataset, path: Path, toy: bool, replace: bool = False) -> None:
+    """--preview through the output guard (storage.files.write_output): an existing file only with --overwrite."""
+    from storage.files import write_output
     if toy:
         import matplotlib
         matplotlib.use("Agg")
@@ -352,12 +353,14 @@ def _save_preview(train_set: Dataset, path: Path, toy: bool) -> None:
         fig, ax = plt.subplots(figsize=(5, 5))
         ax.scatter(*train_set.tensors[0].T.numpy(), s=2, alpha=0.5)  # all (n, 2) points
         ax.set_aspect("equal")
-        fig.savefig(path, dpi=120, bbox_inches="tight")
-        plt.close(fig)
+        try:
+            write_output(path, lambda f: fig.savefig(f, format="png", dpi=120, bbox_inches="tight"), replace=replace)
+        finally:
+            plt.close(fig)
         return
     from torchvision.utils import save_image
     batch = torch.stack([train_set[i][0] for i in range(min(64, len(train_set)))])  # (n, C, S, S)
-    save_image((batch + 1) / 2, path, nrow=8)  # [-1, 1] -> [0, 1]
+    write_output(path, lambda f: save_image((batch + 1) / 2, f, nrow=8, format="png"), replace=replace)  # [-1,1]->[0,1]
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -370,18 +373,23 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--toy-num-points", type=int, default=defaults.toy_num_points)
     parser.add_argument("--no-download", action="store_true", help="never touch the network")
     parser.add_argument("--preview", type=Path, help="write a PNG of 64 training items (toy2d: a scatter)")
+    parser.add_argument("--overwrite", action="store_true", help="replace an existing --preview file")
     args = parser.parse_args(argv)
     data_cfg = DataConfig(dataset=args.dataset, root=args.root, image_size=args.image_size,
                           download=not args.no_download, toy_distribution=args.toy_distribution,
                           toy_num_points=args.toy_num_points)
+    from storage.files import check_output_path
     try:
+        if args.preview:  # before the data is read
+            check_output_path(args.preview, replace=args.overwrite)
         train_set, test_set = build_dataset(data_cfg, train=True), build_dataset(data_cfg, train=False)
-    except DatasetMissingError as err:
+        _print_summary(data_cfg, train_set, test_set)
+        if args.preview:
+            _save_preview(train_set, args.preview, toy=args.dataset == "toy2d", replace=args.overwrite)
+    except UserError as err:
         print(f"error: {err}", file=sys.stderr)
         return 1
-    _print_summary(data_cfg, train_set, test_set)
     if args.preview:
-        _save_preview(train_set, args.preview, toy=args.dataset == "toy2d")
         print(f"preview      {args.preview}")
     return 0
 

@@ -22,14 +22,16 @@ import signal
 import sys
 from typing import Optional
 
-from config import ConfigError, UserError
+from config import POSITIVE, ConfigError, UserError, check_number
+from limits import add_limit_args, apply_limit_args
 from sampling.loading import load_for_sampling
 from storage.checkpoints import load_resume_checkpoint, resume_path
 from training.distillation import DistillPlan, check_resume_plan, distill_config, run_distillation
+from utils import ArgumentParser
 
 
 def parse_args(argv: Optional[list[str]] = None) -> argparse.Namespace:
-    p = argparse.ArgumentParser(description="Progressive distillation of a trained model.",
+    p = ArgumentParser(description="Progressive distillation of a trained model.",
                                 epilog=__doc__.split("\n\n")[1], formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--teacher", required=True, metavar="PATH", help="the checkpoint to distil (its EMA weights)")
     p.add_argument("--start-steps", type=int, default=64, metavar="N0", help="the teacher's DDIM steps (64)")
@@ -41,13 +43,14 @@ def parse_args(argv: Optional[list[str]] = None) -> argparse.Namespace:
     p.add_argument("--resume", action="store_true", help="continue checkpoints/<teacher_run>_distill/last.pt")
     p.add_argument("--overwrite", action="store_true", help="start over, deleting an existing distillation run")
     p.add_argument("overrides", nargs="*", metavar="key=value", help="train.* overrides, e.g. train.lr=1e-4")
+    add_limit_args(p)
     return p.parse_intermixed_args(argv)
 
 
 def plan_and_config(args):
     """(plan, config) from the flags and the teacher checkpoint; every refusal happens here, before training."""
-    if args.round_steps < 1:
-        raise ConfigError(f"--round-steps {args.round_steps}: each round needs at least 1 optimizer step")
+    for flag in ("--start-steps", "--steps", "--round-steps"):
+        check_number(flag, getattr(args, flag[2:].replace("-", "_")), POSITIVE)
     teacher, _, teacher_cfg, _ = load_for_sampling(args.teacher, "cpu")
     if teacher_cfg.data.task != "generate":  # the student's loss does not pass a condition image
         raise ConfigError(f"the teacher is image-conditioned (data.task={teacher_cfg.data.task}); distill.py "
@@ -63,6 +66,7 @@ def plan_and_config(args):
 def main(argv: Optional[list[str]] = None) -> int:
     args = parse_args(argv)
     try:
+        apply_limit_args(args)
         plan, cfg = plan_and_config(args)
         checkpoint = resume = None
         if args.resume:

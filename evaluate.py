@@ -37,20 +37,20 @@ from typing import Optional
 import numpy as np
 import torch
 
-from config import SAMPLERS, SPACINGS, DataConfig, UserError
-from diffusion import Diffusion
+from config import SAMPLERS, SPACINGS, DataConfig, UserError, check_value, plain_name
 from evaluation.conditioned import evaluate_conditioned, summary_lines
 from evaluation.features import CLASSIFIER_DATASETS, INCEPTION_FILE, build_extractor, classifier_path, train_classifier
 from evaluation.metrics import EvalError
-from evaluation.scoring import reference_stats, score_images
+from evaluation.scoring import count_problem, reference_stats, score_images
+from limits import add_limit_args, apply_limit_args, check_sampling
 from sampling.conditioning import conditioned
-from sampling.generation import generate, random_labels, sampling_settings
+from sampling.generation import check_flag_values, generate, random_labels, sampling_settings
 from sampling.loading import load_for_sampling
 from sampling.pictures import to_uint8_images
 from storage.checkpoints import save_checkpoint
-from storage.files import output_folder_problem
+from storage.files import check_output_path, output_folder_problem, write_bytes_output
 from storage.paths import CLASSIFIERS, DATA, EVAL_RECORDS, FID_REFS, INCEPTION, eval_records_file
-from utils import get_device, resolve_amp
+from utils import ArgumentParser, get_device, resolve_amp
 
 
 # ============================================================================= samples
@@ -68,6 +68,9 @@ def draw_samples(model, diffusion, cfg, args, kw: dict) -> tuple[torch.Tensor, f
 def load_png_folder(folder: str | Path, channels: int) -> torch.Tensor:
     """All PNGs in a folder (sorted, not recursive) as uint8 (N, C, H, W); they must share one size."""
     from PIL import Image
+    if not Path(folder).is_dir():
+        what = "is not a folder" if Path(folder).exists() else "does not exist"
+        raise EvalError(f"--samples '{folder}' {what}: pass the folder that sample.py wrote the images to")
     files = sorted(Path(folder).glob("*.png"))
     numbered = [f for f in files if f.stem.isdigit()]
     files = numbered or files  # sample.py writes 000000.png ... beside grid.png and trajectory.png
@@ -89,10 +92,10 @@ def load_png_folder(folder: str | Path, channels: int) -> torch.Tensor:
 def write_result(record: dict, run_name: str, results_dir: Path = EVAL_RECORDS) -> Path:
     """Append one JSON line to <results_dir>/<run_name>.jsonl."""
     path = eval_records_file(run_name, results_dir)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    with open(path, "a") as f:
-        f.write(json.dumps(record, sort_keys=False) + "\n")
-    return path
+    check_output_path(path, replace=True, root=results_dir)  # never through a link out of --results-dir
+    earlier = path.read_bytes() if path.is_file() else b""  # rewritten whole, atomically: a full disk keeps them
+    return write_bytes_output(path, earlier + (json.dumps(record, sort_keys=False) + "\n").encode(), replace=True,
+                              root=results_dir)
 
 
 SAMPLING_KEYS = ("sampler", "steps", "eta", "seed", "guidance_scale", "timestep_spacing", "amp", "sampling_wall_s")
@@ -132,7 +135,7 @@ DEFAULT_SIZES = {"mnist": 28, "fashion_mnist": 28, "digits": 16}
 
 
 def _eval_parser() -> argparse.ArgumentParser:
-    p = argparse.ArgumentParser(description="FID, precision/recall and classifier scores of a checkpoint's "
+    p = ArgumentParser(description="FID, precision/recall and classifier scores of a checkpoint's "
                                 "samples (or a PNG folder) against cached training-set statistics. "
                                 "Train the digit classifier with: python evaluate.py train-classifier --help")
     src = p.add_mutually_exclusive_group(required=True)
@@ -170,6 +173,7 @@ def _eval_parser() -> argparse.ArgumentParser:
     p.add_argument("--ref-dir", default=str(FID_REFS))
     p.add_argument("--classifier-dir", default=str(CLASSIFIERS))
     p.add_argument("--quiet", action="store_true", help="no per-step progress bars")
+    add_limit_args(p)
     return p
 
 
@@ -184,15 +188,24 @@ def _reference_config(args, cfg=None) -> DataConfig:
 def check_arguments(args) -> torch.device:
     """Every check that needs no checkpoint, before anything big is loaded: counts, device, output folders."""
     for flag, value in [("--num-samples", args.num_samples), ("--batch-size", args.batch_size),
-                        ("--num-ref", args.num_ref), ("--k", args.k)]:
+                        ("--num-ref", args.num_ref), ("--k", args.k), *[("--also-at", n) for n in args.also_at]]:
         if value is not None and value < 1:
             raise EvalError(f"{flag} must be a positive integer, got {value}")
-    Diffusion.check_eta(None, args.eta, "--eta")
+    check_flag_values(seed=args.seed, steps=args.steps, eta=args.eta, guidance_scale=args.guidance_scale)
+    check_value("data.image_size", args.image_size, "--image-size")
+    problem = None if args.samples is not None else count_problem(args.num_samples, args.num_ref, args.k,
+                                                                     args.also_at)
+    if problem:
+        raise EvalError(problem)
     check_ema_length(args)
     for flag, folder in [("--results-dir", args.results_dir), ("--ref-dir", args.ref_dir)]:
         problem = output_folder_problem(folder)
         if problem:
             raise EvalError(f"{flag} {problem}: choose another folder")
+    if args.run_name is not None:  # a plain name, never a path out of --results-dir
+        check_output_path(eval_records_file(args.run_name, args.results_dir), replace=True, root=args.results_dir)
+    if args.dataset is not None:  # it names cache files (classifier, reference statistics)
+        plain_name("--dataset", args.dataset, "the cache files under data/", "--dataset digits")
     try:
         return get_device(args.device)
     except RuntimeError as e:  # unknown name, or CUDA asked for but absent
@@ -230,6 +243,9 @@ def checkpoint_source(args, device: torch.device) -> tuple[tuple, dict, str]:
     kw = sampling_settings(cfg, diffusion.num_timesteps, args.sampler, args.steps, args.eta,
                            args.timestep_spacing, args.guidance_scale)
     args.sampler = kw["sampler"]
+    steps = len(diffusion.sampling_timesteps(kw["sampler"], kw["steps"], kw["timestep_spacing"]))
+    check_sampling(cfg, args.num_samples, args.batch_size, steps, device,  # before references and extractors
+                   guided=cfg.model.num_classes > 0 and kw["guidance_scale"] != 1.0)
     return (model, diffusion, cfg, ckpt), kw, args.run_name or cfg.run_name
 
 
@@ -245,6 +261,7 @@ def print_summary(run_name: str, what: str, images, extractor, ref: dict, metric
 
 def evaluate_main(argv: list[str]) -> int:
     args = _eval_parser().parse_args(argv)
+    apply_limit_args(args)
     device = check_arguments(args)
     args.device = str(device)
     cfg = ckpt = images = None
@@ -260,6 +277,10 @@ def evaluate_main(argv: list[str]) -> int:
     extractor = build_extractor(args.features, data_cfg.dataset, data_cfg.image_size, device,
                                 Path(args.classifier_dir), args.inception_weights)
     ref = reference_stats(data_cfg, data_cfg.split, extractor, args.num_ref, Path(args.ref_dir), args.batch_size)
+    problem = count_problem(args.num_samples if images is None else len(images), len(ref["features"]), args.k,
+                            args.also_at)
+    if problem:  # before any sampling
+        raise EvalError(problem)
     if cfg is not None and conditioned(cfg):  # an image-conditioned model: scored against held-out targets
         return evaluate_conditioned_main(args, (model, diffusion, cfg, ckpt), kw, run_name, extractor, ref, device)
     sampling = None
@@ -299,7 +320,7 @@ def evaluate_conditioned_main(args, loaded: tuple, kw: dict, run_name: str, extr
 
 
 def train_classifier_main(argv: list[str]) -> int:
-    p = argparse.ArgumentParser(prog="evaluate.py train-classifier",
+    p = ArgumentParser(prog="evaluate.py train-classifier",
                                 description="Train and cache the digit classifier whose features give "
                                             "--features classifier FIDs.")
     p.add_argument("--dataset", choices=CLASSIFIER_DATASETS, required=True)
@@ -313,7 +334,13 @@ def train_classifier_main(argv: list[str]) -> int:
     p.add_argument("--device", default="auto")
     p.add_argument("--no-download", action="store_true", help="never touch the network")
     p.add_argument("--classifier-dir", default=str(CLASSIFIERS))
+    add_limit_args(p)
     args = p.parse_args(argv)
+    for flag, key, value in [("--steps", "train.max_steps", args.steps), ("--batch-size", "train.batch_size",
+                             args.batch_size), ("--lr", "train.lr", args.lr), ("--seed", "seed", args.seed),
+                             ("--image-size", "data.image_size", args.image_size)]:
+        check_value(key, value, flag)  # the rules of the config keys these flags stand for
+    apply_limit_args(args)
     size = args.image_size or DEFAULT_SIZES[args.dataset]
     data_cfg = DataConfig(dataset=args.dataset, root=args.root, split=args.split, image_size=size,
                           random_flip=False, download=not args.no_download)

@@ -16,12 +16,14 @@ from typing import Optional
 
 from config import ConfigError, UserError
 from interop.diffusers import export_diffusers
+from sampling.loading import check_finite
 from storage.checkpoints import CheckpointError, read_checkpoint
 from storage.files import output_folder_problem
+from utils import ArgumentParser
 
 
 def _parse_args(argv: Optional[list[str]]) -> argparse.Namespace:
-    p = argparse.ArgumentParser(description="Export a ddpm-lab checkpoint to another format.")
+    p = ArgumentParser(description="Export a ddpm-lab checkpoint to another format.")
     p.add_argument("--checkpoint", required=True, help="ddpm-lab checkpoint, e.g. checkpoints/cifar10/last.pt")
     p.add_argument("--format", default="diffusers", choices=["diffusers"],
                    help="diffusers: a DDPMPipeline folder (UNet2DModel + DDPMScheduler)")
@@ -45,6 +47,7 @@ def main(argv: Optional[list[str]] = None) -> int:
         if not isinstance(ckpt.get(key), dict):
             raise CheckpointError(f"'{args.checkpoint}' has no {key!r} weights"
                                   + ("" if args.no_ema else ": pass --no-ema to export the raw weights"))
+        check_finite(ckpt[key], args.checkpoint, "raw" if args.no_ema else "EMA")
         export_diffusers(cfg, ckpt[key], out)
     except (UserError, OSError) as e:
         print(f"error: {e}", file=sys.stderr)

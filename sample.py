@@ -31,16 +31,21 @@ import torch
 from config import AMP_MODES, SAMPLERS, SPACINGS, UserError, load_config
 from diffusion import Diffusion, build_diffusion
 from editing.modes import add_edit_args, edit_mode, plan_edit
+from limits import add_limit_args, apply_limit_args, check_sampling
 from sampling.conditioning import conditioned
 from sampling.conditions import display_inputs, plan_conditions, save_comparison
-from sampling.generation import SampleError, generate, parse_class_labels, plan_labels, sampling_settings
+from sampling.generation import (SampleError, check_flag_values, generate, parse_class_labels, plan_labels,
+                                 sampling_settings)
 from sampling.loading import load_for_sampling
 from sampling.pictures import Recorder, forward_figure, save_animation, save_samples, save_toy_outputs, save_trajectory
 from storage.checkpoints import resolve_checkpoint
 from storage.files import output_folder_problem
 from storage.outputs import MANIFEST, check_out_dir, free_default_folder, start_out_dir  # noqa: F401
 from storage.paths import RunPaths
-from utils import get_device
+from utils import ArgumentParser, get_device
+
+
+SAMPLING_FLAGS = ("seed", "steps", "eta", "guidance_scale", "num_samples", "batch_size")
 
 
 def parse_args(argv: Optional[list[str]] = None) -> argparse.Namespace:
@@ -49,7 +54,7 @@ def parse_args(argv: Optional[list[str]] = None) -> argparse.Namespace:
             raise argparse.ArgumentTypeError(f"expected a positive integer, got {text!r}")
         return int(text)
 
-    p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0],
+    p = ArgumentParser(description=__doc__.split("\n\n")[0],
                                 epilog="Unset sampling flags take the checkpoint's `sample` config section.")
     p.add_argument("--checkpoint", help="checkpoint file (default: checkpoints/<run_name>/last.pt of --config, "
                    "else the newest checkpoint under checkpoints/)")
@@ -62,7 +67,8 @@ def parse_args(argv: Optional[list[str]] = None) -> argparse.Namespace:
     p.add_argument("--steps", type=positive, help="sampling steps (ddpm always uses all T)")
     p.add_argument("--eta", type=float, help="DDIM noise: 0 deterministic, 1 ancestral-like")
     p.add_argument("--timestep-spacing", choices=SPACINGS)
-    p.add_argument("--num-samples", type=positive, help="samples; with --inpaint/--init-image: results per input")
+    p.add_argument("--num-samples", type=positive, help="samples; with --inpaint/--init-image/--condition: "
+                   "results per input")
     p.add_argument("--batch-size", type=positive)
     p.add_argument("--seed", type=int, help="default: the config's seed")
     p.add_argument("--device", default="auto", help="auto | cpu | cuda | cuda:N")
@@ -82,6 +88,7 @@ def parse_args(argv: Optional[list[str]] = None) -> argparse.Namespace:
     p.add_argument("--forward", action="store_true",
                    help="only draw the forward process (results/plots/<run_name>/forward_noise.png)")
     add_edit_args(p)
+    add_limit_args(p)
     return p.parse_args(argv)
 
 
@@ -189,6 +196,8 @@ def run_sampling(args) -> list[Path]:
     batch_size = args.batch_size or cfg.sample.batch_size
     timesteps = diffusion.sampling_timesteps(kw["sampler"], kw["steps"], kw["timestep_spacing"])
     out_dir = sample_folder(args, run, kw, len(timesteps), seed, cfg, conds)
+    check_sampling(cfg, num_samples, batch_size, len(timesteps), device, out_folder=out_dir,
+                   guided=cfg.model.num_classes > 0 and kw["guidance_scale"] != 1.0)  # before any list of them
     if conds and conds.labels is not None and cfg.model.num_classes and kw["labels"] is None:  # their own classes
         kw["labels"] = conds.labels.tolist()
     kw["labels"], nrow = plan_labels(cfg.model.num_classes, kw["labels"], num_samples)
@@ -260,13 +269,15 @@ def run_forward(args) -> list[Path]:
         diffusion = build_diffusion(cfg)
     else:
         _, diffusion, cfg, _ = load_source(args, torch.device("cpu"))
-    return [forward_figure(cfg, diffusion, seed=cfg.seed if args.seed is None else args.seed)]
+    return [forward_figure(cfg, diffusion, seed=cfg.seed if args.seed is None else args.seed, replace=args.overwrite)]
 
 
 def main(argv: Optional[list[str]] = None) -> int:
     args = parse_args(argv)
     try:
         edit_mode(args)  # refuses mixed modes before anything is loaded
+        check_flag_values(**{name: getattr(args, name) for name in SAMPLING_FLAGS})
+        apply_limit_args(args)
         paths = run_forward(args) if args.forward else run_sampling(args)
     except UserError as e:
         print(f"error: {e}", file=sys.stderr)

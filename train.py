@@ -25,13 +25,15 @@ from pathlib import Path
 from typing import Optional
 
 from config import UserError, load_config
+from limits import add_limit_args, apply_limit_args
 from storage.checkpoints import CheckpointError, load_resume_checkpoint, resume_path
 from training.resume import config_for_resume
 from training.trainer import train
+from utils import ArgumentParser
 
 
 def parse_args(argv: Optional[list[str]] = None) -> argparse.Namespace:
-    p = argparse.ArgumentParser(description="Train a diffusion model.", epilog=__doc__.split("\n\n")[1],
+    p = ArgumentParser(description="Train a diffusion model.", epilog=__doc__.split("\n\n")[1],
                                 formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--config", help="YAML preset (default configs/cifar10.yaml; with --resume PATH the "
                                     "checkpoint's own config)")
@@ -41,6 +43,7 @@ def parse_args(argv: Optional[list[str]] = None) -> argparse.Namespace:
     p.add_argument("--overwrite", action="store_true",
                    help="start over even if checkpoints/<run_name>/ holds a run (deletes its checkpoints and logs)")
     p.add_argument("overrides", nargs="*", metavar="key=value", help="dotted overrides, e.g. train.lr=1e-4")
+    add_limit_args(p)
     args = p.parse_intermixed_args(argv)  # flags and key=value overrides in any order
     # `--resume train.lr=1e-4` means a bare --resume followed by an override, not a file named so.
     if isinstance(args.resume, str) and "=" in args.resume and not Path(args.resume).exists():
@@ -52,6 +55,7 @@ def parse_args(argv: Optional[list[str]] = None) -> argparse.Namespace:
 def main(argv: Optional[list[str]] = None) -> int:
     args = parse_args(argv)
     try:
+        apply_limit_args(args)
         checkpoint, resume = None, args.resume
         if resume is None or resume is True:
             cfg = load_config(args.config, args.overrides)

@@ -84,6 +84,12 @@ def repaint_schedule(num_steps: int, resample: int, jump: int) -> list[int]:
     return path
 
 
+def repaint_evaluations(num_steps: int, resample: int, jump: int) -> int:
+    """The model evaluations of repaint_schedule (its steps down), without building it: one per grid step, plus
+    jump for each extra walk of each block."""
+    return num_steps + (resample - 1) * jump * len(range(0, num_steps - jump, jump))
+
+
 def _forward_jump(diffusion: Diffusion, x: torch.Tensor, t_from: int, t_to: int,
                   noise: torch.Tensor) -> torch.Tensor:
     """q(x_{t_to} | x_{t_from}) for t_to > t_from ([DDPM] Eq. 2 composed; [RePaint] Algorithm 1, line 10):

@@ -19,10 +19,12 @@ from typing import Callable, Optional
 
 import torch
 
-from editing.algorithms import INPAINT_SAMPLERS, edit, inpaint, invert, sdedit_timesteps
+from editing.algorithms import INPAINT_SAMPLERS, edit, inpaint, invert, repaint_evaluations, sdedit_timesteps
+from limits import check_sampling
 from sampling.generation import SampleError, SampleNoise, parse_class_labels, sampling_autocast, sampling_settings
 from sampling.images import BUILTIN_MASKS, load_images, load_mask, mask_picture, psnr, save_png
-from sampling.pictures import image_grid
+from sampling.pictures import image_grid, save_pil
+from storage.files import write_bytes_output
 
 MODES = {"inpaint": "--inpaint", "init_image": "--init-image", "interpolate": "--interpolate", "invert": "--invert"}
 ONLY_WITH = {"mask": "inpaint", "resample": "inpaint", "jump": "inpaint", "strength": "init_image",
@@ -132,8 +134,13 @@ def _save_grid(rows: list[torch.Tensor], results: torch.Tensor, out_dir: Path) -
     """grid.png with one row per input (its leading columns `rows`, then its results) and 000000.png ..."""
     k = len(results) // len(rows[0])
     cells = [torch.cat([*(r[i:i + 1] for r in rows), results[i * k:(i + 1) * k]]) for i in range(len(rows[0]))]
-    image_grid(torch.cat(cells), nrow=len(rows) + k).save(out_dir / "grid.png")
-    return [out_dir / "grid.png"] + [save_png(x, out_dir / f"{j:06d}.png") for j, x in enumerate(results)]
+    grid = save_pil(image_grid(torch.cat(cells), nrow=len(rows) + k), out_dir / "grid.png")
+    return [grid] + [save_png(x, out_dir / f"{j:06d}.png") for j, x in enumerate(results)]
+
+
+def _guided(args, kw: dict) -> bool:
+    """Classifier-free guidance doubles each batch (labels given, scale != 1)."""
+    return args.class_label is not None and kw["guidance_scale"] != 1.0
 
 
 def _check_image_model(cfg, mode: str) -> None:
@@ -158,6 +165,16 @@ def _inputs(args, cfg, flag: str, path: str):
 
 def _per_input(args) -> int:
     return args.num_samples or 1
+
+
+def _check_cost(args, cfg, diffusion, mode: str, outputs: int, evaluations: int, batch: int = 0, guided=False,
+                count_flag: str = "--num-samples", steps_flags: str = "--steps") -> None:
+    """limits.check_sampling for an edit, before its inputs are repeated or its schedule is built; batch: one
+    batch of this size whatever --batch-size says (--interpolate)."""
+    check_sampling(cfg, outputs, batch or args.batch_size or cfg.sample.batch_size, evaluations,
+                   diffusion.betas.device, guided=guided, what=MODES[mode], count_flag=count_flag,
+                   steps_flags=steps_flags, out_folder=Path(args.out) if args.out else None,
+                   batch_flag="" if batch else " or --batch-size")
 
 
 # ----------------------------------------------------------------------------- --inpaint
@@ -186,8 +203,10 @@ def _plan_inpaint(args, model, diffusion, cfg, class_names, seed) -> EditJob:
     ts = diffusion.sampling_timesteps(kw["sampler"], kw["steps"], kw["timestep_spacing"])
     resample, jump = _repaint_params(args, len(ts))
     x, files, sizes = _inputs(args, cfg, "--inpaint", args.inpaint)
-    mask = load_mask(args.mask, cfg.data.image_size, sizes).expand(len(x), 1, -1, -1)
     k = _per_input(args)
+    _check_cost(args, cfg, diffusion, "inpaint", len(x) * k, repaint_evaluations(len(ts), resample, jump),
+                guided=_guided(args, kw), steps_flags="--steps or --resample / --jump")
+    mask = load_mask(args.mask, cfg.data.image_size, sizes).expand(len(x), 1, -1, -1)
     src, keep = x.repeat_interleave(k, 0), mask.repeat_interleave(k, 0)
     y, dev = _labels(args, cfg, class_names, len(src)), diffusion.betas.device
 
@@ -211,6 +230,8 @@ def _plan_img2img(args, model, diffusion, cfg, class_names, seed) -> EditJob:
     ts = sdedit_timesteps(diffusion, strength, kw["sampler"], kw["steps"], kw["timestep_spacing"])
     x, files, _ = _inputs(args, cfg, "--init-image", args.init_image)
     k = _per_input(args)
+    _check_cost(args, cfg, diffusion, "init_image", len(x) * k, len(ts), guided=_guided(args, kw),
+                steps_flags="--steps or --strength")
     src = x.repeat_interleave(k, 0)
     y, dev = _labels(args, cfg, class_names, len(src)), diffusion.betas.device
 
@@ -246,6 +267,7 @@ def _plan_invert(args, model, diffusion, cfg, class_names, seed) -> EditJob:
     kw = dict(_settings(args, cfg, diffusion, "ddim"), guidance_scale=1.0)
     ts = diffusion.sampling_timesteps("ddim", kw["steps"], kw["timestep_spacing"])
     x, files, _ = _inputs(args, cfg, "--invert", args.invert)
+    _check_cost(args, cfg, diffusion, "invert", len(x), 2 * len(ts))  # inversion, then the reconstruction
     y, dev = _labels(args, cfg, class_names, len(x)), diffusion.betas.device
     noises = []
 
@@ -262,7 +284,7 @@ def _plan_invert(args, model, diffusion, cfg, class_names, seed) -> EditJob:
             print(f"reconstruction of '{f}': PSNR {s:.2f} dB")
         record = {"steps": len(ts), "mean_psnr_db": sum(scores) / len(scores), "psnr_db": {
             f"{j:06d}.png": {"input": str(f), "psnr_db": s} for j, (f, s) in enumerate(zip(files, scores))}}
-        (out / "invert.json").write_text(json.dumps(record, indent=1))
+        write_bytes_output(out / "invert.json", json.dumps(record, indent=1).encode(), replace=True)  # folder checked
         print(f"mean PSNR {record['mean_psnr_db']:.2f} dB over {len(scores)} image(s), {len(ts)} DDIM steps")
         return _save_grid([x, torch.cat(noises).clamp(-1, 1)], r, out) + [out / "invert.json"]
     bs = args.batch_size or cfg.sample.batch_size
@@ -293,6 +315,9 @@ def _plan_interpolate(args, model, diffusion, cfg, class_names, seed) -> EditJob
     if args.interpolate:
         kw["guidance_scale"] = 1.0  # the inversion's model (see _check_ddim_only)
     ts = diffusion.sampling_timesteps("ddim", kw["steps"], kw["timestep_spacing"])
+    # the frames are sampled as one batch (and kept twice more as GIF pictures: within the estimate's slack)
+    _check_cost(args, cfg, diffusion, "interpolate", frames, len(ts), batch=frames, guided=_guided(args, kw),
+                count_flag="--frames")
     ends = [_inputs(args, cfg, "--interpolate", p)[0] for p in args.interpolate]
     if any(len(e) != 1 for e in ends):
         raise SampleError("--interpolate takes two image files, not folders")
@@ -321,9 +346,9 @@ def _save_interpolation(frames: torch.Tensor, out_dir: Path, ends: Optional[torc
     """strip.png (the frames in a row, the two input images at its ends when given), interpolation.gif
     (there and back) and one PNG per frame."""
     strip = frames if ends is None else torch.cat([ends[:1], frames, ends[1:]])
-    image_grid(strip, nrow=len(strip)).save(out_dir / "strip.png")
+    save_pil(image_grid(strip, nrow=len(strip)), out_dir / "strip.png")
     pictures = [image_grid(f[None], nrow=1, min_cell=128).convert("P") for f in frames]
     loop = pictures + pictures[-2:0:-1]
-    loop[0].save(out_dir / "interpolation.gif", save_all=True, append_images=loop[1:], duration=150, loop=0)
+    save_pil(loop[0], out_dir / "interpolation.gif", save_all=True, append_images=loop[1:], duration=150, loop=0)
     return [out_dir / "strip.png", out_dir / "interpolation.gif"] + [
         save_png(f, out_dir / f"{j:06d}.png") for j, f in enumerate(frames)]

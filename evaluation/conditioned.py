@@ -6,7 +6,7 @@ output is sampled from the target's condition with its own seeded noise, quantis
 and scored against its target, next to the classical baseline (bicubic upsampling; for colorize the grey
 image itself) in the same record:
   - psnr, ssim: mean over images, on [0, 1] images (torchmetrics; SSIM with its Gaussian 11x11 window, smaller
-    for images under 11 px);
+    for images under 11 px: ssim_sigma);
   - consistency_mse: SR3's consistency, the MSE between the condition and the output brought back to it
     (superres: area-downsampled by sr_factor; colorize: its grey version), on [0, 1];
   - fid (and precision/recall, classifier scores) of the outputs against the usual reference statistics
@@ -35,14 +35,23 @@ def _unit(x: torch.Tensor) -> torch.Tensor:
     return to_uint8_images(x).float() / 255.0
 
 
+def ssim_sigma(size: int) -> float:
+    """SSIM's Gaussian sigma for images of side `size`: torchmetrics ignores kernel_size with its Gaussian window,
+    whose width 2 int(3.5 sigma + 0.5) + 1 follows sigma alone (1.5: 11 px, reflect-padded by 5, which needs
+    images over 5 px). The standard 1.5 from 11 px up (the scores stay those of Wang et al.'s window); below, the
+    same window shape shrunk to the largest odd width that fits, k: sigma 1.5 k / 11 (4 px: 3x3, 8 px: 7x7)."""
+    if size >= 11:
+        return 1.5
+    width = size if size % 2 else size - 1
+    return 1.5 * width / 11
+
+
 def pixel_metrics(outputs: torch.Tensor, conds: Conditions, cfg) -> dict:
     """PSNR, SSIM against the targets and the consistency error against the condition (see the docstring)."""
     from torchmetrics.functional.image import peak_signal_noise_ratio, structural_similarity_index_measure
     out, target = _unit(outputs), _unit(conds.targets)
     psnr = peak_signal_noise_ratio(out, target, data_range=1.0, reduction="none", dim=(1, 2, 3))
-    size = out.shape[-1]
-    kernel = min(11, size if size % 2 else size - 1)
-    ssim = structural_similarity_index_measure(out, target, data_range=1.0, kernel_size=kernel)
+    ssim = structural_similarity_index_measure(out, target, data_range=1.0, sigma=ssim_sigma(out.shape[-1]))
     back = low_res(out, cfg.data.sr_factor) if cfg.data.task == "superres" else grey(out)
     consistency = (back - _unit(conds.inputs)).pow(2).mean()
     return {"psnr": float(psnr.clamp(max=100).mean()), "ssim": float(ssim), "consistency_mse": float(consistency)}

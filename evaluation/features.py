@@ -17,9 +17,11 @@ from tqdm.auto import tqdm
 
 from config import DataConfig
 from evaluation.metrics import EvalError
+from limits import check_memory
 from sampling.pictures import to_uint8_images
+from storage.checkpoint_checks import nonfinite_problem
 from storage.checkpoints import load_checkpoint
-from storage.paths import CLASSIFIERS, INCEPTION
+from storage.paths import CLASSIFIERS, INCEPTION, plain_name
 
 CLASSIFIER_DIR = CLASSIFIERS  # caches under data/ (storage/paths.py)
 INCEPTION_DIR = INCEPTION
@@ -119,6 +121,9 @@ def _classifier_eval_set(data_cfg: DataConfig, split: str, images, labels, seed:
 def train_classifier(data_cfg: DataConfig, split: str = "train", steps: int = 2000, batch_size: int = 128,
                      lr: float = 2e-3, seed: int = 0, device: str = "cpu", progress: bool = True) -> dict:
     """Train a DigitClassifier; returns the checkpoint dict (config = metadata, model = state_dict)."""
+    problem = classifier_settings_problem(data_cfg.image_size, steps, batch_size, lr)
+    if problem:  # before the data set is read
+        raise EvalError(f"train-classifier {problem}")
     from dataset import dataset_info
     info = dataset_info(data_cfg)
     images, labels = load_split_uint8(data_cfg, split)
@@ -146,7 +151,18 @@ def train_classifier(data_cfg: DataConfig, split: str = "train", steps: int = 20
     return {"config": meta, "model": model.state_dict()}
 
 
+def classifier_settings_problem(image_size, steps: int, batch_size: int, lr: float) -> Optional[str]:
+    for flag, value, low in [("--image-size", image_size, 8), ("--steps", steps, 1), ("--batch-size", batch_size, 1)]:
+        if not isinstance(value, int) or value < low:
+            return f"{flag} {value}: must be a whole number >= {low}"
+    if not (isinstance(lr, (int, float)) and 0 < lr < float("inf")):
+        return f"--lr {lr}: must be a positive number"
+    return None
+
+
 def classifier_path(dataset: str, image_size: int, folder: Path = CLASSIFIER_DIR) -> Path:
+    """<folder>/<dataset>_<size>.pt; the data set's name (a flag, or read from a checkpoint) must be plain."""
+    plain_name("--dataset", dataset, f"the classifier file {Path(folder)}/<dataset>_<size>.pt", "--dataset digits")
     return Path(folder) / f"{dataset}_{image_size}.pt"
 
 
@@ -162,6 +178,16 @@ def cached_classifier(data_cfg: DataConfig, split: str, folder: Path, steps: int
     return path
 
 
+def check_classifier_memory(meta: dict, path: Path) -> None:
+    """The weights its (valid) metadata sizes must fit memory (the head alone has (feature_dim + 1) x num_classes
+    parameters), checked before the network is built."""
+    with torch.device("meta"):
+        params = sum(p.numel() for p in DigitClassifier(meta["num_classes"], meta["channels"]).parameters())
+    check_memory(4 * params, f"the digit classifier in '{path}' ({meta['num_classes']} classes, {params:.3g} "
+                 "parameters)", "it is not a real classifier: train it again with `python evaluate.py "
+                 "train-classifier`")
+
+
 def load_classifier(path: Path) -> tuple[DigitClassifier, dict]:
     """(model in eval mode, metadata) from a file written by train-classifier, loaded weights_only."""
     path = Path(path)
@@ -172,11 +198,39 @@ def load_classifier(path: Path) -> tuple[DigitClassifier, dict]:
                         f"--features inception")
     ckpt = load_checkpoint(path)
     meta = ckpt["config"]
-    if meta.get("kind") != "digit_classifier":
+    if not isinstance(meta, dict) or meta.get("kind") != "digit_classifier":
         raise EvalError(f"'{path}' is not a classifier written by `python evaluate.py train-classifier`")
-    model = DigitClassifier(meta["num_classes"], meta["channels"])
-    model.load_state_dict(ckpt["model"])
+    problem = classifier_meta_problem(meta) or nonfinite_problem(ckpt["model"], "classifier")
+    if not problem:
+        check_classifier_memory(meta, path)
+    model = None if problem else DigitClassifier(meta["num_classes"], meta["channels"])
+    try:
+        if model is not None:
+            model.load_state_dict(ckpt["model"])
+    except (RuntimeError, TypeError, AttributeError) as err:  # missing / unexpected keys, wrong shapes
+        problem = f"its weights do not fit its config ({str(err).splitlines()[0][:160]})"
+    if problem:
+        dataset, size = path.stem.rsplit("_", 1) if "_" in path.stem else (path.stem, "?")
+        raise EvalError(f"the classifier '{path}' is damaged: {problem}. Delete it to retrain it, or retrain it "
+                        f"with `python evaluate.py train-classifier --dataset {dataset} --image-size {size}`")
     return model.eval(), meta
+
+
+# What a classifier's config must hold (train_classifier writes it) and the accepted range of each number.
+CLASSIFIER_META = {"dataset": str, "image_size": (8, 4096), "channels": (1, 3), "num_classes": (2, 100_000)}
+
+
+def classifier_meta_problem(meta: dict) -> Optional[str]:
+    for key, want in CLASSIFIER_META.items():
+        value = meta.get(key)
+        if want is str:
+            ok = isinstance(value, str)
+        else:
+            ok = isinstance(value, int) and not isinstance(value, bool) and want[0] <= value <= want[1]
+        if not ok:
+            need = "a name" if want is str else f"a whole number in {want[0]}..{want[1]}"
+            return f"its config has {key}={value!r}, not {need}"
+    return None
 
 
 # ============================================================================= feature extractors
@@ -195,6 +249,7 @@ class ClassifierFeatures:
         self.model, self.meta = load_classifier(path)
         self.model.to(device)
         self.device, self.image_size = device, self.meta["image_size"]
+        self.feature_dim = self.model.fc[1].out_features
         self.name = (f"classifier-{self.meta['dataset']}{self.image_size}-"
                      f"{_state_fingerprint(self.model.state_dict())}")
 
@@ -273,7 +328,7 @@ class InceptionFeatures:
         except RuntimeError as err:  # load_state_dict: missing/unexpected keys, wrong shapes
             raise EvalError(f"'{weights}' does not fit torch-fidelity's Inception-v3 ({str(err).splitlines()[0]}); "
                             f"fetch {INCEPTION_URL}") from None
-        self.device = device
+        self.device, self.feature_dim = device, 2048  # pool3
 
     @torch.no_grad()
     def __call__(self, images: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:

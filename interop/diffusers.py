@@ -11,15 +11,17 @@ num_class_embeds = num_classes + 1, the last row being our null label.
 from __future__ import annotations
 
 import json
+import math
 from pathlib import Path
 from typing import Optional
 
 import torch
 
-from config import (SPACINGS, Config, ConfigError, DataConfig, DiffusionConfig, ModelConfig, SampleConfig, TrainConfig,
-    cond_channels, validate)
+from config import (SAMPLERS, SPACINGS, Config, ConfigError, DataConfig, DiffusionConfig, ModelConfig, SampleConfig,
+    TrainConfig, check_choice, cond_channels, from_dict, validate)
 from model import build_model
 from storage.checkpoints import CheckpointError
+from storage.files import check_output_path, write_bytes_output
 from utils import is_int
 
 WEIGHTS = "diffusion_pytorch_model"
@@ -128,6 +130,36 @@ def _condition(c: dict) -> Optional[dict]:
     return cond
 
 
+# The sampling defaults a checkpoint records (config `sample`), which no diffusers scheduler key holds: the export
+# writes them under this key of scheduler_config.json (spacing and clip_x0 have diffusers keys: timestep_spacing,
+# clip_sample). A folder without it (any diffusers model) samples with our defaults.
+SAMPLE_KEY = "_ddpm_lab_sample"
+SAMPLE_FIELDS = ("sampler", "steps", "eta", "guidance_scale", "num_samples", "batch_size")
+
+
+def _sample_config(s: dict, T: int) -> SampleConfig:
+    """The sample section of a scheduler config: the recorded SAMPLE_KEY values (checked: untrusted input) over
+    the defaults (ddim, min(50, T) steps, eta 0, no guidance, 64 samples), clip_x0 from clip_sample."""
+    recorded = s.get(SAMPLE_KEY) or {}
+    where = f"scheduler_config.json {SAMPLE_KEY}"
+    if not isinstance(recorded, dict) or set(recorded) - set(SAMPLE_FIELDS):
+        raise ConfigError(f"{where} = {recorded!r} must be an object with only the keys {', '.join(SAMPLE_FIELDS)}")
+    try:
+        sample = from_dict({"steps": min(50, T), **recorded, "clip_x0": bool(s["clip_sample"])}, SampleConfig,
+                           "sample.")
+    except ConfigError as e:
+        raise ConfigError(f"{where}: {e}") from None
+    check_choice(f"{where} sampler", sample.sampler, SAMPLERS)
+    ranges = [("steps", sample.steps is None or 1 <= sample.steps <= T, f"between 1 and T = {T}, or null"),
+              ("eta", math.isfinite(sample.eta) and sample.eta >= 0, "a finite number >= 0"),
+              ("guidance_scale", math.isfinite(sample.guidance_scale), "a finite number"),
+              ("num_samples", sample.num_samples >= 1, ">= 1"), ("batch_size", sample.batch_size >= 1, ">= 1")]
+    for key, ok, what in ranges:
+        if not ok:
+            raise ConfigError(f"{where} {key} = {getattr(sample, key)!r} must be {what}: re-export the checkpoint")
+    return sample
+
+
 def _cond_width(c: dict) -> int:
     """The condition's input channels: in_channels minus out_channels as cond_channels of the task has it."""
     cond = _condition(c)
@@ -170,7 +202,7 @@ def _unet_problems(c: dict) -> tuple[list[bool], list[str]]:
 
 
 def diffusers_config_to_ours(unet_config: dict, scheduler_config: dict) -> Config:
-    """A full Config (model, diffusion, data.image_size, sample.clip_x0) from a diffusers UNet2DModel
+    """A full Config (model, diffusion, data.image_size, sample) from a diffusers UNet2DModel
     config.json and scheduler_config.json. ConfigError lists every setting we cannot express."""
     for name, config in (("config.json", unet_config), ("scheduler_config.json", scheduler_config)):
         if not isinstance(config, dict):
@@ -200,9 +232,12 @@ def diffusers_config_to_ours(unet_config: dict, scheduler_config: dict) -> Confi
     cond = _condition(u) or {"task": "generate", "sr_factor": DataConfig.sr_factor}
     data = DataConfig(dataset="folder", image_size=size, random_flip=False, download=False, task=cond["task"],
                       sr_factor=cond["sr_factor"])
-    return validate(Config(run_name="pretrained", data=data, model=model, diffusion=diffusion,
-                           train=TrainConfig(sample_steps=min(50, T)),
-                           sample=SampleConfig(steps=min(50, T), clip_x0=bool(s["clip_sample"]))))
+    cfg = Config(run_name="pretrained", data=data, model=model, diffusion=diffusion,
+                 train=TrainConfig(sample_steps=min(50, T)), sample=_sample_config(s, T))
+    try:  # the same field rules as every config (config.RANGES): a NaN norm_eps sampled black images
+        return validate(cfg)
+    except ConfigError as err:
+        raise ConfigError(f"config.json / scheduler_config.json give a value out of range: {err}") from None
 
 
 def _export_head_dim(m: ModelConfig, attn_widths: list[int]) -> Optional[int]:
@@ -250,7 +285,8 @@ def ours_to_diffusers_config(cfg: Config) -> tuple[dict, dict]:
                  "num_train_timesteps": d.num_timesteps, "beta_start": d.beta_start, "beta_end": d.beta_end,
                  "beta_schedule": theirs[d.schedule], "variance_type": theirs[d.var_type],
                  "prediction_type": theirs[d.objective], "clip_sample": cfg.sample.clip_x0,
-                 "timestep_spacing": d.timestep_spacing}
+                 "timestep_spacing": d.timestep_spacing,
+                 SAMPLE_KEY: {key: getattr(cfg.sample, key) for key in SAMPLE_FIELDS}}
     return unet, scheduler
 
 
@@ -341,16 +377,18 @@ def export_diffusers(cfg: Config, state_dict: dict, out: Path) -> Path:
     tensors = {k: v.detach().float().contiguous().clone()
                for k, v in convert_state_dict_to_diffusers(model.state_dict()).items()}
     try:
-        from safetensors.torch import save_file
+        from safetensors.torch import save as safetensors_bytes
     except ImportError:
         raise CheckpointError("writing diffusers weights needs the safetensors package: "
                               "pip install safetensors") from None
-    for sub in ("unet", "scheduler"):
-        (out / sub).mkdir(parents=True, exist_ok=True)
     index = {"_class_name": "DDPMPipeline", "_diffusers_version": unet_config["_diffusers_version"],
              "scheduler": ["diffusers", "DDPMScheduler"], "unet": ["diffusers", "UNet2DModel"]}
-    for path, content in [(out / "model_index.json", index), (out / "unet" / "config.json", unet_config),
-                          (out / "scheduler" / "scheduler_config.json", scheduler_config)]:
-        path.write_text(json.dumps(content, indent=2) + "\n")
-    save_file(tensors, str(out / "unet" / f"{WEIGHTS}.safetensors"), metadata={"format": "pt"})
+    files = {out / "model_index.json": index, out / "unet" / "config.json": unet_config,
+             out / "scheduler" / "scheduler_config.json": scheduler_config}
+    files = {path: (json.dumps(content, indent=2) + "\n").encode() for path, content in files.items()}
+    files[out / "unet" / f"{WEIGHTS}.safetensors"] = safetensors_bytes(tensors, metadata={"format": "pt"})
+    for path in files:  # every file checked (no link out of --out) before the first is written
+        check_output_path(path, replace=True, root=out)  # replace: export.py refused a non-empty --out without --force
+    for path, data in files.items():
+        write_bytes_output(path, data, replace=True, root=out)
     return out

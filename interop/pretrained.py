@@ -14,6 +14,7 @@ import torch
 
 from config import Config
 from diffusion import build_diffusion
+from limits import check_model
 from interop.diffusers import WEIGHTS, build_with_weights, convert_diffusers_state_dict, diffusers_config_to_ours
 from storage.checkpoints import CheckpointError
 from utils import get_device
@@ -148,6 +149,7 @@ def load_pretrained(name_or_path: str, device="cpu") -> tuple[torch.nn.Module, t
               "(linear betas 1e-4..0.02, 1000 steps, fixed_small variance, epsilon, clip)", file=sys.stderr)
     _describe(cfg, str(name_or_path))
     cfg.device = str(device)
+    check_model(cfg, device)  # config.json's sample_size / widths, before the weights are put in
     model = build_with_weights(cfg, convert_diffusers_state_dict(_read_weights(unet_dir)), f"'{unet_dir}'")
     device = get_device(str(device))
     return model.to(device).eval(), build_diffusion(cfg).to(device), cfg

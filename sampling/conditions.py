@@ -21,11 +21,22 @@ GREY_MODES = ("L", "LA", "1", "I", "I;16", "I;16B", "I;16L", "F")
 
 class Conditions(NamedTuple):
     """What a conditioned model is run on: `inputs` as the user sees them (superres: low-res, colorize: grey),
-    `cond` the model's condition (output size), `targets` the true outputs or None, `labels` or None."""
+    `cond` the model's condition (output size), `targets` the true outputs or None, `labels` or None. With
+    `per_input` K > 1 each is repeated K times (item j is result j % K of input j // K, as --inpaint's)."""
     inputs: torch.Tensor
     cond: torch.Tensor
     targets: Optional[torch.Tensor]
     labels: Optional[torch.Tensor]
+    per_input: int = 1
+
+
+def repeat_conditions(conds: Conditions, k: int) -> Conditions:
+    """K results per condition (SR3's outputs are diverse): every tensor repeated K times in a row; K = 1 is
+    `conds` itself. Output j then draws its own noise SampleNoise(seed, j), as every sample does."""
+    if k == 1:
+        return conds
+    tensors = (None if x is None else x.repeat_interleave(k, 0) for x in conds[:4])
+    return Conditions(*tensors, per_input=k * conds.per_input)
 
 
 def held_out_split(data_cfg):
@@ -102,32 +113,34 @@ def display_inputs(conds: Conditions, cfg) -> torch.Tensor:
 
 
 def comparison(conds: Conditions, outputs: torch.Tensor, cfg) -> tuple[torch.Tensor, int, list[str]]:
-    """(images, columns per item, column titles): condition | bicubic (superres) | ddpm-lab | target (known)."""
-    columns, titles = [display_inputs(conds, cfg)], ["condition"]
+    """(images, columns per item, column titles): condition | bicubic (superres) | ddpm-lab (K of them, see
+    Conditions.per_input) | target (known), one item per condition."""
+    every = slice(None, None, conds.per_input)  # each condition once
+    columns, titles = [display_inputs(conds, cfg)[every]], ["condition"]
     if cfg.data.task == "superres":
-        columns.append(baseline(conds.cond, "superres", cfg.model.in_channels))
+        columns.append(baseline(conds.cond[every], "superres", cfg.model.in_channels))
         titles.append("bicubic")
-    columns.append(outputs.float().cpu())
-    titles.append("ddpm-lab")
-    if conds.targets is not None:
-        columns.append(conds.targets)
-        titles.append("target")
-    k = len(columns)
-    images = torch.stack([c.float().cpu() for c in columns], dim=1).flatten(0, 1)  # item-major: one item's k
-    return images, k, titles
+    results = outputs.float().cpu().unflatten(0, (-1, conds.per_input))  # (items, K, C, H, W)
+    titles += ["ddpm-lab"] * conds.per_input
+    after = [] if conds.targets is None else [conds.targets[every]]
+    titles += ["target"] * len(after)
+    stack = [torch.stack([c.float().cpu() for c in cs], dim=1) for cs in (columns, after) if cs]
+    images = torch.cat([stack[0], results, *stack[1:]], dim=1)  # item-major: one item's k
+    return images.flatten(0, 1), images.shape[1], titles
 
 
 def save_comparison(conds: Conditions, outputs: torch.Tensor, cfg, path: Path) -> Path:
     """The comparison grid as one PNG: items side by side in a square-ish layout, k images each."""
     from sampling.pictures import save_image_grid
     images, k, _ = comparison(conds, outputs, cfg)
-    per_row = max(1, int(math.sqrt(len(outputs) / k)))
+    per_row = max(1, int(math.sqrt(len(outputs) // conds.per_input / k)))
     return save_image_grid(images, path, nrow=k * per_row)
 
 
 def plan_conditions(args, cfg) -> Optional[Conditions]:
-    """sample.py's conditions: --condition's images, else (an image-conditioned model) held-out targets'; None
-    for other models. Refuses --condition for a model without an image condition, before any sampling."""
+    """sample.py's conditions: --condition's images (--num-samples K results for each), else (an image-conditioned
+    model) the first --num-samples held-out targets'; None for other models. Refuses --condition for a model
+    without an image condition, before any sampling."""
     if not conditioned(cfg):
         if getattr(args, "condition", None):
             raise SampleError(f"--condition needs an image-conditioned model (data.task superres or colorize); "
@@ -138,6 +151,4 @@ def plan_conditions(args, cfg) -> Optional[Conditions]:
                           "images to condition on: pass --condition IMG")
     if args.condition is None:
         return held_out_conditions(cfg, args.num_samples or cfg.sample.num_samples)[0]
-    if args.num_samples is not None:
-        raise SampleError("--condition makes one result per condition image: drop --num-samples")
-    return load_conditions(args.condition, cfg)[0]
+    return repeat_conditions(load_conditions(args.condition, cfg)[0], args.num_samples or 1)  # K per condition

@@ -7,15 +7,15 @@ any device.
 """
 from __future__ import annotations
 
-import math
 import re
 from typing import Callable, Iterable, Optional
 
 import torch
 from tqdm.auto import tqdm
 
-from config import UserError
+from config import UserError, check_value
 from diffusion import Diffusion, NoiseSource
+from limits import check_sampling
 from sampling.conditioning import with_condition
 from utils import autocast, derive_seed, resolve_amp
 
@@ -53,6 +53,18 @@ def sampling_autocast(device: torch.device, amp: str):
     return autocast(device, amp)
 
 
+# sample.py's and evaluate.py's sampling flags and the config keys whose rules (config.RANGES) they follow.
+FLAG_KEYS = {"--seed": "seed", "--steps": "sample.steps", "--eta": "sample.eta", "--guidance-scale":
+             "sample.guidance_scale", "--num-samples": "sample.num_samples", "--batch-size": "sample.batch_size"}
+
+
+def check_flag_values(**values) -> None:
+    """Flags as keyword arguments (guidance_scale=2.0; None = not given), each by its config key's rule."""
+    for name, value in values.items():
+        flag = "--" + name.replace("_", "-")
+        check_value(FLAG_KEYS[flag], value, flag)
+
+
 def generate(model: Callable, diffusion: Diffusion, cfg, num_samples: int, batch_size: int, seed: int,
              sampler: str, steps: Optional[int], eta: float = 0.0, timestep_spacing: Optional[str] = None,
              labels: Optional[list[int]] = None, guidance_scale: float = 1.0, clip_x0: bool = True,
@@ -62,7 +74,10 @@ def generate(model: Callable, diffusion: Diffusion, cfg, num_samples: int, batch
     seeded from (seed, i) (SampleNoise), so it does not depend on batch_size or the device. `callback(i, t,
     x_t, x0_pred)` sees the first batch only (enough for an animation). An image-conditioned model gets sample
     i's condition image conditions[i] (N, Cc, S, S; sampling/conditioning.py)."""
+    check_value("seed", seed, "the seed")  # torch's generators take 64 bits
     device, shape = diffusion.betas.device, sample_shape(cfg)
+    check_sampling(cfg, num_samples, batch_size, len(diffusion.sampling_timesteps(sampler, steps, timestep_spacing)),
+                   device, guided=labels is not None and guidance_scale != 1.0)  # sample.py checked it too
     y_all = torch.tensor(labels, dtype=torch.long) if labels is not None else None
     out = []
     starts = range(0, num_samples, batch_size)
@@ -85,6 +100,7 @@ def sampling_settings(cfg, num_timesteps: int, sampler: Optional[str] = None, st
                       guidance_scale: Optional[float] = None) -> dict:
     """generate()'s sampling keywords: the flags given (None = not given) over the checkpoint's `sample`
     section, after check_sampling_flags. timestep_spacing None means the diffusion config's."""
+    check_flag_values(steps=steps, eta=eta, guidance_scale=guidance_scale)
     s = cfg.sample
     sampler = sampler or s.sampler
     steps = steps if steps is not None else (None if sampler == "ddpm" else s.steps)
@@ -108,8 +124,6 @@ def check_sampling_flags(sampler: str, eta: Optional[float], spacing: Optional[s
     if spacing is not None and sampler == "ddpm":
         raise SampleError("--timestep-spacing is used only by ddim and dpmpp2m; ddpm visits all T steps: drop "
                           "--timestep-spacing, or pass --sampler ddim or dpmpp2m")
-    if guidance_scale is not None and not math.isfinite(guidance_scale):
-        raise SampleError(f"--guidance-scale {guidance_scale} is not a finite number: use e.g. 1 (off) to 5")
     if num_classes == 0 and guidance_scale not in (None, 1.0):
         raise SampleError("--guidance-scale needs a class-conditional model; this one has model.num_classes = 0")
 

@@ -126,8 +126,8 @@ def mask_picture(x: torch.Tensor, mask: torch.Tensor) -> torch.Tensor:
 def save_png(x: torch.Tensor, path: Path) -> Path:
     """One (C, H, W) image in [-1, 1] as an exact-size PNG ('L' or RGB), quantised like sample.py's files."""
     image = ((x.float().clamp(-1, 1) + 1) * 127.5).round().to(torch.uint8).permute(1, 2, 0).numpy()
-    Image.fromarray(image[..., 0] if image.shape[-1] == 1 else image).save(path)
-    return path
+    from sampling.pictures import save_pil  # the output guard
+    return save_pil(Image.fromarray(image[..., 0] if image.shape[-1] == 1 else image), path)
 
 
 def psnr(a: torch.Tensor, b: torch.Tensor) -> list[float]:

@@ -8,7 +8,9 @@ from typing import Optional
 import torch
 
 from diffusion import build_diffusion
+from limits import check_model
 from model import build_model
+from storage.checkpoint_checks import nonfinite_problem
 from storage.checkpoints import CheckpointError, read_checkpoint
 from storage.paths import ema_snapshot_folder
 
@@ -18,6 +20,7 @@ def load_for_sampling(checkpoint: str | Path, device: str | torch.device = "cpu"
     """(model in eval mode, diffusion, cfg, ckpt), all rebuilt from the config stored in the checkpoint.
     ema_length: a post-hoc EMA of that sigma_rel, rebuilt from the run's snapshots (sampling/posthoc.py)."""
     ckpt, cfg = read_checkpoint(checkpoint)
+    check_model(cfg, device)  # before any tensor of a network the stored config may make too big
     weights = ckpt.get("ema") if use_ema else ckpt["model"]
     if weights is None:
         print(f"note: '{checkpoint}' has no EMA weights; using the raw model weights")
@@ -29,8 +32,18 @@ def load_for_sampling(checkpoint: str | Path, device: str | torch.device = "cpu"
     if mismatch:
         raise CheckpointError(f"the weights in '{checkpoint}' do not fit the model its config describes: the "
                               f"checkpoint does not match its stored config ({mismatch})")
+    check_finite(weights, checkpoint, "raw" if weights is ckpt["model"] else "EMA")
     model.load_state_dict(weights)
     return model.to(device).eval(), build_diffusion(cfg).to(device), cfg, ckpt
+
+
+def check_finite(weights: dict, checkpoint: str | Path, what: str) -> None:
+    """NaN/inf weights would give black images without a word: refuse them, naming the first tensors."""
+    problem = nonfinite_problem(weights, what)
+    if problem:
+        other = " (or the raw ones: --no-ema)" if what == "EMA" else ""
+        raise CheckpointError(f"'{checkpoint}' is unusable: {problem}, so every image would come out blank (the "
+                              f"run diverged before it was saved): use an earlier checkpoint of the run{other}")
 
 
 def first_mismatch(expected: dict, weights) -> Optional[str]:

@@ -10,7 +10,23 @@ import torch
 from PIL import Image, ImageDraw, ImageFont
 
 from diffusion import Diffusion
+from storage.files import check_output_path, write_output
 from storage.paths import RunPaths
+
+FORMATS = {".png": "PNG", ".gif": "GIF"}
+
+
+def save_pil(image: Image.Image, path: str | Path, replace: bool = True, **params) -> Path:
+    """A PIL image through the output guard (storage.files.write_output: atomic, no link out, a full disk as
+    one line); `replace`: the caller checked the folder (run folder, sample.py's manifest) or has the flag."""
+    fmt = FORMATS[Path(path).suffix.lower()]
+    return write_output(path, lambda f: image.save(f, format=fmt, **params), replace=replace)
+
+
+def save_figure(fig, path: str | Path, replace: bool = True, **params) -> Path:
+    """A matplotlib figure through the output guard (see save_pil); the format from the suffix."""
+    return write_output(path, lambda f: fig.savefig(f, format=Path(path).suffix[1:], **params), replace=replace)
+
 
 
 def to_uint8_images(x: torch.Tensor) -> torch.Tensor:
@@ -33,10 +49,7 @@ def image_grid(x: torch.Tensor, nrow: Optional[int] = None, min_cell: int = 64):
 def save_image_grid(x: torch.Tensor, path: str | Path, nrow: Optional[int] = None,
                     min_cell: int = 64) -> Path:
     """Save (B, C, H, W) images in [-1, 1] as one PNG grid (see image_grid)."""
-    path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    image_grid(x, nrow, min_cell).save(path)
-    return path
+    return save_pil(image_grid(x, nrow, min_cell), path)
 
 def _smooth(values: np.ndarray, span: int) -> np.ndarray:
     """Debiased exponential moving average that steps over NaNs (skipped steps)."""
@@ -53,8 +66,6 @@ def save_loss_plot(losses, path: str | Path, first_step: int = 1, title: str = "
     Long runs are binned to max_points means so the plot stays fast."""
     from matplotlib.figure import Figure  # object API: no pyplot state, no GUI backend needed
 
-    path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
     y = np.asarray(losses, dtype=np.float64)
     x = first_step + np.arange(len(y))
     if len(y) > max_points:
@@ -74,15 +85,12 @@ def save_loss_plot(losses, path: str | Path, first_step: int = 1, title: str = "
     ax.grid(alpha=0.3, which="both")
     ax.legend()
     fig.tight_layout()
-    fig.savefig(path)
-    return path
+    return save_figure(fig, path)
 
 def save_scatter_plot(data: torch.Tensor, samples: torch.Tensor, path: str | Path, title: str = "") -> Path:
     """Two panels on the same axes: (N, 2) data points and (M, 2) generated points."""
     from matplotlib.figure import Figure
 
-    path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
     data, samples = data.detach().float().cpu().numpy(), samples.detach().float().cpu().numpy()
     both = np.concatenate([data, samples[np.isfinite(samples).all(axis=1)]])
     low, high = np.percentile(both, 0.5, axis=0), np.percentile(both, 99.5, axis=0)
@@ -96,8 +104,7 @@ def save_scatter_plot(data: torch.Tensor, samples: torch.Tensor, path: str | Pat
     if title:
         fig.suptitle(title)
     fig.tight_layout()
-    fig.savefig(path)
-    return path
+    return save_figure(fig, path)
 
 
 FORWARD_TIMESTEPS = (0, 100, 250, 500, 750, 999)  # for T = 1000; scaled to other T
@@ -105,12 +112,9 @@ FORWARD_TIMESTEPS = (0, 100, 250, 500, 750, 999)  # for T = 1000; scaled to othe
 
 def save_samples(x: torch.Tensor, out_dir: Path, nrow: Optional[int] = None) -> list[Path]:
     """grid.png plus one exact-size PNG per sample (000000.png ...): 'L' for 1 channel, RGB for 3."""
-    out_dir.mkdir(parents=True, exist_ok=True)
     images = to_uint8_images(x).permute(0, 2, 3, 1).numpy()  # (N, H, W, C) uint8
-    files = []
-    for i, image in enumerate(images):
-        files.append(out_dir / f"{i:06d}.png")
-        Image.fromarray(image[..., 0] if image.shape[-1] == 1 else image).save(files[-1])
+    files = [save_pil(Image.fromarray(image[..., 0] if image.shape[-1] == 1 else image), out_dir / f"{i:06d}.png")
+             for i, image in enumerate(images)]
     return [save_image_grid(x, out_dir / "grid.png", nrow=nrow)] + files
 
 
@@ -141,8 +145,7 @@ def _grid_image(x: torch.Tensor, min_cell: int = 64) -> Image.Image:
 def save_gif(frames: list[Image.Image], path: Path, ms: int = 80, hold_ms: int = 2000) -> Path:
     """Looping GIF; the last frame stays up for hold_ms."""
     durations = [ms] * (len(frames) - 1) + [hold_ms]
-    frames[0].save(path, save_all=True, append_images=frames[1:], duration=durations, loop=0)
-    return path
+    return save_pil(frames[0], path, save_all=True, append_images=frames[1:], duration=durations, loop=0)
 
 
 def save_animation(rec: Recorder, path: Path, condition: Optional[torch.Tensor] = None) -> Path:
@@ -173,7 +176,7 @@ def _pyplot():
     return plt
 
 
-def image_panels(rows: list[torch.Tensor], col_titles: list[str], path: Path) -> Path:
+def image_panels(rows: list[torch.Tensor], col_titles: list[str], path: Path, replace: bool = True) -> Path:
     """rows: list of (K, C, H, W) tensors in [-1, 1], one subplot per image, titled columns."""
     plt = _pyplot()
     fig, axes = plt.subplots(len(rows), len(col_titles), figsize=(1.3 * len(col_titles), 1.3 * len(rows)),
@@ -182,10 +185,10 @@ def image_panels(rows: list[torch.Tensor], col_titles: list[str], path: Path) ->
         for c, image in enumerate(to_uint8_images(row).permute(0, 2, 3, 1).numpy()):
             axes[r, c].imshow(image.squeeze(-1) if image.shape[-1] == 1 else image, cmap="gray", vmin=0, vmax=255)
             axes[r, c].set(xticks=[], yticks=[], title=col_titles[c] if r == 0 else "")
-    path.parent.mkdir(parents=True, exist_ok=True)
-    fig.savefig(path, dpi=100, bbox_inches="tight")
-    plt.close(fig)
-    return path
+    try:
+        return save_figure(fig, path, replace, dpi=100, bbox_inches="tight")
+    finally:
+        plt.close(fig)
 
 
 def save_trajectory(rec: Recorder, path: Path, num_rows: int = 4, num_cols: int = 8) -> Path:
@@ -226,10 +229,9 @@ def _hstack(images: list[Image.Image]) -> Image.Image:
 def save_toy_outputs(x: torch.Tensor, data: torch.Tensor, diffusion: Diffusion, out_dir: Path,
                      rec: Optional[Recorder], seed: int) -> list[Path]:
     """scatter.png (data | samples), forward.gif (data -> noise), animation.gif (noise -> data)."""
-    out_dir.mkdir(parents=True, exist_ok=True)
     save_scatter_plot(data, x, out_dir / "scatter.png")  # axes fitted to the points (train.py's plot too)
     lim = _limits(data)  # the GIFs keep fixed limits that also cover N(0, I), so every frame has the same axes
-    np.save(out_dir / "samples.npy", x.numpy())
+    write_output(out_dir / "samples.npy", lambda f: np.save(f, x.numpy()), replace=True)  # folder checked
     T = diffusion.num_timesteps
     ts = sorted(set(np.linspace(0, T - 1, min(40, T)).round().astype(int).tolist()))
     noise = torch.randn(data.shape, generator=torch.Generator().manual_seed(seed))
@@ -242,15 +244,15 @@ def save_toy_outputs(x: torch.Tensor, data: torch.Tensor, diffusion: Diffusion, 
     return paths
 
 
-def forward_figure(cfg, diffusion: Diffusion, num_images: int = 4, seed: int = 0) -> Path:
+def forward_figure(cfg, diffusion: Diffusion, num_images: int = 4, seed: int = 0, replace: bool = False) -> Path:
     """results/plots/<run_name>/forward_noise.png: real data noised to t = 0 ... T-1 (columns); images
-    (test split, no flips) one per row, 2-D toy data as the whole cloud in one row of scatter panels."""
+    (test split, no flips) one per row, 2-D toy data as the whole cloud in one row of scatter panels.
+    An existing figure is replaced only with `replace` (sample.py --overwrite)."""
     from dataset import build_dataset
+    path = check_output_path(forward_figure_path(cfg.run_name), replace=replace)  # before the data is read
     T, diffusion = diffusion.num_timesteps, diffusion.cpu()
     ts = sorted({min(T - 1, round(t * T / 1000)) for t in FORWARD_TIMESTEPS})
     dataset, g = build_dataset(cfg.data, train=False), torch.Generator().manual_seed(seed)
-    path = RunPaths(cfg.run_name).plots / "forward_noise.png"
-    path.parent.mkdir(parents=True, exist_ok=True)
     if cfg.model.kind == "mlp":
         x0 = torch.stack([dataset[i][0] for i in range(len(dataset))])  # (N, 2)
     else:
@@ -259,6 +261,9 @@ def forward_figure(cfg, diffusion: Diffusion, num_images: int = 4, seed: int = 0
     columns = [diffusion.q_sample(x0, torch.full((len(x0),), t), noise) for t in ts]
     if cfg.model.kind != "mlp":
         rows = [torch.stack([col[k] for col in columns]) for k in range(len(x0))]  # (len(ts), C, H, W) each
-        return image_panels(rows, [f"t = {t}" for t in ts], path)
-    _hstack(_scatter_frames(columns, [f"t = {t}" for t in ts], _limits(x0))).save(path)
-    return path
+        return image_panels(rows, [f"t = {t}" for t in ts], path, replace)
+    return save_pil(_hstack(_scatter_frames(columns, [f"t = {t}" for t in ts], _limits(x0))), path, replace)
+
+
+def forward_figure_path(run_name: str) -> Path:
+    return RunPaths(run_name).plots / "forward_noise.png"

@@ -20,10 +20,13 @@ from typing import BinaryIO, Optional
 import torch
 
 from config import Config, ConfigError, UserError, from_dict, load_config, validate
-from storage.files import atomic_write
+from storage.checkpoint_checks import nonfinite_problem, state_problem
+from storage.files import write_output
 from storage.paths import CHECKPOINTS, RunPaths
 
 CHECKPOINT_VERSION = 1
+# torch.save's old (non-zip) format starts with the pickled magic number 0x1950a86a20f9469cfc6c.
+LEGACY_MAGIC = b"\x80\x02\x8a\x0al\xfc\x9cF\xf9 j\xa8P\x19"
 
 class CheckpointError(UserError, RuntimeError):
     """A missing, corrupt or incompatible checkpoint; the message says what to do. `cause`: the message
@@ -34,8 +37,10 @@ class CheckpointError(UserError, RuntimeError):
         self.cause = cause or message
 
 def save_checkpoint(state: dict, path: str | Path) -> None:
-    """torch.save of the state (plus the format version), written atomically (atomic_write)."""
-    atomic_write(path, lambda f: torch.save({"format_version": CHECKPOINT_VERSION, **state}, f))
+    """torch.save of the state (plus the format version), through the output guard (write_output: atomic,
+    never through a link out of its folder, a full disk as one line). It replaces the file: the run folder
+    was checked as a whole before (run_folder.prepare_run_dir)."""
+    write_output(path, lambda f: torch.save({"format_version": CHECKPOINT_VERSION, **state}, f), replace=True)
 
 def copy_checkpoint(source: str | Path, path: str | Path) -> None:
     """Make `path` a copy of the checkpoint file `source` without serialising the state again (a byte copy,
@@ -44,14 +49,20 @@ def copy_checkpoint(source: str | Path, path: str | Path) -> None:
     def copy(f: BinaryIO) -> None:
         with open(source, "rb") as src:
             shutil.copyfileobj(src, f, 1 << 20)
-    atomic_write(path, copy)
+    write_output(path, copy, replace=True)
 
 def _load_failure(path: Path, err: Exception) -> str:
     """Why torch.load refused `path`, in words that never suggest turning the weights-only safety off."""
     size = path.stat().st_size
     if size == 0:
         return f"checkpoint '{path}' is empty (0 bytes): its write was cut off (a full disk or a killed process)"
-    if not zipfile.is_zipfile(path):
+    with open(path, "rb") as f:
+        head = f.read(16)
+    zipped, legacy = zipfile.is_zipfile(path), head.startswith(LEGACY_MAGIC)
+    if not zipped and head[:1] == b"\x80" and not legacy:  # a pickle protocol byte: pickle.dump, not torch.save
+        return (f"'{path}' is a raw pickle file, not a torch.save checkpoint: ddpm-lab does not load raw pickles "
+                f"(they could run code when loaded); load checkpoints that train.py or distill.py wrote")
+    if not zipped and not (legacy and "weights only" in str(err).lower()):
         return (f"checkpoint '{path}' is corrupt or truncated ({size} bytes that are not a complete "
                 f"torch.save archive)")
     if isinstance(err, pickle.UnpicklingError) and "weights only" in str(err).lower():
@@ -85,6 +96,11 @@ def load_checkpoint(path: str | Path, map_location: str | torch.device = "cpu") 
     if version != CHECKPOINT_VERSION:
         raise CheckpointError(f"checkpoint '{path}' has format version {version}, this ddpm-lab reads "
                               f"version {CHECKPOINT_VERSION}: use the ddpm-lab release that wrote it")
+    problem = state_problem(ckpt)
+    if problem:
+        reason = f"checkpoint '{path}' holds an invalid {problem}"
+        raise CheckpointError(f"{reason}: the file was edited or damaged; use another checkpoint of the run",
+                              cause=f"{reason}.")
     return ckpt
 
 def list_checkpoints(folder: str | Path) -> list[Path]:
@@ -102,7 +118,8 @@ def loadable_checkpoints(folder: str | Path, exclude: Optional[Path] = None) -> 
             ckpt = torch.load(p, map_location="cpu", weights_only=True, mmap=True)
         except Exception:  # corrupt, truncated, empty, or pickled code that weights_only refuses
             continue
-        if isinstance(ckpt, dict) and isinstance(ckpt.get("config"), dict) and isinstance(ckpt.get("model"), dict):
+        if isinstance(ckpt, dict) and isinstance(ckpt.get("config"), dict) and isinstance(ckpt.get("model"), dict) \
+                and state_problem(ckpt) is None:
             names.append(p.name)
     return names
 
@@ -156,7 +173,12 @@ def load_resume_checkpoint(path: str | Path) -> dict:
     """The checkpoint to resume from; on failure a CheckpointError naming the older files that load."""
     path = Path(path)
     try:
-        return load_checkpoint(path)
+        ckpt = load_checkpoint(path)
+        problem = nonfinite_problem(ckpt["model"], "model") or nonfinite_problem(ckpt.get("ema"), "EMA")
+        if problem:  # training cannot recover from NaN weights: every step after would be NaN too
+            reason = f"'{path}' is unusable: {problem}, and training cannot recover from them."
+            raise CheckpointError(reason, cause=reason)
+        return ckpt
     except CheckpointError as err:
         good = loadable_step_files(path.parent, exclude=path)
         if good:

@@ -12,6 +12,7 @@ import pickle
 import warnings
 import zlib
 from pathlib import Path
+from typing import Optional
 
 import numpy as np
 import torch
@@ -135,29 +136,49 @@ def read_cifar10(root: Path, train: bool):
 
 
 # ----------------------------------------------------------------------------- MNIST IDX files
-def read_idx(path: Path) -> np.ndarray:
+MAX_IDX_BYTES = 10 ** 9  # MNIST's largest file is 47 MB; more is a forged header, not a data set
+
+
+def read_idx(path: Path, type_code: int | None = None) -> np.ndarray:
     """An IDX file, plain or gzipped: bytes 0, 0, dtype code, ndim; ndim big-endian uint32 sizes; data.
     (MNIST's magic numbers 2051 = images, 2049 = labels are dtype 0x08 with ndim 3 and 1.) ValueError naming
     the file when it is not IDX, or its length does not match its header (a truncated download)."""
     with open(path, "rb") as f:
-        raw = f.read()
-    if raw[:2] == b"\x1f\x8b":  # gzip magic, whatever the file is called
-        try:
-            raw = gzip.decompress(raw)
-        except (EOFError, OSError, zlib.error) as err:  # EOFError: cut short; BadGzipFile / zlib: corrupt
-            raise ValueError(f"'{path}' is a truncated or corrupt gzip file ({err})") from None
-    if len(raw) < 4 or raw[0] != 0 or raw[1] != 0 or raw[2] not in IDX_DTYPES:
-        raise ValueError(f"'{path}' is not an IDX file (magic bytes {raw[:4].hex()})")
+        gzipped = f.read(2) == b"\x1f\x8b"  # gzip magic, whatever the file is called
+    try:  # a gzip file is inflated as a stream, never past what the header promises (a "gzip bomb")
+        with (gzip.open(path, "rb") if gzipped else open(path, "rb")) as f:
+            raw = _read_idx_stream(f, path, None if gzipped else path.stat().st_size)
+    except (EOFError, OSError, zlib.error) as err:  # EOFError: cut short; BadGzipFile / zlib: corrupt
+        raise ValueError(f"'{path}' is a truncated or corrupt gzip file ({err})") from None
+    if type_code is not None and raw[2] != type_code:  # e.g. floats (0x0D) would be read as black digits
+        raise ValueError(f"'{path}' holds IDX type code 0x{raw[2]:02X} ({np.dtype(IDX_DTYPES[raw[2]]).name}), not "
+                         f"0x{type_code:02X} ({np.dtype(IDX_DTYPES[type_code]).name}) as MNIST-style files do")
     ndim, dtype = raw[3], np.dtype(IDX_DTYPES[raw[2]])
-    if len(raw) < 4 + 4 * ndim:
-        raise ValueError(f"'{path}' is truncated: {len(raw)} bytes, shorter than its {4 + 4 * ndim}-byte header")
     shape = tuple(int(s) for s in np.frombuffer(raw, dtype=">u4", count=ndim, offset=4))
-    expected = 4 + 4 * ndim + math.prod(shape) * dtype.itemsize
-    if len(raw) != expected:
-        raise ValueError(f"'{path}' is truncated or corrupt: its header says {shape} ({expected} bytes) but it "
-                         f"holds {len(raw)} bytes")
     data = np.frombuffer(raw, dtype=dtype, offset=4 + 4 * ndim)
     return data.reshape(shape).astype(data.dtype.newbyteorder("="))  # native byte order, writable copy
+
+
+def _read_idx_stream(f, path: Path, size: Optional[int]) -> bytes:
+    """Header, then exactly the data bytes it promises (checked against MAX_IDX_BYTES first), then one byte
+    more to refuse trailing data; ValueError naming the file otherwise."""
+    head = f.read(4)
+    if len(head) < 4 or head[0] != 0 or head[1] != 0 or head[2] not in IDX_DTYPES:
+        raise ValueError(f"'{path}' is not an IDX file (magic bytes {head.hex()})")
+    sizes = f.read(4 * head[3])
+    if len(sizes) < 4 * head[3]:
+        raise ValueError(f"'{path}' is truncated: shorter than its {4 + 4 * head[3]}-byte header")
+    shape = tuple(int(s) for s in np.frombuffer(sizes, dtype=">u4"))
+    expected = math.prod(shape) * np.dtype(IDX_DTYPES[head[2]]).itemsize
+    if expected > MAX_IDX_BYTES:
+        raise ValueError(f"'{path}' claims {shape} ({expected} bytes), more than any MNIST-style file "
+                         f"({MAX_IDX_BYTES} bytes at most here)")
+    data = f.read(expected)
+    if len(data) != expected or f.read(1):
+        held = f"{size} bytes" if size is not None else "fewer" if len(data) != expected else "more (trailing data)"
+        raise ValueError(f"'{path}' is truncated or corrupt: its header says {shape} ({4 + len(sizes) + expected} "
+                         f"bytes) but it holds {held}")
+    return head + sizes + data
 
 
 def _find_file(folders: list[Path], name: str) -> Path:
@@ -178,7 +199,7 @@ def read_idx_split(root: Path, dataset: str, train: bool):
     fix = (f"To fix it, delete it and run again: with data.download=true a fresh copy is downloaded; offline, "
            f"place the official file (from {IDX_MIRRORS[dataset]}) there first.")
     try:
-        images, labels = read_idx(image_path), read_idx(label_path)
+        images, labels = read_idx(image_path, 0x08), read_idx(label_path, 0x08)  # unsigned bytes, as MNIST's
     except ValueError as err:
         raise BadDataError(f"{err}. {fix}") from None
     if images.ndim != 3 or labels.ndim != 1 or len(images) != len(labels):

@@ -5,10 +5,11 @@ an earlier run listed; a taken default folder becomes <folder>-2, -3, ...
 from __future__ import annotations
 
 import json
+import re
 from pathlib import Path
 
 from config import UserError
-from storage.files import output_folder_problem
+from storage.files import check_output_path, output_folder_problem, write_bytes_output
 
 
 class OutputFolderError(UserError, ValueError):
@@ -16,11 +17,15 @@ class OutputFolderError(UserError, ValueError):
 
 
 MANIFEST = "ddpm-lab-samples.json"  # in every output folder: the files sample.py wrote there
+# The names sample.py writes (sampling/pictures.py, editing/modes.py): a manifest entry of any other name is
+# not ours, whatever the manifest says, so --overwrite never removes it.
+OUR_NAMES = re.compile(r"\d{6}\.png|grid\.png|animation\.gif|trajectory\.png|scatter\.png|samples\.npy|"
+                       r"forward\.gif|strip\.png|interpolation\.gif|invert\.json")
 
 
 def read_manifest(out_dir: Path) -> set[str]:
-    """Files an earlier sample.py run wrote into out_dir: plain names only, so a doctored manifest can never
-    point outside the folder."""
+    """Files an earlier sample.py run wrote into out_dir: only names of sample.py's own pattern (OUR_NAMES), so
+    a doctored manifest can neither point outside the folder nor name a file of the user's."""
     path = out_dir / MANIFEST
     if not path.exists():
         return set()
@@ -31,7 +36,7 @@ def read_manifest(out_dir: Path) -> set[str]:
     except (OSError, ValueError, TypeError, KeyError) as e:
         raise OutputFolderError(f"'{path}' is not a manifest sample.py can read ({type(e).__name__}), so nothing in "
                           f"'{out_dir}' is known to be ours: choose another --out") from None
-    return {n for n in names if isinstance(n, str) and n not in ("", ".", "..", MANIFEST) and Path(n).name == n}
+    return {n for n in names if isinstance(n, str) and OUR_NAMES.fullmatch(n)}
 
 
 def check_out_dir(out_dir: Path, names: list[str], overwrite: bool) -> list[Path]:
@@ -40,6 +45,8 @@ def check_out_dir(out_dir: Path, names: list[str], overwrite: bool) -> list[Path
     problem = output_folder_problem(out_dir)
     if problem:
         raise OutputFolderError(f"--out {problem}: choose another output folder")
+    for name in [MANIFEST, *names]:  # none is a link (results/images/<run>/...: nor leads out through one)
+        check_output_path(out_dir / name, replace=True)
     if not out_dir.is_dir() or not any(out_dir.iterdir()):
         return []
     if not overwrite:
@@ -72,4 +79,5 @@ def start_out_dir(out_dir: Path, names: list[str], stale: list[Path]) -> None:
     out_dir.mkdir(parents=True, exist_ok=True)
     for path in stale:
         path.unlink(missing_ok=True)
-    (out_dir / MANIFEST).write_text(json.dumps({"written_by": "ddpm-lab sample.py", "files": names}, indent=1))
+    manifest = json.dumps({"written_by": "ddpm-lab sample.py", "files": names}, indent=1).encode()
+    write_bytes_output(out_dir / MANIFEST, manifest, replace=True)

@@ -17,6 +17,11 @@ from __future__ import annotations
 from dataclasses import dataclass
 from pathlib import Path
 
+from config import plain_name  # every name that becomes a path goes through it
+
+__all__ = ["CHECKPOINTS", "CLASSIFIERS", "DATA", "EVAL_RECORDS", "FID_REFS", "INCEPTION", "RESULTS", "RunPaths",
+           "ema_snapshot_folder", "eval_records_file", "plain_name"]
+
 CHECKPOINTS = Path("checkpoints")
 RESULTS = Path("results")
 DATA = Path("data")
@@ -57,7 +62,9 @@ class RunPaths:
 
 
 def eval_records_file(run_name: str, folder: Path = EVAL_RECORDS) -> Path:
-    """<folder>/<run_name>.jsonl: evaluate.py's results file of a run (folder: --results-dir)."""
+    """<folder>/<run_name>.jsonl: evaluate.py's results file of a run (folder: --results-dir); run_name
+    (--run-name, else the checkpoint's run_name or the --samples folder's name) must be a plain name."""
+    plain_name("--run-name", run_name, f"the results file {Path(folder)}/<run-name>.jsonl", "--run-name digits_2")
     return Path(folder) / f"{run_name}.jsonl"
 
 

@@ -16,7 +16,7 @@ from tqdm.auto import tqdm
 
 from config import ConfigError
 from storage.checkpoints import list_checkpoints
-from storage.files import remove_temp_files
+from storage.files import check_output_folder, check_output_path, remove_temp_files
 from storage.paths import RESULTS as RESULTS_ROOT
 from storage.paths import RunPaths
 
@@ -74,6 +74,7 @@ def lock_run_dir(run_dir: Path, info) -> Optional[RunLock]:
     """Rank 0 locks the run folder (RunLock), so a second train.py of the same run refuses instead of
     overwriting this one's files; then it clears temp files that killed saves left there. `info`: DistInfo."""
     lock = error = None
+    check_output_folder(run_dir)  # the lock file too stays inside checkpoints/
     if info.is_main:
         try:
             lock = RunLock(run_dir).acquire()
@@ -91,26 +92,44 @@ def lock_run_dir(run_dir: Path, info) -> Optional[RunLock]:
     return lock
 
 
+def run_files(run_name: str) -> list[Path]:
+    """What training writes in the run's folders, so what a fresh run would replace: checkpoints and post-hoc
+    EMA snapshots, sample grids, the loss plot, TensorBoard logs (sample.py's own folders are not among them)."""
+    paths = RunPaths(run_name)
+    found = sorted(paths.ema_snapshots.glob("ema_*.pt")) + list_checkpoints(paths.checkpoints)
+    found += sorted(paths.images.glob("step_*.png")) + sorted(paths.logs.glob("*"))
+    rewritten = [paths.checkpoints / "last.pt", paths.plots / "loss.png"]
+    return found + [p for p in rewritten if p.exists() or p.is_symlink()]
+
+
+def check_run_folders(run_name: str, resuming: bool) -> None:
+    """No folder of the run leads out of checkpoints/ or results/ through a link, and (resuming) the files
+    every save replaces are no links (storage.files.check_output_path): refused before any long work. A
+    fresh run finds no such file: it refuses them as an earlier run's, or deletes them with --overwrite."""
+    paths = RunPaths(run_name)
+    for folder in (paths.checkpoints, paths.ema_snapshots, paths.images, paths.plots, paths.logs):
+        check_output_folder(folder)
+    for path in (paths.checkpoints / "last.pt", paths.plots / "loss.png") if resuming else ():
+        check_output_path(path, replace=True)
+
+
 def prepare_run_dir(run_name: str, info, resuming: bool, overwrite: bool) -> None:
-    """A fresh run into a folder that holds one: a ConfigError unless `overwrite`, which deletes its
-    checkpoints (and post-hoc EMA snapshots), logs and sample grids (rank 0, after every rank has looked)."""
-    run_dir = RunPaths(run_name).checkpoints
-    existing = sorted(RunPaths(run_name).ema_snapshots.glob("ema_*.pt"))  # post-hoc EMA snapshots (sampling/posthoc.py)
-    existing += list_checkpoints(run_dir) + [p for p in [run_dir / "last.pt"] if p.is_file()]
+    """A fresh run over files of an earlier one (run_files: checkpoints, grids, plot, logs): a ConfigError
+    unless `overwrite`, which deletes them (rank 0, after every rank has looked). First check_run_folders."""
+    check_run_folders(run_name, resuming)
+    existing = run_files(run_name)
     if info.enabled:
         dist.barrier(group=info.control)
-    if resuming or not existing:
-        return
-    if not overwrite:
-        raise ConfigError(f"{run_dir}/ already holds a run ({', '.join(p.name for p in existing[-2:])}). "
-                          f"Continue it with --resume, start a separate run with run_name=NEW_NAME, or "
-                          f"pass --overwrite to delete it and start over.")
-    if info.is_main:
+    if existing and not resuming and not overwrite:
+        shown = ", ".join(map(str, existing[:2])) + (f" and {len(existing) - 2} more" if len(existing) > 2 else "")
+        raise ConfigError(f"run_name={run_name} already holds a run ({shown}). Continue it with --resume, start "
+                          f"a separate run with run_name=NEW_NAME, or pass --overwrite to delete it and start over.")
+    if existing and not resuming and info.is_main:
         for path in existing:
-            path.unlink(missing_ok=True)
-        shutil.rmtree(RunPaths(run_name).logs, ignore_errors=True)
-        for png in RunPaths(run_name).images.glob("step_*.png"):
-            png.unlink()
+            if path.is_dir() and not path.is_symlink():
+                shutil.rmtree(path, ignore_errors=True)
+            else:
+                path.unlink(missing_ok=True)  # a link goes, never what it points to
 
 
 def end_message(run_name: str, step: int, interrupted: Optional[str], saved: bool, wall: float,

@@ -11,6 +11,7 @@ from __future__ import annotations
 import hashlib
 import os
 import re
+import resource
 import subprocess
 import sys
 from dataclasses import dataclass, field
@@ -38,6 +39,8 @@ class Case:
     absent: tuple[str, ...] = ()         # globs that must match nothing afterwards (e.g. files written outside)
     env: dict = field(default_factory=dict)
     timeout: float = 300
+    address_space: Optional[int] = None  # bytes: RLIMIT_AS of the command (`ulimit -v`), for cases that would
+    #                                      allocate without bound: they fail fast instead of swapping the machine
 
 
 def snapshot(root: Path, globs) -> dict[str, str]:
@@ -50,8 +53,8 @@ def snapshot(root: Path, globs) -> dict[str, str]:
 
 
 def error_lines(text: str) -> list[str]:
-    """The lines of output that are not warnings, progress bars or blank."""
-    skip = re.compile(r"warn|^\s*$|it/s|s/it|\d+%\|", re.I)
+    """The lines of output that are not warnings, progress bars (and their clearing: blanks, cursor moves) or blank."""
+    skip = re.compile(r"warn|^(\s|\x1b\[[0-9;]*[A-Za-z])*$|it/s|s/it|\d+%\|", re.I)
     return [line for line in text.splitlines() if not skip.search(line)]
 
 
@@ -64,8 +67,13 @@ def run_case(case: Case, workdir: Path) -> subprocess.CompletedProcess:
     assert before or not case.keep, f"{case.id}: the setup made none of the files to keep {case.keep}"
     env = {**os.environ, "OMP_NUM_THREADS": "1", "PYTHONWARNINGS": "ignore", **case.env}
     script, *args = case.argv
+    limit = case.address_space
+
+    def cap_memory():
+        resource.setrlimit(resource.RLIMIT_AS, (limit, limit))
     proc = subprocess.run([sys.executable, str(REPO / script), *args], cwd=workdir, env=env, capture_output=True,
-                          text=True, timeout=case.timeout, stdin=subprocess.DEVNULL)
+                          text=True, timeout=case.timeout, stdin=subprocess.DEVNULL,
+                          preexec_fn=cap_memory if limit else None)
     out = proc.stdout + proc.stderr
     assert proc.returncode == case.rc, f"{case.id}: exit {proc.returncode}, expected {case.rc}\n{out[-3000:]}"
     if case.pattern:

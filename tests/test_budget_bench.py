@@ -13,11 +13,12 @@ import bench.budget as budget
 
 REPO = Path(__file__).resolve().parents[1]
 
-ROWS = [{"recipe": r, "steps": s, "train_s": t, "sample_s": 30.0, "params": 6e6, "fid": f, "precision": 0.5,
-         "recall": 0.4} for r, s, t, f in [("ddpm-lab", 500, 600, 40.0), ("ddpm-lab", 1000, 1200, 20.0),
-                                            ("diffusers", 500, 900, 60.0), ("diffusers", 1000, 1800, 35.0)]]
+ROWS = [{"recipe": r, "steps": s, "train_s": t, "train_cpu_s": t / 2, "sample_s": 30.0, "params": 6e6, "fid": f,
+         "precision": 0.5, "recall": 0.4}
+        for r, s, t, f in [("ddpm-lab", 500, 600, 40.0), ("ddpm-lab", 1000, 1200, 20.0),
+                           ("diffusers", 500, 900, 60.0), ("diffusers", 1000, 1800, 35.0)]]
 INFO = {"date": "2026-11-30", "commit": "abc", "machine": "2 cores", "load": (1.0, 2.0), "command": "python x",
-        "batch": 64, "threads": 2, "n": 1000, "num_ref": 10000}
+        "batch": 64, "threads": 2, "n": 1000, "num_ref": 10000, "rows": "bench/budget_rows.jsonl"}
 
 
 def test_report_has_a_row_per_run_between_its_markers_and_keeps_other_text(tmp_path):
@@ -28,7 +29,7 @@ def test_report_has_a_row_per_run_between_its_markers_and_keeps_other_text(tmp_p
     budget.write_section(section, path=results, name="budget")
     text = results.read_text()
     assert "old table" not in text and "other sections stay" in text and "hand-written note below" in text
-    assert "| ddpm-lab | 1000 | 6.00 M | 20.0 | 3.0 | 20.00 | 0.500 | 0.400 |" in text
+    assert "| ddpm-lab | 1000 | 6.00 M | 20.0 | 10.0 | 3.0 | 20.00 | 0.500 | 0.400 |" in text
     assert sum(line.startswith(("| ddpm-lab |", "| diffusers |")) for line in text.splitlines()) == 4
     assert "![FID vs training wall time](budget_fid_vs_time.png)" in text
     png = budget.plot(ROWS, tmp_path / "budget_fid_vs_time.png")
@@ -55,16 +56,39 @@ def test_budget_trains_samples_scores_and_writes_rows_table_and_plot(tmp_path):
     pytest.importorskip("diffusers")
     recipes = list(budget.RECIPES) if ALL else ["lucidrains"]
     results = tmp_path / "RESULTS.md"
+    rows_file = tmp_path / "rows.jsonl"
     argv = ["--budgets", "1", "--recipes", ",".join(recipes), "--num-samples", "4", "--sample-batch-size", "4",
-            "--threads", "1", "--classifier-steps", "5", "--work", str(tmp_path / "work"), "--results", str(results)]
-    proc = subprocess.run([sys.executable, "-m", "bench.budget", *argv], cwd=tmp_path,
-                          env={**os.environ, "OMP_NUM_THREADS": "1", "PYTHONPATH": str(REPO)}, capture_output=True, text=True, timeout=900)
-    assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
-    rows = json.loads((tmp_path / "work" / "results" / "bench_budget.json").read_text())
+            "--threads", "1", "--classifier-steps", "5", "--work", str(tmp_path / "work"), "--results", str(results),
+            "--rows", str(rows_file)]
+    bench(argv, tmp_path)
+    rows = [json.loads(line) for line in rows_file.read_text().splitlines()]
     assert [(r["recipe"], r["steps"]) for r in rows] == [(name, 1) for name in recipes]
-    assert all(math.isfinite(r["fid"]) and r["train_s"] > 0 and r["params"] > 1e6 for r in rows)
+    assert all(math.isfinite(r["fid"]) and r["train_s"] > 0 and r["train_cpu_s"] > 0 and r["params"] > 1e6
+               for r in rows)
     samples = tmp_path / "work" / "results" / "images" / "bench_budget" / f"{recipes[0]}_1"
     assert len(list(samples.glob("0*.png"))) == 4  # 000000.png ... (sample.py adds grid.png)
     text = results.read_text()
     assert text.count("| 1 |") == len(recipes) and "<!-- budget:end -->" in text
     assert (tmp_path / "budget_fid_vs_time.png").read_bytes()[:4] == b"\x89PNG"
+    # A rerun with the same settings skips the finished row and rebuilds the same table from the file.
+    results.write_text("")
+    again = bench(argv, tmp_path)
+    assert "1 row(s) with these settings already in" in again.stdout and "0 to run" in again.stdout, again.stdout
+    assert "python train.py" not in again.stdout and "evaluate.py" not in again.stdout
+    assert len(rows_file.read_text().splitlines()) == 1 and results.read_text().count("| 1 |") == len(recipes)
+
+
+def bench(argv: list[str], cwd: Path) -> subprocess.CompletedProcess:
+    proc = subprocess.run([sys.executable, "-m", "bench.budget", *argv], cwd=cwd, capture_output=True, text=True,
+                          env={**os.environ, "OMP_NUM_THREADS": "1", "PYTHONPATH": str(REPO)}, timeout=900)
+    assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
+    return proc
+
+
+def test_rows_are_reused_only_with_the_same_settings(tmp_path):
+    import argparse
+    args = argparse.Namespace(rows=str(tmp_path / "r.jsonl"), batch_size=64, threads=1, num_samples=1000, seed=0,
+                              classifier_steps=2000)
+    budget.append_row(tmp_path / "r.jsonl", {**ROWS[0], "settings": budget.settings(args)})
+    budget.append_row(tmp_path / "r.jsonl", {**ROWS[1], "settings": {**budget.settings(args), "batch_size": 128}})
+    assert [(r["recipe"], r["steps"]) for r in budget.read_rows(tmp_path / "r.jsonl", args)] == [("ddpm-lab", 500)]

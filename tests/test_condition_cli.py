@@ -47,6 +47,26 @@ def test_sample_condition_upscales_a_png_to_the_model_size(sr_checkpoint, tmp_pa
     assert not (tmp_path / "out" / "000001.png").exists()
 
 
+def test_num_samples_gives_k_different_results_per_condition_whatever_the_batch_size(sr_checkpoint, tmp_path):
+    """SR3's outputs are diverse: --condition with --num-samples K writes K results per condition image, output j
+    being result j % K of image j // K (as --inpaint), each its own noise: result 0 of image 0 is K=1's output."""
+    import sample
+    (tmp_path / "lows").mkdir()
+    for i in range(2):
+        Image.fromarray((np.arange(16, dtype=np.uint8).reshape(4, 4) * 16)[:, ::1 - 2 * i]).save(
+            tmp_path / "lows" / f"{i}.png")
+    base = ["--checkpoint", str(sr_checkpoint), "--condition", "lows"]
+    sample.main([*base, "--num-samples", "3", "--batch-size", "2", "--out", "k3"])
+    sample.main([*base, "--num-samples", "3", "--batch-size", "6", "--out", "k3b"])
+    sample.main([*base, "--out", "k1"])
+    k3 = [(tmp_path / "k3" / f"{j:06d}.png").read_bytes() for j in range(6)]
+    assert not (tmp_path / "k3" / "000006.png").exists() and len(set(k3)) == 6  # all differ
+    assert k3 == [(tmp_path / "k3b" / f"{j:06d}.png").read_bytes() for j in range(6)]  # any --batch-size
+    assert k3[0] == (tmp_path / "k1" / "000000.png").read_bytes()
+    with Image.open(tmp_path / "k3" / "grid.png") as grid:  # a row per image: condition | bicubic | 3 results
+        assert grid.size == (5 * 64 + 6 * 2, 2 * 64 + 3 * 2)
+
+
 def test_sample_without_condition_uses_held_out_images_and_shows_the_targets(sr_checkpoint, tmp_path):
     import sample
     sample.main(["--checkpoint", str(sr_checkpoint), "--out", "out"])

@@ -5,7 +5,7 @@ and the superres condition's bicubic upsampling against a numpy implementation o
 
 The existing test (test_condition_cli.test_pixel_metrics_psnr_ssim_and_consistency) checks superres PSNR and
 consistency; these add SSIM's data range, colorize's luma consistency and the condition images themselves.
-One xfail (strict) records a real bug: SSIM's window is not smaller for images under 11 px, so 4 px crashes."""
+SSIM's window is smaller for images under 11 px (evaluation.conditioned.ssim_sigma), so a 4 px model scores."""
 from types import SimpleNamespace
 
 import numpy as np
@@ -195,11 +195,6 @@ def test_grey_and_make_condition_use_601_weights():
     assert torch.equal(low_res(torch.arange(16.0).view(1, 1, 4, 4), 2).flatten(), torch.tensor([2.5, 4.5, 10.5, 12.5]))
 
 
-@pytest.mark.xfail(strict=True, raises=RuntimeError, reason=(
-    "real bug: pixel_metrics passes kernel_size=min(11, ...) but torchmetrics ignores kernel_size for its "
-    "Gaussian window (the window is set by sigma=1.5: always 11x11, reflect-padded by 5), so images under 11 px "
-    "do not get the smaller window the docstring promises, and a valid 4 px model (e.g. superres 2x2 -> 4x4) "
-    "crashes in SSIM's padding"))
 def test_ssim_of_images_under_11_px_uses_a_smaller_window():
     cfg = cfg_for("superres", 2)
     targets = smooth_images(2, 1, 4, seed=10)
@@ -207,3 +202,19 @@ def test_ssim_of_images_under_11_px_uses_a_smaller_window():
     perfect = pixel_metrics(targets, conds, cfg)
     assert perfect["ssim"] == pytest.approx(1.0)
     assert 0 < pixel_metrics(conds.cond, conds, cfg)["ssim"] < 1
+
+
+@pytest.mark.parametrize("size", [1, 2, 3, 5, 6, 8, 10, 11, 16])
+def test_ssim_window_fits_every_image_size_and_is_the_standard_one_from_11_px(size):
+    from torchmetrics.functional.image import structural_similarity_index_measure
+
+    from evaluation.conditioned import ssim_sigma
+    sigma = ssim_sigma(size)
+    assert int(3.5 * sigma + 0.5) * 2 + 1 <= max(1, size)  # torchmetrics' window width fits the image
+    cfg = cfg_for("colorize")
+    targets = torch.rand(2, 3, size, size, generator=torch.Generator().manual_seed(11)) * 1.6 - 0.8
+    conds = conditions_from_targets(targets, None, cfg)
+    score = pixel_metrics(targets.flip(-1), conds, cfg)["ssim"]
+    if size >= 11:  # the standard window: the scores are unchanged
+        out, target = (((x.clamp(-1, 1) + 1) * 127.5).round() / 255 for x in (targets.flip(-1), targets))
+        assert score == float(structural_similarity_index_measure(out, target, data_range=1.0))

@@ -5,6 +5,7 @@ trained 2 steps, distilled in rounds of 3 optimizer steps, in a temporary workin
 import ast
 import functools
 import os
+import re
 import sys
 from pathlib import Path
 
@@ -261,3 +262,17 @@ def test_no_class_in_training_overrides_a_private_method_of_the_trainer(tmp_path
                                    "class B(A):\n    def _update(self, skip):\n        pass\n"
                                    "A._finish = print\n")
     assert private_overrides(tmp_path) == ["x.py: B._update", "x.py: A._finish = ..."]
+
+
+def test_each_round_has_its_own_progress_bar_naming_its_steps(teacher, capsys):
+    """distill.py says which round runs and what it halves: "round 2/2: 8 → 4 steps", one bar per round (a
+    resumed run starts its round's bar part-way)."""
+    assert distill.main(args(teacher, "run_name=shown")) == 0
+    err = capsys.readouterr().err
+    assert re.search(r"round 1/2: 16 → 8 steps: 100%.*3/3", err) and re.search(r"round 2/2: 8 → 4 steps: 100%.*3/3",
+                                                                              err), err[-2000:]
+    assert stopped_run(teacher, 4, "shown_resumed")["interrupted"] == "stop_at"
+    capsys.readouterr()
+    assert distill.main(args(teacher, "run_name=shown_resumed", "--resume")) == 0
+    err = capsys.readouterr().err
+    assert "round 1/2" not in err and re.search(r"round 2/2: 8 → 4 steps:  33%.*1/3", err), err[-2000:]

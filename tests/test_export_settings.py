@@ -51,7 +51,6 @@ def test_spacing_and_clipping_survive_the_export_and_sample_the_same(tmp_path, s
     assert (ours - theirs).abs().max() < 1e-5  # the same weights in both layouts: float summation order only
 
 
-@pytest.mark.xfail(strict=True, reason="export drops sample.{sampler,steps,eta,guidance_scale} (issue #23)")
 def test_the_sampling_defaults_survive_the_export(tmp_path):
     _, _, back_cfg, _ = exported(tmp_path, ["sample.sampler=ddim", "sample.steps=3", "sample.eta=0.5",
                                             "diffusion.timestep_spacing=trailing"])
@@ -91,7 +90,7 @@ def test_every_diffusion_setting_survives_the_export_and_ddpm_samples_the_same(t
     assert back_cfg.sample.clip_x0 is False
     ours_d = Diffusion.from_config(cfg.diffusion)
     assert torch.equal(diffusion.betas, ours_d.betas) and diffusion.objective == cfg.diffusion.objective
-    # ddpm (all T steps, the var_type's noise) with the sampler passed: the export does not record it (see below)
+    # ddpm (all T steps, the var_type's noise), the sampler passed
     ours = generate(ema, ours_d, cfg, 3, 3, seed=7, sampler="ddpm", steps=None, progress=False, amp="off",
                     clip_x0=cfg.sample.clip_x0)
     theirs = generate(back, diffusion, back_cfg, 3, 3, seed=7, sampler="ddpm", steps=None, progress=False,
@@ -99,10 +98,9 @@ def test_every_diffusion_setting_survives_the_export_and_ddpm_samples_the_same(t
     assert (ours - theirs).abs().max() < 1e-6  # measured 0.0 on CPU (bitwise); margin for summation order
 
 
-DROPPED = "the export drops sample.{sampler,steps,eta,guidance_scale}: load_pretrained gives the defaults (#23)"
 # Each case: overrides off the defaults load_pretrained gives back (ddim, steps = min(50, T) = 20, eta 0, no
-# guidance; digits.yaml's 2 is reset to 1 here), and the sample settings that must come back. The first four
-# are what the export carries today.
+# guidance; digits.yaml's 2 is reset to 1 here), and the sample settings that must come back (the last four in
+# scheduler_config.json's _ddpm_lab_sample, interop/diffusers.py SAMPLE_KEY).
 BASE = ["sample.steps=20", "sample.guidance_scale=1.0"]
 SETTINGS = [
     pytest.param(["diffusion.timestep_spacing=trailing"], {}, id="trailing"),
@@ -112,14 +110,10 @@ SETTINGS = [
     pytest.param(["diffusion.timestep_spacing=linspace", "sample.clip_x0=false"], {"clip_x0": False},
                  id="linspace-noclip"),
     # a distilled 2-step student's grid: deterministic DDIM, 2 steps, trailing
-    pytest.param(["sample.steps=2", "diffusion.timestep_spacing=trailing"], {"steps": 2}, id="student-steps",
-                 marks=pytest.mark.xfail(strict=True, reason=DROPPED)),
-    pytest.param(["sample.eta=0.5"], {"eta": 0.5}, id="eta",
-                 marks=pytest.mark.xfail(strict=True, reason=DROPPED)),
-    pytest.param(["sample.sampler=dpmpp2m"], {"sampler": "dpmpp2m"}, id="sampler",
-                 marks=pytest.mark.xfail(strict=True, reason=DROPPED)),
-    pytest.param(["model.num_classes=3", "sample.guidance_scale=3.0"], {"guidance_scale": 3.0}, id="guidance",
-                 marks=pytest.mark.xfail(strict=True, reason=DROPPED)),
+    pytest.param(["sample.steps=2", "diffusion.timestep_spacing=trailing"], {"steps": 2}, id="student-steps"),
+    pytest.param(["sample.eta=0.5"], {"eta": 0.5}, id="eta"),
+    pytest.param(["sample.sampler=dpmpp2m"], {"sampler": "dpmpp2m"}, id="sampler"),
+    pytest.param(["model.num_classes=3", "sample.guidance_scale=3.0"], {"guidance_scale": 3.0}, id="guidance"),
 ]
 
 
@@ -137,3 +131,70 @@ def test_the_export_samples_what_the_checkpoint_samples_with_its_recorded_settin
     ours = draw_as_sample_py(ema, Diffusion.from_config(cfg.diffusion), cfg, labels)
     theirs = draw_as_sample_py(back, diffusion, back_cfg, labels)
     assert (ours - theirs).abs().max() < 1e-6  # measured 0.0 on CPU (bitwise); margin for summation order
+
+
+# ---------------------------------------------------------------- as a user meets it: the same PNGs, byte for byte
+def run(workdir, *argv) -> str:
+    import os
+    import subprocess
+    import sys
+
+    from safety import REPO
+    proc = subprocess.run([sys.executable, str(REPO / argv[0]), *argv[1:]], cwd=workdir, capture_output=True,
+                          text=True, env={**os.environ, "OMP_NUM_THREADS": "1"}, timeout=300)
+    assert proc.returncode == 0, proc.stdout + proc.stderr[-3000:]
+    return proc.stdout + proc.stderr
+
+
+def same_pngs_from_export(workdir, checkpoint: str) -> list[str]:
+    """export.py the checkpoint, then sample.py with no sampling flag from both: the PNGs must be equal bytes.
+    Returns the default folders sample.py chose for the two (their names carry the settings used)."""
+    run(workdir, "export.py", "--checkpoint", checkpoint, "--out", "exp")
+    run(workdir, "sample.py", "--checkpoint", checkpoint, "--out", "a", "--amp", "off")
+    run(workdir, "sample.py", "--pretrained", "exp", "--out", "b", "--amp", "off")
+    names = sorted(p.name for p in (workdir / "a").glob("*.png"))
+    assert names and names == sorted(p.name for p in (workdir / "b").glob("*.png"))
+    for name in names:
+        assert (workdir / "a" / name).read_bytes() == (workdir / "b" / name).read_bytes(), name
+    run(workdir, "sample.py", "--pretrained", "exp", "--amp", "off")
+    return [p.name for p in (workdir / "results" / "images" / "pretrained_exp").iterdir()]
+
+
+def test_a_guided_class_conditional_export_samples_the_checkpoints_pngs(workdir):
+    run(workdir, "train.py", "--config", DIGITS, *TINY, "run_name=g", "model.num_classes=10", "train.max_steps=2",
+        "sample.guidance_scale=2", "sample.eta=0.5", "sample.steps=3", "diffusion.timestep_spacing=linspace")
+    assert same_pngs_from_export(workdir, "checkpoints/g/last.pt") == ["ddim_3_0_eta0.5_g2"]
+
+
+def test_a_distilled_students_export_samples_its_few_step_pngs(workdir):
+    run(workdir, "train.py", "--config", DIGITS, *TINY, "run_name=t", "train.max_steps=2")
+    run(workdir, "distill.py", "--teacher", "checkpoints/t/last.pt", "--start-steps", "8", "--steps", "2",
+        "--round-steps", "1")
+    assert same_pngs_from_export(workdir, "checkpoints/t_distill/last.pt") == ["ddim_2_0"]
+
+
+@pytest.mark.parametrize("recorded, words", [
+    ({"sampler": "euler"}, "_ddpm_lab_sample sampler 'euler'"), ({"steps": "4"}, "sample.steps"),
+    ({"steps": 10 ** 6}, "steps = 1000000"), ({"eta": -1}, "eta = -1"), ({"guidance_scale": float("nan")}, "finite"),
+    ({"batch_size": 0}, "batch_size"), ({"seed": 1}, "only the keys"), ([1, 2], "only the keys")])
+def test_a_hand_edited_recorded_setting_is_one_clear_error(tmp_path, recorded, words):
+    import json
+
+    from config import ConfigError
+    exported(tmp_path, [])
+    path = tmp_path / "exp" / "scheduler" / "scheduler_config.json"
+    config = json.loads(path.read_text())
+    path.write_text(json.dumps({**config, "_ddpm_lab_sample": recorded}))
+    with pytest.raises(ConfigError, match=words):
+        pretrained.load_pretrained(str(tmp_path / "exp"))
+
+
+def test_a_diffusers_folder_without_the_recorded_settings_samples_with_the_defaults(tmp_path):
+    import json
+    exported(tmp_path, ["sample.steps=3", "sample.eta=0.5"])
+    path = tmp_path / "exp" / "scheduler" / "scheduler_config.json"
+    config = json.loads(path.read_text())
+    del config["_ddpm_lab_sample"]
+    path.write_text(json.dumps(config))
+    back_cfg = pretrained.load_pretrained(str(tmp_path / "exp"))[2]
+    assert (back_cfg.sample.sampler, back_cfg.sample.steps, back_cfg.sample.eta) == ("ddim", 20, 0.0)

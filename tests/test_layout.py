@@ -4,7 +4,8 @@
     storage/                    config
     model, diffusion,           config, storage (the core)
     dataset, utils
-    sampling/                   the core and below
+    limits/                     the core and below (cost estimates, on the meta device)
+    sampling/                   limits, the core and below
     training/, editing/,        sampling and below (never each other)
     evaluation/, interop/
     train.py, sample.py, ...    anything but another script
@@ -26,8 +27,9 @@ CORE = {"model", "diffusion", "dataset", "utils"}
 FEATURES = {"training", "editing", "evaluation", "interop"}
 # What each layer may import (by top-level name); a module may always import its own package.
 ALLOWED = {"config": set(), "storage": {"config"}, "core": {"config", "storage"},
-           "sampling": {"config", "storage"} | CORE, "feature": {"config", "storage", "sampling"} | CORE,
-           "interop": {"config", "storage"} | CORE}
+           "limits": {"config", "storage"} | CORE, "sampling": {"config", "storage", "limits"} | CORE,
+           "feature": {"config", "storage", "limits", "sampling"} | CORE,
+           "interop": {"config", "storage", "limits"} | CORE}
 
 
 def module_name(path: Path) -> str:
@@ -62,7 +64,7 @@ def imports(path: Path) -> list[tuple[str, list[str]]]:
 
 def layer(module: str) -> str:
     top = module.split(".")[0]
-    if top in ("config", "storage", "sampling", "interop", "bench"):
+    if top in ("config", "storage", "limits", "sampling", "interop", "bench"):
         return top
     if top in CORE:
         return "core"
@@ -159,7 +161,7 @@ def cycles(graph: dict[str, set[str]]) -> list[list[str]]:
 
 def test_the_walk_sees_every_layer():
     layers = {layer(m) for m in PROJECT}
-    assert {"config", "storage", "core", "sampling", "feature", "interop", "script", "bench"} <= layers
+    assert {"config", "storage", "core", "limits", "sampling", "feature", "interop", "script", "bench"} <= layers
     assert "other" not in layers, sorted(m for m in PROJECT if layer(m) == "other")
 
 
@@ -184,6 +186,8 @@ def test_the_checks_fail_on_planted_bad_imports(tmp_path, monkeypatch):
             ("", "diffusion.py", "def f():\n    from editing.algorithms import inpaint\n"),
             ("", "config.py", "from storage.paths import RunPaths\n"),
             ("storage", "x.py", "import model\n"),
+            ("limits", "x.py", "from sampling import generate\n"),
+            ("storage", "y.py", "import limits\n"),
             ("training", "x.py", "from editing import modes\n"),
             ("bench", "x.py", "from sample import main\n"),
             ("", "train.py", "import sample\n")]:

@@ -180,7 +180,7 @@ def without_snapshot(workdir: Path) -> None:
 
 
 SAMPLE = ["sample.py", "--device", "cpu", "--num-samples", "2", "--out", "out"]
-EVAL = ["evaluate.py", "--device", "cpu", "--num-samples", "2", "--results-dir", "res"]
+EVAL = ["evaluate.py", "--device", "cpu", "--num-samples", "4", "--results-dir", "res"]
 KEEP = ("checkpoints/*/*.pt", "checkpoints/*/ema/*.pt")
 CASES = [
     Case("sample-ema-length", [*SAMPLE, "--checkpoint", "checkpoints/ph/last.pt", "--ema-length", "0.08"], 0,

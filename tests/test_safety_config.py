@@ -9,6 +9,7 @@ from __future__ import annotations
 import atexit
 import functools
 import os
+import re
 import shutil
 import subprocess
 import sys
@@ -44,18 +45,19 @@ def trained_run() -> Path:
     return root / "checkpoints"
 
 
-def with_run(*, drop_last: bool = False, run_name: str | None = None):
+def with_run(*, drop_last: bool = False, run_name: str | None = None, lr: float | None = None):
     """Copies the trained run into the working folder; optionally without last.pt, or with a stored run_name
     changed (as a hand-edited or foreign checkpoint could hold)."""
     def setup(workdir: Path) -> None:
         shutil.copytree(trained_run(), workdir / "checkpoints")
         if drop_last:
             (workdir / "checkpoints" / "digits" / "last.pt").unlink()
-        if run_name is not None:
+        if run_name is not None or lr is not None:
             import torch
             path = workdir / "checkpoints" / "digits" / "last.pt"
             ckpt = torch.load(path, weights_only=True)
-            ckpt["config"]["run_name"] = run_name
+            ckpt["config"]["run_name"] = run_name or ckpt["config"]["run_name"]
+            ckpt["config"]["train"]["lr"] = ckpt["config"]["train"]["lr"] if lr is None else lr
             torch.save(ckpt, path)
     return setup
 
@@ -128,6 +130,38 @@ CASES = [
     # 9. flags and key=value overrides in any order
     Case("flags_between_overrides", ["train.py", *TINY[:3], "--config", DIGITS, "run_name=x", "--overwrite",
                                      *TINY[3:], "train.max_steps=2"], 0, r"finished x"),
+    # 10. every value by its rule in config.RANGES: finite, in range, from any source (issue #23); these were
+    # torch tracebacks, runs that trained to garbage with exit 0, or a NaN loss at step 2
+    *[Case(f"value_{key}_{value}", ["train.py", "--config", DIGITS, *TINY, "train.max_steps=3", f"{key}={value}"], 1,
+           rf"config key '{key}' must be {re.escape(allowed)}", absent=("checkpoints/*",))
+      for key, value, allowed in [
+          ("train.lr", ".nan", "> 0 and finite"), ("train.lr", "inf", "> 0 and finite"),
+          ("train.weight_decay", ".nan", ">= 0 and finite"), ("train.cond_drop_prob", "5", "in [0, 1] and finite"),
+          ("diffusion.min_snr_gamma", ".nan", "> 0 and finite"), ("train.grad_clip", ".nan", "finite"),
+          ("model.norm_eps", ".nan", "> 0 and finite"), ("train.adam_beta1", "1.5", "in [0, 1) and finite"),
+          ("model.norm_groups", "0", "> 0"), ("seed", "99999999999999999999999", "in [0, 2**63-1]"),
+          ("seed", "-1", "in [0, 2**63-1]")]],
+    Case("value_min_snr_gamma_in_a_yaml_preset", ["train.py", "--config", "my.yaml", *TINY, "train.max_steps=3"], 1,
+         r"config key 'diffusion\.min_snr_gamma' must be > 0 and finite, got nan",
+         setup=write("my.yaml", "data:\n  dataset: digits\ndiffusion:\n  loss_weighting: min_snr\n"
+                                "  min_snr_gamma: .nan\n"),
+         keep=("my.yaml",)),
+    Case("value_toy_num_points_zero", ["train.py", "--config", TOY2D, *TOY_TINY, "data.toy_num_points=0"], 1,
+         r"'data\.toy_num_points' must be > 0", absent=("checkpoints/*",)),
+    Case("value_stored_lr_nan_resume", ["train.py", "--resume", "checkpoints/digits/last.pt", "train.max_steps=4"], 1,
+         r"'train\.lr' must be > 0 and finite, got nan", setup=with_run(lr=float("nan")),
+         keep=("checkpoints/digits/*",)),
+    Case("value_stored_lr_nan_distill", ["distill.py", "--teacher", "checkpoints/digits/last.pt", "--start-steps", "4",
+                                         "--steps", "2", "--round-steps", "1"], 1,
+         r"'train\.lr' must be > 0 and finite, got nan", setup=with_run(lr=float("nan")),
+         absent=("checkpoints/digits_distill",)),
+    Case("value_distill_guidance_nan", ["distill.py", "--teacher", "checkpoints/digits/last.pt", "--start-steps", "4",
+                                        "--steps", "2", "--round-steps", "1", "--guidance-scale", "nan"], 1,
+         r"--guidance-scale must be finite, got nan", setup=with_run(), absent=("checkpoints/digits_distill",)),
+    Case("value_distill_lr_nan", ["distill.py", "--teacher", "checkpoints/digits/last.pt", "--start-steps", "4",
+                                  "--steps", "2", "--round-steps", "1", "train.lr=nan"], 1,
+         r"'train\.lr' must be > 0 and finite, got nan", setup=with_run(), absent=("checkpoints/digits_distill",)),
+    Case("argparse_error_exits_1", ["train.py", "--bogus"], 1, r"error: unrecognized arguments: --bogus"),
     # sanity: a valid tiny run still works
     Case("valid_tiny_run", ["train.py", "--config", DIGITS, *TINY, "train.max_steps=2", "run_name=ok"], 0,
          r"finished ok"),

@@ -45,6 +45,17 @@ def mnist_cut(name: str, compress: bool):
     return setup
 
 
+def mnist_float_images(workdir: Path) -> None:
+    """MNIST's files, the training images stored as IDX floats (type code 0x0D) in [0, 1], not unsigned bytes."""
+    import struct
+    raw = workdir / "data" / "MNIST" / "raw"
+    for split in ("train", "t10k"):
+        write_mnist(raw, n=6, split=split)
+    images = np.random.default_rng(0).random((6, 28, 28)).astype(">f4")
+    (raw / "train-images-idx3-ubyte").write_bytes(struct.pack(">I", 0x0D03) + struct.pack(">3I", 6, 28, 28)
+                                                  + images.tobytes())
+
+
 def hostile_cifar(workdir: Path) -> None:
     write_cifar10(workdir / "data", per_batch=2)
     write_hostile_batch(workdir / "data" / "cifar-10-batches-py" / "test_batch", workdir / "ran")
@@ -52,7 +63,25 @@ def hostile_cifar(workdir: Path) -> None:
 
 MNIST_CLI = ["dataset.py", "--dataset", "mnist", "--root", "data", "--image-size", "28", "--no-download"]
 
+def grey_folder_and_file(name: str, link: bool = False):
+    """Setup: grey_folder plus the user's file `name` (with `link`: `name` is a symlink to the user's mine.png)."""
+    def setup(workdir: Path) -> None:
+        grey_folder(workdir)
+        (workdir / "mine.png").write_text("the user's file")
+        if link:
+            (workdir / name).symlink_to(workdir / "mine.png")
+        elif name != "mine.png":
+            (workdir / name).write_text("the user's file")
+    return setup
+
+
 CASES = [
+    # --preview goes through the output guard: an existing file only with --overwrite, never through a link.
+    Case("preview-keeps-an-existing-file", PREVIEW + ["--preview", "mine.png"], 1,
+         r"'mine\.png' already exists: move it away, or pass --overwrite", grey_folder_and_file("mine.png"),
+         keep=("mine.png",)),
+    Case("preview-is-a-link", PREVIEW + ["--preview", "p.png", "--overwrite"], 1, r"'p\.png' is a symbolic link",
+         grey_folder_and_file("p.png", link=True), keep=("mine.png",)),
     # Image folders: each kind of bad file is refused before any work, naming it (today: a traceback).
     Case("folder-corrupt-png", PREVIEW, 1, r"error: 1 of 5 files .*bad\.png \(broken PNG.*move them out",
          folder_with("corrupt", "bad.png"), keep=("imgs/*",)),
@@ -70,6 +99,9 @@ CASES = [
          mnist_cut("t10k-images-idx3-ubyte", compress=True), keep=("data/MNIST/raw/*",)),
     Case("mnist-short-idx", MNIST_CLI, 1, r"error: .*train-labels-idx1-ubyte' is truncated or corrupt: its header "
          r"says \(6,\).*delete it", mnist_cut("train-labels-idx1-ubyte", compress=False), keep=("data/MNIST/raw/*",)),
+    # IDX images of another type than unsigned bytes (floats would be read as black digits) are refused.
+    Case("mnist-float-idx-images", MNIST_CLI, 1, r"error: .*train-images-idx3-ubyte' holds IDX type code 0x0D "
+         r"\(float32\), not 0x08 \(uint8\).*delete it", mnist_float_images, keep=("data/MNIST/raw/*",)),
     # A CIFAR-10 batch that would run a command when unpickled is refused, and the command never runs.
     Case("cifar10-hostile-pickle", ["dataset.py", "--dataset", "cifar10", "--root", "data", "--no-download"], 1,
          r"error: .*test_batch' .*posix\.system.*refused", hostile_cifar,

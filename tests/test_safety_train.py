@@ -4,9 +4,12 @@ from __future__ import annotations
 
 import argparse
 import fcntl
+import functools
 import os
+import pickle
 import subprocess
 import sys
+import tempfile
 from pathlib import Path
 
 import pytest
@@ -79,7 +82,77 @@ def diverging_resume(root: Path):
                    env={**os.environ, "OMP_NUM_THREADS": "1"})
 
 
+@functools.cache
+def trained_run() -> Path:
+    """A healthy 4-step tiny run, trained once per test process (the doctored cases copy its last.pt)."""
+    root = Path(tempfile.mkdtemp(prefix="trained_run_"))
+    subprocess.run([sys.executable, str(REPO / "train.py"), "--config", DIGITS, *TINY, "run_name=t",
+                    "train.max_steps=4"], cwd=root, check=True, capture_output=True,
+                   env={**os.environ, "OMP_NUM_THREADS": "1"})
+    return root / "checkpoints" / "t" / "last.pt"
+
+
+def doctored(change):
+    """Setup: checkpoints/t/last.pt, a real checkpoint of train.py with `change(ckpt dict)` applied (a hand edit)."""
+    def setup(root: Path):
+        ckpt = torch.load(trained_run(), weights_only=True)
+        change(ckpt)
+        (root / "checkpoints" / "t").mkdir(parents=True)
+        torch.save(ckpt, root / "checkpoints" / "t" / "last.pt")
+    return setup
+
+
+def set_entry(key, value):
+    return doctored(lambda ckpt: ckpt.update({key: value}))
+
+
+def nan_weights(ckpt):
+    ckpt["model"]["conv_in.weight"] = ckpt["model"]["conv_in.weight"] * float("nan")
+
+
+def two_step_run(run: str, then=None):
+    """Setup: a 2-step run `run` (checkpoints/<run>/last.pt, loss plot, grid), then `then(root)`."""
+    def setup(root: Path):
+        subprocess.run([sys.executable, str(REPO / "train.py"), "--config", DIGITS, *TINY, f"run_name={run}",
+                        "train.max_steps=2"], cwd=root, check=True, capture_output=True,
+                       env={**os.environ, "OMP_NUM_THREADS": "1"})
+        if then is not None:
+            then(root)
+    return setup
+
+
+def user_file(name: str, link: str = ""):
+    """Setup: the user's file `name` (outside the run folders); with `link`, a symlink `link` -> it."""
+    def setup(root: Path):
+        (root / name).parent.mkdir(parents=True, exist_ok=True)
+        (root / name).write_text("the user's file")
+        if link:
+            (root / link).parent.mkdir(parents=True, exist_ok=True)
+            (root / link).unlink(missing_ok=True)
+            (root / link).symlink_to(root / name)
+    return setup
+
+
+def linked_folder(link: str, target: str):
+    """Setup: the run folder `link` is a symlink to the folder `target` outside results/ and checkpoints/."""
+    def setup(root: Path):
+        (root / target).mkdir(parents=True)
+        (root / link).parent.mkdir(parents=True, exist_ok=True)
+        (root / link).symlink_to(root / target, target_is_directory=True)
+    return setup
+
+
+FULL_DISK = str(REPO / "tests" / "full_disk")  # its sitecustomize makes fsync of matching files fail (ENOSPC)
+
+
+def full_disk(match: str) -> dict:
+    return {"PYTHONPATH": FULL_DISK, "DDPM_TEST_FULL_DISK": match}
+
+
 TRAIN = ["train.py", "--config", DIGITS, *TINY]
+RESUME = ["train.py", "--resume", "checkpoints/t/last.pt", "train.max_steps=6"]
+KEEP_RUN = ("checkpoints/t/*",)
+NOTHING_WRITTEN = ("checkpoints/t/step_*", "results")
 CASES = [
     Case("second-run-refused-while-locked", TRAIN + ["run_name=lk", "train.max_steps=2"], 1,
          rf"checkpoints/lk/ is in use by another train\.py \(PID {os.getpid()} on otherhost\)", hold_lock("lk"),
@@ -101,6 +174,51 @@ CASES = [
           "train.max_steps=40", "train.max_nonfinite=4"], 1,
          r"last good checkpoint is checkpoints/dv/step_0000008\.pt \(step 8.*--resume checkpoints/dv/step_0000008\.pt",
          diverging_resume, keep=("checkpoints/dv/step_0000008.pt",)),
+    # The training state inside a checkpoint is validated at load, before anything is written.
+    Case("resume-negative-step", RESUME, 1, r"'checkpoints/t/last\.pt' holds an invalid step: -3, not a whole number",
+         set_entry("step", -3), keep=KEEP_RUN, absent=NOTHING_WRITTEN),
+    Case("resume-text-step", RESUME, 1, r"invalid step: 'four'", set_entry("step", "four"), keep=KEEP_RUN,
+         absent=NOTHING_WRITTEN),
+    Case("resume-garbage-rng", RESUME, 1, r"invalid rng: not a dict", set_entry("rng", "garbage"), keep=KEEP_RUN,
+         absent=NOTHING_WRITTEN),
+    Case("resume-rng-of-wrong-size", RESUME, 1, r"invalid rng: the state of rank 0 is malformed \(RuntimeError",
+         doctored(lambda c: c["rng"]["ranks"][0].update(torch=torch.zeros(3, dtype=torch.uint8))), keep=KEEP_RUN,
+         absent=NOTHING_WRITTEN),
+    Case("resume-garbage-data-state", RESUME, 1, r"invalid data_state: position is None",
+         set_entry("data_state", {"epoch": 0}), keep=KEEP_RUN, absent=NOTHING_WRITTEN),
+    Case("resume-negative-data-position", RESUME, 1, r"invalid data_state: position is -7",
+         doctored(lambda c: c["data_state"].update(position=-7)), keep=KEEP_RUN, absent=NOTHING_WRITTEN),
+    Case("resume-nan-weights", RESUME, 1, r"model weights hold NaN or inf in 1 tensor \(conv_in\.weight\).*cannot "
+         r"recover", doctored(nan_weights), keep=KEEP_RUN, absent=NOTHING_WRITTEN),
+    Case("resume-from-raw-pickle", ["train.py", "--resume", "raw.pt"], 1, r"\A(?!.*truncated).*'raw\.pt' is a raw "
+         r"pickle file", lambda root: (root / "raw.pt").write_bytes(pickle.dumps({"step": 1})), keep=("raw.pt",)),
+    Case("resume-from-legacy-format-unsafe-file", ["train.py", "--resume", "old.pt"], 1,
+         r"\A(?!.*truncated).*'old\.pt' is not a ddpm-lab checkpoint and may be unsafe",
+         lambda root: torch.save({"config": {}, "model": {}, "args": argparse.Namespace()}, root / "old.pt",
+                                 _use_new_zipfile_serialization=False), keep=("old.pt",)),
+    # the output guard (storage.files.write_output): links out, files of an earlier run, a full disk
+    Case("fresh-run-over-an-earlier-loss-plot", TRAIN + ["run_name=lp", "train.max_steps=1"], 1,
+         r"run_name=lp already holds a run \(results/plots/lp/loss\.png\).*--overwrite",
+         user_file("results/plots/lp/loss.png"), keep=("results/plots/lp/loss.png",)),
+    Case("fresh-run-over-earlier-logs", TRAIN + ["run_name=lg", "train.max_steps=1"], 1,
+         r"already holds a run \(results/logs/lg/events\.out", user_file("results/logs/lg/events.out"),
+         keep=("results/logs/lg/*",)),
+    Case("resume-loss-plot-is-a-link-out", ["train.py", "--resume", "checkpoints/sl/last.pt", "train.max_steps=3"], 1,
+         r"'results/plots/sl/loss\.png' is a symbolic link",
+         two_step_run("sl", user_file("outside.png", "results/plots/sl/loss.png")), keep=("outside.png",)),
+    Case("plots-folder-is-a-link-out", TRAIN + ["run_name=pl", "train.max_steps=1"], 1,
+         r"outside 'results' \(through the link 'results/plots/pl'\)", linked_folder("results/plots/pl", "elsewhere"),
+         absent=("elsewhere/*",)),
+    Case("logs-folder-is-a-link-out", TRAIN + ["run_name=ll", "train.max_steps=1"], 1,
+         r"through the link 'results/logs/ll'", linked_folder("results/logs/ll", "elsewhere"), absent=("elsewhere/*",)),
+    Case("disk-full-at-a-checkpoint-save", ["train.py", "--resume", "checkpoints/df/last.pt", "train.max_steps=4"], 1,
+         r"error: no space left on device writing 'checkpoints/df/step_0000004\.pt' \([\d.]+ [KMG]B free\): free "
+         r"some space",
+         two_step_run("df"), keep=("checkpoints/df/last.pt", "checkpoints/df/step_0000002.pt"),
+         absent=("checkpoints/df/.*.tmp",), env=full_disk("checkpoints/df/")),
+    Case("disk-full-at-a-training-grid", TRAIN + ["run_name=dg", "train.max_steps=2"], 1,
+         r"no space left on device writing 'results/images/dg/step_0000002\.png'", env=full_disk("step_0000002.png"),
+         absent=("results/images/dg/step_0000002.png",)),
 ]
 
 

@@ -362,6 +362,30 @@ def test_sigterm_finishes_the_step_saves_and_prints_the_resume_command(workdir):
     assert ckpt("sig")["step"] == step + 2
 
 
+@pytest.mark.parametrize("sig", [signal.SIGTERM, signal.SIGINT], ids=["SIGTERM", "SIGINT"])
+def test_only_ctrl_c_is_told_that_ctrl_c_again_aborts(workdir, sig):
+    """A SIGTERM (kill, SLURM, docker stop) is not a key press: its line has no Ctrl-C hint; Ctrl-C's has."""
+    out = workdir / "out.txt"
+    cmd = [sys.executable, str(REPO / "train.py"), "--config", DIGITS, *TINY, "run_name=hint",
+           "train.max_steps=100000"]
+    with open(out, "w") as f:
+        proc = subprocess.Popen(cmd, stdout=f, stderr=subprocess.STDOUT, cwd=workdir,
+                                env={**os.environ, "OMP_NUM_THREADS": "1"})
+    try:
+        deadline = time.monotonic() + 120
+        while not re.search(r"\| [1-9]\d*/100000", out.read_text()) and proc.poll() is None \
+                and time.monotonic() < deadline:  # steps are running: the handler is installed
+            time.sleep(0.2)
+        proc.send_signal(sig)
+        assert proc.wait(timeout=120) == 128 + sig, out.read_text()[-3000:]
+    finally:
+        if proc.poll() is None:
+            proc.kill()
+    text = out.read_text()
+    assert f"{sig.name}: finishing the current step, then saving a checkpoint" in text
+    assert ("Ctrl-C again" in text) == (sig == signal.SIGINT), text[-3000:]
+
+
 def test_sigterm_to_the_process_group_with_data_workers_still_saves(workdir):
     """torchrun / SLURM signal the whole process group: the data workers must leave shutdown to the main
     process, which finishes the step and saves (before, a worker died first and the save never happened)."""

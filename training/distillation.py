@@ -45,7 +45,7 @@ from typing import Callable, Optional
 
 import torch
 
-from config import Config, ConfigError, config_with_overrides, to_dict, validate
+from config import Config, ConfigError, check_value, config_with_overrides, to_dict, validate
 from diffusion import DATA_T, Diffusion
 from storage.checkpoints import CheckpointError, copy_checkpoint
 from training.hooks import TrainerHook
@@ -204,6 +204,7 @@ def distill_config(teacher_cfg: Config, plan: DistillPlan, overrides: list[str])
     if teacher_cfg.model.kind == "mlp":
         raise ConfigError("distillation needs an image model: this teacher is a 2-D toy model (model.kind=mlp); "
                           "pass a checkpoint of an image run (e.g. configs/digits.yaml)")
+    check_value("sample.guidance_scale", plan.guidance_scale, "--guidance-scale")  # NaN gave an untrained student
     plan.rounds = distillation_rounds(plan.start_steps, plan.steps, teacher_cfg.diffusion.num_timesteps)
     if plan.guidance_scale != 1.0 and teacher_cfg.model.num_classes == 0:
         raise ConfigError(f"--guidance-scale {plan.guidance_scale:g} needs a class-conditional teacher; this one "
@@ -277,6 +278,7 @@ class DistillRounds(TrainerHook):
 
     def __init__(self, plan: DistillPlan, overwrite: bool = False):
         self.plan, self.overwrite, self.round = plan, overwrite, 0
+        self.shown_round: Optional[int] = None  # the round whose progress bar is on screen
         self.loss = DistillationLoss(plan.guidance_scale)
 
     def on_setup(self, trainer: Trainer, ckpt: Optional[dict]) -> None:
@@ -309,8 +311,20 @@ class DistillRounds(TrainerHook):
     def on_step_start(self, trainer: Trainer) -> None:
         """[PD] Alg. 2 at a round boundary: the student becomes the teacher, and the next student starts as a
         copy of it (EMA, Adam moments, LR schedule and loss watch restart)."""
-        if trainer.step // self.plan.round_steps <= self.round:
-            return
+        if trainer.step // self.plan.round_steps > self.round:
+            self.next_round(trainer)
+        if self.shown_round != self.round and trainer.logger:
+            self.show_round(trainer)
+
+    def show_round(self, trainer: Trainer) -> None:
+        """The round's own progress bar: "round 2/3: 8 → 4 steps" (a resumed run starts it part-way)."""
+        plan, i = self.plan, self.round
+        teacher_steps = plan.start_steps if i == 0 else plan.rounds[i - 1]
+        trainer.logger.start_bar(f"round {i + 1}/{len(plan.rounds)}: {teacher_steps} → {plan.rounds[i]} steps",
+                                 plan.round_steps, trainer.step - i * plan.round_steps)
+        self.shown_round = i
+
+    def next_round(self, trainer: Trainer) -> None:
         student = trainer.ema.model.state_dict()
         self.loss.teacher.load_state_dict(student)
         trainer.load_weights(student)

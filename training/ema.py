@@ -10,7 +10,7 @@ import torch
 
 from sampling.posthoc import power_ema_beta, sigma_rel_to_gamma, snapshot_name
 from storage.checkpoints import CheckpointError
-from storage.files import atomic_write
+from storage.files import write_output
 
 
 class EMA:
@@ -83,7 +83,7 @@ class PowerFunctionEMA:
         """folder/ema_XXXXXXX.pt: every profile at `step` (atomic; torch.save of plain tensors)."""
         path = Path(folder) / snapshot_name(step)
         state = {"step": int(step), **{k: v for k, v in self.state_dict().items() if k != "snapshot_steps"}}
-        atomic_write(path, lambda f: torch.save(state, f))
+        write_output(path, lambda f: torch.save(state, f), replace=True)  # in the checked run folder
         if step not in self.snapshot_steps:
             self.snapshot_steps.append(int(step))
         return path

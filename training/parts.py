@@ -134,8 +134,10 @@ class StopSignals:
         if self.signum is not None and signum == signal.SIGINT:
             raise KeyboardInterrupt
         self.signum = signum
-        tqdm.write(f"\n{signal.Signals(signum).name}: finishing the current step, then saving a checkpoint "
-                   "(Ctrl-C again aborts without saving)")
+        # Only a Ctrl-C (SIGINT) can be followed by another Ctrl-C; a SIGTERM (kill, SLURM, docker stop) comes
+        # from elsewhere, and a second SIGTERM does not abort, so its line names no key to press.
+        hint = " (Ctrl-C again aborts without saving)" if signum == signal.SIGINT else ""
+        tqdm.write(f"\n{signal.Signals(signum).name}: finishing the current step, then saving a checkpoint{hint}")
 
     def restore(self) -> None:
         for sig, handler in self._previous.items():

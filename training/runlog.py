@@ -12,6 +12,7 @@ from config import Config
 from sampling.conditioning import with_condition
 from sampling.conditions import save_comparison
 from sampling.pictures import save_image_grid, save_loss_plot, save_scatter_plot
+from storage.files import check_output_folder
 
 PLOT_EVERY_S = 30.0                           # loss.png refresh interval (also at every sample/checkpoint)
 
@@ -21,13 +22,18 @@ class RunLogger:
 
     def __init__(self, cfg: Config, start_step: int, history: list[float], results_root: Path):
         from torch.utils.tensorboard import SummaryWriter  # slow import: only on the logging rank
-        self.log_dir = results_root / "logs" / cfg.run_name
+        self.log_dir = check_output_folder(results_root / "logs" / cfg.run_name)  # no link out of results/
         self.plot_path = results_root / "plots" / cfg.run_name / "loss.png"
         # purge_step hides events a crashed run wrote after the checkpoint we resume from.
         self.writer = SummaryWriter(str(self.log_dir), purge_step=start_step + 1 if start_step else None)
         self.history, self.run_name, self._plotted_at = history, cfg.run_name, 0.0
         self.bar = tqdm(total=cfg.train.max_steps, initial=start_step, desc=cfg.run_name, unit="step",
                         dynamic_ncols=True)
+
+    def start_bar(self, desc: str, total: int, initial: int = 0) -> None:
+        """A new progress bar (e.g. one per distillation round), the previous one left on screen as it ended."""
+        self.bar.close()
+        self.bar = tqdm(total=total, initial=initial, desc=desc, unit="step", dynamic_ncols=True)
 
     def scalars(self, step: int, values: dict) -> None:
         for tag, value in values.items():

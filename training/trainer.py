@@ -27,6 +27,7 @@ import torch.distributed as dist
 from config import Config, ConfigError
 from dataset import build_dataset, check_data
 from diffusion import build_diffusion
+from limits import check_training
 from model import build_model
 from sampling.conditioning import conditioned
 from sampling.conditions import held_out_conditions
@@ -83,6 +84,7 @@ class Trainer:
         if ckpt is not None:
             check_resumable(ckpt, cfg, resumed_from)
             warn_thread_count(ckpt, self.device)
+        check_training(cfg, self.device)  # before the run folder, the data or any tensor of the model
         self.lock = lock_run_dir(self.run_dir, self.dist)
         prepare_run_dir(cfg.run_name, self.dist, resuming=ckpt is not None, overwrite=overwrite)
         self.setup_data()
