@@ -8,7 +8,6 @@ instead of repeat, the halves swapped, a batch's slice of conditions or labels s
 so these tests compare values: a fake model records what it is called with, and its output depends on each row's
 own inputs only."""
 from pathlib import Path
-from types import SimpleNamespace
 
 import numpy as np
 import pytest
@@ -17,7 +16,7 @@ import torch.nn.functional as F
 from PIL import Image
 
 import sample
-from config import load_config, to_dict
+from config import Config, load_config, to_dict
 from diffusion import Diffusion, build_diffusion
 from model import build_model
 from sampling.conditioning import condition_from_input, make_condition, upsample
@@ -57,8 +56,11 @@ class Recorder:
         return fake_output(xt, t, y, cond)
 
 
-def fake_cfg(channels: int):
-    return SimpleNamespace(model=SimpleNamespace(kind="unet", in_channels=channels), data=SimpleNamespace(image_size=S))
+def fake_cfg(channels: int) -> Config:
+    """A real config of the shapes the recording model sees: generate's cost check estimates from it."""
+    cfg = Config()
+    cfg.model.in_channels, cfg.data.image_size = channels, S
+    return cfg
 
 
 def distinct_conditions(n: int, channels: int, seed: int = 0) -> torch.Tensor:
