@@ -19,7 +19,6 @@ data set is built. A bad file raises BadDataError (a DatasetMissingError) naming
 """
 from __future__ import annotations
 
-import argparse
 import dataclasses
 import functools
 import math
@@ -38,10 +37,11 @@ import torch.nn.functional as F
 from PIL import Image
 from torch.utils.data import Dataset, Subset, TensorDataset
 
-from config import DATASETS, TOY_DISTRIBUTIONS, Config, ConfigError, DataConfig, UserError
+from config import DATASETS, TOY_DISTRIBUTIONS, Config, ConfigError, DataConfig, UserError, check_value
 from storage.data_files import (CIFAR10_ARCHIVE, CIFAR10_CLASSES, CIFAR10_FOLDER, DIGIT_CLASSES, IDX_DATASETS,
     IDX_FILES, BadDataError, DatasetMissingError, check_image_files, first_line, folder_channels, open_as, read_cifar10,
     read_idx_split, scan_image_folder)
+from utils import ArgumentParser
 
 NETWORK_TIMEOUT_S = 10.0   # per connection attempt / socket read: offline fails in seconds, not minutes
 TOY_SEEDS = {True: 0, False: 1}  # toy2d train / test points: fixed draws, so the data set is deterministic
@@ -365,7 +365,7 @@ def _save_preview(train_set: Dataset, path: Path, toy: bool, replace: bool = Fal
 
 def main(argv: list[str] | None = None) -> int:
     defaults = DataConfig()
-    parser = argparse.ArgumentParser(description="Download/verify a data set, print a summary, save a preview.")
+    parser = ArgumentParser(description="Download/verify a data set, print a summary, save a preview.")
     parser.add_argument("--dataset", choices=DATASETS, default=defaults.dataset)
     parser.add_argument("--root", default=defaults.root, help="data folder (for 'folder': the image folder)")
     parser.add_argument("--image-size", type=int, default=defaults.image_size)
@@ -380,6 +380,8 @@ def main(argv: list[str] | None = None) -> int:
                           toy_num_points=args.toy_num_points)
     from storage.files import check_output_path
     try:
+        for key in ("image_size", "toy_num_points"):  # the config keys' own rules, as train.py applies them
+            check_value(f"data.{key}", getattr(args, key), "--" + key.replace("_", "-"))
         if args.preview:  # before the data is read
             check_output_path(args.preview, replace=args.overwrite)
         train_set, test_set = build_dataset(data_cfg, train=True), build_dataset(data_cfg, train=False)

@@ -65,7 +65,7 @@ def log_state_problem(state) -> Optional[str]:
 # The entries a resume reads besides the weights, and the check of each (only entries present are checked:
 # weights-only files lack them, and training/resume.py says so).
 STATE_CHECKS = {
-    "step": lambda v: None if _whole(v, 0) else f"{v!r}, not a whole number >= 0",
+    "step": lambda v: None if _whole(v, 0) and v < 2 ** 63 else f"{v!r}, not a whole number in 0..2**63-1",
     "ema_num_updates": lambda v: None if _number(v) else f"{v!r}, not a finite number >= 0",
     "lr_scheduler": lambda v: None if isinstance(v, dict) and _whole(v.get("last_epoch"), 0)
     else "not a schedule state with a last_epoch >= 0",

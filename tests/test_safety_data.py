@@ -106,6 +106,11 @@ CASES = [
     Case("cifar10-hostile-pickle", ["dataset.py", "--dataset", "cifar10", "--root", "data", "--no-download"], 1,
          r"error: .*test_batch' .*posix\.system.*refused", hostile_cifar,
          keep=("data/cifar-10-batches-py/*",), absent=("ran",)),
+    # dataset.py's flags: one line and exit 1 like every script (argparse's exit 2 before), the config keys' rules.
+    Case("dataset-unknown-name", ["dataset.py", "--dataset", "nope"], 1, r"error: argument --dataset: invalid "
+         r"choice: 'nope'"),
+    Case("dataset-negative-toy-points", ["dataset.py", "--dataset", "toy2d", "--toy-num-points", "-5"], 1,
+         r"error: --toy-num-points must be > 0, got -5"),
     # 16-bit grey PNGs keep their brightness (today: clipped to white, value range [1.000, 1.000]).
     Case("folder-16-bit-grey", PREVIEW, 0, r"item shape\s+\(1, 8, 8\).*value range\s+\[-0\.498, -0\.498\]",
          deep_grey_folder),

@@ -177,6 +177,8 @@ CASES = [
     # The training state inside a checkpoint is validated at load, before anything is written.
     Case("resume-negative-step", RESUME, 1, r"'checkpoints/t/last\.pt' holds an invalid step: -3, not a whole number",
          set_entry("step", -3), keep=KEEP_RUN, absent=NOTHING_WRITTEN),
+    Case("resume-huge-step", RESUME, 1, r"invalid step: 10{30}, not a whole number in 0\.\.2\*\*63-1",
+         set_entry("step", 10 ** 30), keep=KEEP_RUN, absent=NOTHING_WRITTEN),
     Case("resume-text-step", RESUME, 1, r"invalid step: 'four'", set_entry("step", "four"), keep=KEEP_RUN,
          absent=NOTHING_WRITTEN),
     Case("resume-garbage-rng", RESUME, 1, r"invalid rng: not a dict", set_entry("rng", "garbage"), keep=KEEP_RUN,
