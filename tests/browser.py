@@ -107,9 +107,13 @@ def fetch_image(src: str) -> np.ndarray:
 
 
 def wait_image(driver, elem_id, old_src: str = "", timeout: float = 30) -> np.ndarray:
-    """Waits until `elem_id` shows an image other than `old_src` and every event has finished; its pixels."""
-    src = wait(driver, lambda d: idle(d) and (s := image_src(d, elem_id)) and s != old_src and s,
-               timeout, f"an image in #{elem_id}")
+    """Waits until `elem_id` shows an image other than `old_src` and every event has finished; its pixels.
+    An error toast meanwhile fails at once with its text (toasts vanish after a few seconds)."""
+    def shown(d):
+        errors = toasts(d)
+        assert not errors, f"an error toast while waiting for #{elem_id}: {errors}"
+        return idle(d) and (s := image_src(d, elem_id)) and s != old_src and s
+    src = wait(driver, shown, timeout, f"an image in #{elem_id}")
     return fetch_image(image_src(driver, elem_id) or src)
 
 
@@ -147,6 +151,19 @@ def editor_geometry(driver, elem_id, image_shape):
     return canvas, float(zoom) / 100, (0, 0)
 
 
+def brush_size(driver, elem_id, size: int):
+    """Sets the editor's brush size (image pixels) with its own slider, as a user would."""
+    from selenium.webdriver.common.by import By
+    editor = by_id(driver, elem_id)
+    editor.find_element(By.CSS_SELECTOR, "button[aria-label='Brush Size']").click()
+    slider = wait(driver, lambda d: [i for i in editor.find_elements(By.CSS_SELECTOR, "input[type=range]")
+                                     if i.is_displayed()], 10, "the brush size slider")[0]
+    driver.execute_script("const s = arguments[0]; s.value = arguments[1];"
+                          "s.dispatchEvent(new Event('input', {bubbles: true}));"
+                          "s.dispatchEvent(new Event('change', {bubbles: true}))", slider, size)
+    editor.find_element(By.CSS_SELECTOR, "button[aria-label='Brush Size']").click()  # closes the slider
+
+
 def paint_row(driver, elem_id, image_shape, row: float = 0.5, start: float = 0.25, stop: float = 0.75):
     """Drags the brush along image row `row` (a fraction of the height) from x = start to stop (fractions)."""
     from selenium.webdriver.common.action_chains import ActionChains
@@ -155,6 +172,8 @@ def paint_row(driver, elem_id, image_shape, row: float = 0.5, start: float = 0.2
     if brush and "highlight" not in (brush[0].get_attribute("class") or ""):
         brush[0].click()  # the brush tool may not be the selected one
     canvas, scale, _ = editor_geometry(driver, elem_id, image_shape)
+    # WebDriver offsets count from the centre of the element's part in the window: show all of it first
+    driver.execute_script("arguments[0].scrollIntoView({block: 'center'})", by_id(driver, elem_id))
     height, width = image_shape[:2]
     y = (row - 0.5) * height * scale  # move_to_element_with_offset counts from the canvas centre
     x0, x1 = (start - 0.5) * width * scale, (stop - 0.5) * width * scale
@@ -175,3 +194,12 @@ def screenshot(driver, path, bottom_of=()):
         "clip": {"x": 0, "y": 0, "width": width, "height": int(bottom) + 24, "scale": 1}})
     Path(path).parent.mkdir(parents=True, exist_ok=True)
     Path(path).write_bytes(base64.b64decode(shot["data"]))
+
+
+def set_value(driver, elem_id, value):
+    """Types `value` into the number/text field of component `elem_id` and leaves it (Gradio reads it on blur)."""
+    from selenium.webdriver.common.by import By
+    from selenium.webdriver.common.keys import Keys
+    field = by_id(driver, elem_id).find_element(By.CSS_SELECTOR, "input:not([type=range]), textarea")
+    field.send_keys(Keys.CONTROL, "a")
+    field.send_keys(str(value), Keys.TAB)
