@@ -101,7 +101,7 @@ def inpaint(loaded: Loaded, image, region: str, mask, resample, jump, sampler: s
 
 def img2img(loaded: Loaded, image, strength, sampler: str, steps, seed, label=None, count=1) -> Result:
     """The Image-to-image tab (SDEdit): `strength` of the noise levels redone, in (0, 1]."""
-    path = store_input(as_image(image, "the image"), loaded.source.run)
+    path = store_input(as_image(image, "the uploaded image"), loaded.source.run)
     flags = ["--init-image", str(path), "--strength", f"{real(strength, 'strength', 0.01, 1.0):g}"]
     flags += sampling_flags(loaded.source.cfg, sampler, steps, None, None, label, seed)
     return run(loaded, flags + _per_input(count))

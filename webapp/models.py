@@ -29,7 +29,8 @@ class Loaded:
     and the lock that lets one request at a time use it."""
     name: str
     source: Source
-    argv: list[str]
+    argv: list[str]                   # the flags of the run (what the list says) and --device when given
+    listed: list[str]
     lock: threading.Lock = field(default_factory=threading.Lock)
 
 
@@ -92,8 +93,8 @@ class Models:
             shown = ", ".join(runs) or "none"
             raise RunError(f"run {str(name)[:80]!r} is not on this server's list ({shown}): pick one from the list")
         with self.loading:
-            if name not in self.loaded or self.loaded[name].argv != runs[name]:
+            if name not in self.loaded or self.loaded[name].listed != runs[name]:  # new, or another file now
                 flags = runs[name] + ([] if self.device == "auto" else ["--device", self.device])
                 args = parser().parse_args(flags)
-                self.loaded[name] = Loaded(name, load_source(args, parse_device(args.device)), flags)
+                self.loaded[name] = Loaded(name, load_source(args, parse_device(args.device)), flags, runs[name])
             return self.loaded[name]

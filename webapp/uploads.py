@@ -22,8 +22,8 @@ from storage.paths import RunPaths
 
 MAX_UPLOAD_BYTES = 8 * 2 ** 20
 MAX_UPLOAD_PIXELS = 4096 * 4096
-READ_ERRORS = (OSError, SyntaxError, ValueError, EOFError, Image.DecompressionBombError,
-               Image.DecompressionBombWarning)
+READ_ERRORS = (OSError, SyntaxError, ValueError, EOFError)
+BOMBS = (Image.DecompressionBombError, Image.DecompressionBombWarning)  # PIL's own guard, far above ours
 KEPT_MODES = ("L", "RGB")  # the modes the library reads as they are (grey: 1 channel, else RGB)
 
 
@@ -55,6 +55,9 @@ def check_upload(path: str | Path | bytes, what: str = "the upload") -> Image.Im
                 check_pixels(image, what)
                 image.load()  # the whole file: a truncated or corrupt body fails here
                 return normal_mode(image)
+    except BOMBS:
+        raise UploadError(f"{what} claims more pixels than PIL's own limit of {Image.MAX_IMAGE_PIXELS:,} (a "
+                          "decompression bomb): upload a smaller image") from None
     except READ_ERRORS as e:
         first = str(e).splitlines()[0] if str(e) else type(e).__name__
         raise UploadError(f"{what} is not an image the page can read ({first}): upload a PNG or JPEG "
