@@ -11,8 +11,8 @@ from sampling.images import BUILTIN_MASKS
 from webapp import handlers
 from webapp.models import Loaded, Models
 from webapp.requests import ALL_CLASSES, MAX_COUNT, MAX_FRAMES, MAX_REPAINT, MAX_STEPS
-from webapp.ui_parts import (CheckedEditor, CheckedImage, command_boxes, model_event, on_page, result_image, shown,
-                             stream_sampling)
+from webapp.ui_parts import (CheckedEditor, command_boxes, model_event, on_page, result_image, shown, stream_sampling,
+                             upload_image)
 
 
 def steps_seed(loaded: Loaded, prefix: str):
@@ -61,7 +61,7 @@ def inpaint_tab(models: Models, run, loaded: Loaded) -> None:
 def img2img_tab(models: Models, run, loaded: Loaded) -> None:
     with gr.Row():
         with gr.Column(scale=1):
-            image = CheckedImage(type="filepath", label="image", sources=["upload"], elem_id="img2img-input")
+            image = upload_image(label="image", elem_id="img2img-input")
             strength = gr.Slider(0.05, 1.0, value=0.6, step=0.05, label="strength (1 = ignore the image)",
                                  elem_id="img2img-strength")
             sampler = gr.Dropdown(["ddim", "ddpm", "dpmpp2m"], value="ddim", label="sampler",
@@ -78,8 +78,8 @@ def img2img_tab(models: Models, run, loaded: Loaded) -> None:
 
 def interpolate_tab(models: Models, run, loaded: Loaded) -> None:
     with gr.Row():
-        a = CheckedImage(type="filepath", label="image A", sources=["upload"], elem_id="interp-a")
-        b = CheckedImage(type="filepath", label="image B", sources=["upload"], elem_id="interp-b")
+        a = upload_image(label="image A", elem_id="interp-a")
+        b = upload_image(label="image B", elem_id="interp-b")
     with gr.Row():
         frames = gr.Number(8, label="frames", precision=0, minimum=2, maximum=MAX_FRAMES, elem_id="interp-frames")
         steps, seed = steps_seed(loaded, "interp")
@@ -94,7 +94,7 @@ def interpolate_tab(models: Models, run, loaded: Loaded) -> None:
 def invert_tab(models: Models, run, loaded: Loaded) -> None:
     with gr.Row():
         with gr.Column(scale=1):
-            image = CheckedImage(type="filepath", label="image", sources=["upload"], elem_id="invert-input")
+            image = upload_image(label="image", elem_id="invert-input")
             steps, seed = steps_seed(loaded, "invert")
             button = gr.Button("Invert and reconstruct", variant="primary", elem_id="invert-run")
         with gr.Column(scale=1):
@@ -109,7 +109,7 @@ def condition_tab(models: Models, run, loaded: Loaded) -> None:
     task = loaded.source.cfg.data.task
     with gr.Row():
         with gr.Column(scale=1):
-            image = CheckedImage(type="filepath", label=f"{task} input (empty: held-out images)", sources=["upload"],
+            image = upload_image(label=f"{task} input (empty: held-out images)", sources=["upload"],
                                  elem_id="condition-input")
             sampler = gr.Dropdown(["ddim", "ddpm", "dpmpp2m"], value="ddim", label="sampler",
                                   elem_id="condition-sampler")

@@ -36,12 +36,10 @@ def _checked(payload_file) -> None:
 
 
 class CheckedImage(gr.Image):
-    """gr.Image whose upload is checked (bytes, pixels, decodes) before Gradio opens it, and handed over as the
-    uploaded file itself: Gradio's default image_mode="RGB" would re-save a grey PNG as a lossy WebP."""
+    """gr.Image whose upload is checked (bytes, pixels, decodes) before Gradio opens it. Make it with
+    upload_image(): no __init__ of its own, since Gradio reads a component's settings from its __init__'s
+    signature."""
     is_template = True  # the browser draws it as a plain gr.Image
-
-    def __init__(self, *args, **kwargs):
-        super().__init__(*args, **{"image_mode": None, "format": "png", "type": "filepath", **kwargs})
 
     def preprocess(self, payload):
         _checked(payload)
