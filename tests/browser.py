@@ -118,7 +118,12 @@ def wait_image(driver, elem_id, old_src: str = "", timeout: float = 30) -> np.nd
 
 
 def upload(driver, elem_id, path):
+    """Sends `path` to the component's file field; one showing an image (or a broken one) is cleared first."""
     from selenium.webdriver.common.by import By
+    element = wait(driver, lambda d: by_id(d, elem_id), what=f"#{elem_id}")  # tabs render their content lazily
+    remove = element.find_elements(By.CSS_SELECTOR, "button[aria-label='Remove Image']")
+    if remove and not element.find_elements(By.CSS_SELECTOR, "input[type=file]"):
+        remove[0].click()
     field = wait(driver, lambda d: by_id(d, elem_id).find_elements(By.CSS_SELECTOR, "input[type=file]"),
                  what=f"the upload field of #{elem_id}")
     field[0].send_keys(str(Path(path).resolve()))

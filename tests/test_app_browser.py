@@ -4,13 +4,15 @@ with mouse events on the Inpaint canvas must change the painted pixels and keep 
 must give one line in an error toast while the server keeps serving.
 
 Select it with `pytest -m browser`; it skips (saying what is missing) without chromium, chromedriver, selenium or
-gradio. DDPM_LAB_SCREENSHOTS=DIR also saves one full-page PNG per tab into DIR (docs/app holds the README's).
+gradio. DDPM_LAB_SCREENSHOTS=DIR also saves one full-page PNG per tab into DIR (docs/app holds the README's);
+DDPM_LAB_APP_CHECKPOINT=PATH serves a copy of that checkpoint instead of the tiny one (a 16x16 grey model).
 """
 from __future__ import annotations
 
 import os
 import re
 import shlex
+import shutil
 import socket
 import subprocess
 import sys
@@ -44,6 +46,11 @@ def project(tmp_path_factory):
     """A working folder holding checkpoints/tiny/last.pt, trained here (in-process: no second torch import)."""
     import train
     root = tmp_path_factory.mktemp("project")
+    given = os.environ.get("DDPM_LAB_APP_CHECKPOINT", "")  # e.g. the digits quickstart run, for the README's shots
+    if given:
+        (root / "checkpoints" / "tiny").mkdir(parents=True)
+        shutil.copyfile(given, root / "checkpoints" / "tiny" / "last.pt")
+        return root
     cwd, threads = os.getcwd(), torch.get_num_threads()
     os.chdir(root)
     torch.set_num_threads(1)
