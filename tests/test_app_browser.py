@@ -36,6 +36,8 @@ TINY = ["device=cpu", "data.image_size=16", "model.channels=8", "model.norm_grou
         "train.log_every=4", "train.sample_every=1000", "train.ckpt_every=1000", "train.num_sample_images=4",
         "train.sample_steps=2", "sample.steps=4", "sample.num_samples=4", "sample.batch_size=4"]
 SHOTS = os.environ.get("DDPM_LAB_SCREENSHOTS", "")
+GIVEN = os.environ.get("DDPM_LAB_APP_CHECKPOINT", "")
+RUN = Path(GIVEN).resolve().parent.name if GIVEN else "tiny"  # the run folder the app shows by name
 URL = re.compile(r"http://127\.0\.0\.1:\d+")
 
 pytestmark = [pytest.mark.browser, pytest.mark.skipif(bool(browser.missing()), reason=browser.missing() or "-")]
@@ -46,10 +48,9 @@ def project(tmp_path_factory):
     """A working folder holding checkpoints/tiny/last.pt, trained here (in-process: no second torch import)."""
     import train
     root = tmp_path_factory.mktemp("project")
-    given = os.environ.get("DDPM_LAB_APP_CHECKPOINT", "")  # e.g. the digits quickstart run, for the README's shots
-    if given:
-        (root / "checkpoints" / "tiny").mkdir(parents=True)
-        shutil.copyfile(given, root / "checkpoints" / "tiny" / "last.pt")
+    if GIVEN:  # e.g. the digits quickstart run, for the README's screenshots
+        (root / "checkpoints" / RUN).mkdir(parents=True)
+        shutil.copyfile(GIVEN, root / "checkpoints" / RUN / "last.pt")
         return root
     cwd, threads = os.getcwd(), torch.get_num_threads()
     os.chdir(root)
@@ -72,7 +73,7 @@ def start_app(root: Path) -> tuple[subprocess.Popen, Path]:
     log = root / "app.log"  # a file, not a pipe: a full pipe would block the server
     env = {**os.environ, "OMP_NUM_THREADS": "1", "PYTHONUNBUFFERED": "1", "GRADIO_ANALYTICS_ENABLED": "False"}
     with open(log, "w") as out:
-        proc = subprocess.Popen([sys.executable, str(REPO / "app.py"), "--checkpoint", "checkpoints/tiny/last.pt",
+        proc = subprocess.Popen([sys.executable, str(REPO / "app.py"), "--checkpoint", f"checkpoints/{RUN}/last.pt",
                                  "--port", str(free_port())], cwd=root, env=env, stdout=out,
                                 stderr=subprocess.STDOUT, stdin=subprocess.DEVNULL)
     return proc, log
@@ -144,7 +145,7 @@ def run_sample(driver, project: Path) -> tuple[np.ndarray, subprocess.Popen, Pat
     env = {**os.environ, "OMP_NUM_THREADS": "1"}
     cli = subprocess.Popen(cli_command(command, out), cwd=project, env=env, stdout=subprocess.PIPE,
                            stderr=subprocess.STDOUT, text=True, stdin=subprocess.DEVNULL)
-    shoot(driver, "sample", "sample-command", "sample-grid")
+    shoot(driver, "sample", "sample-files", "sample-grid", "sample-run")
     return grid, cli, out
 
 
@@ -199,7 +200,7 @@ def run_inpaint(driver, project: Path):
     assert np.array_equal(result[~painted], original[~painted]), "inpainting changed pixels outside the region"
     changed = result[painted] != original[painted]
     assert changed.mean() >= 0.5, f"only {changed.sum()} of {changed.size} painted pixels changed"
-    shoot(driver, "inpaint", "inpaint-result", "inpaint-command", "inpaint-run")
+    shoot(driver, "inpaint", "inpaint-result", "inpaint-files", "inpaint-run")
 
 
 def editor_zoom(driver) -> float:
@@ -218,7 +219,7 @@ def run_tab(driver, tab, uploads: dict, run_id, result_id, shot=None):
     by_id(driver, run_id).click()
     pixels = wait_image(driver, result_id, old, timeout=60)
     if shot:
-        shoot(driver, shot, result_id, run_id)
+        shoot(driver, shot, result_id, run_id, result_id.replace("-result", "-files"))
     return pixels
 
 
@@ -234,7 +235,7 @@ def corrupt_upload(driver, project: Path) -> str:
     except AssertionError:
         by_id(driver, "img2img-run").click()
     texts = wait(driver, browser.toasts, 20, "an error toast after the corrupt upload")
-    shoot(driver, "error", "img2img-run", "img2img-input")
+    shoot(driver, "error", "img2img-run", "img2img-files")
     return texts[-1]
 
 
@@ -255,8 +256,9 @@ def test_app_in_headless_chromium(page, project):
     assert "\n" not in message.strip() and 0 < len(message) < 300, f"not one short line: {message!r}"
     assert "image" in message.lower(), f"the toast does not say the upload is not an image: {message!r}"
     browser.close_toasts(driver)
-    after = run_tab(driver, "tab-img2img", {"img2img-input": a}, "img2img-run", "img2img-result")
-    assert np.array_equal(grid_cells(plain(after), 16)[0], np.array(Image.open(a))), "img2img after the error failed"
+    # b, not a: the same result as the screenshot run's would keep its URL (Gradio names cached files by content)
+    after = run_tab(driver, "tab-img2img", {"img2img-input": b}, "img2img-run", "img2img-result")
+    assert np.array_equal(grid_cells(plain(after), 16)[0], np.array(Image.open(b))), "img2img after the error failed"
     print(f"error toast and one more request after {time.monotonic() - start:.1f} s")
     check_cli(grid, cli, out)
     assert "Traceback" not in log.read_text(), f"the server printed a traceback:\n{log.read_text()[-3000:]}"
