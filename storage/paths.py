@@ -6,6 +6,7 @@ keeps that folder's runs apart. A run R owns:
     checkpoints/R/            last.pt, step_XXXXXXX.pt            RunPaths(R).checkpoints
     checkpoints/R/ema/        post-hoc EMA snapshots ema_XXXXXXX.pt RunPaths(R).ema_snapshots
     results/images/R/         sample grids and sample.py folders  RunPaths(R).images
+    results/images/R/app-inputs/  images sent to app.py's page    RunPaths(R).app_inputs
     results/plots/R/          loss curve, forward-process figure  RunPaths(R).plots
     results/logs/R/           TensorBoard                         RunPaths(R).logs
     results/eval/R.jsonl      one JSON line per evaluate.py run   RunPaths(R).eval_records
@@ -47,6 +48,11 @@ class RunPaths:
     @property
     def images(self) -> Path:
         return RESULTS / "images" / self.run_name
+
+    @property
+    def app_inputs(self) -> Path:
+        """The page's uploads and painted masks, stored so that its sample.py commands can name them."""
+        return self.images / "app-inputs"
 
     @property
     def plots(self) -> Path:

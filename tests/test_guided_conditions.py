@@ -16,6 +16,7 @@ import torch.nn.functional as F
 from PIL import Image
 
 import sample
+from commands import sample_command
 from config import Config, load_config, to_dict
 from diffusion import Diffusion, build_diffusion
 from model import build_model
@@ -228,14 +229,14 @@ def test_sample_condition_with_labels_and_guidance_pairs_each_file_with_its_labe
                                                                  np.float32))[None, None] / 127.5 - 1, 16)[0]
                             for i in range(3)])
     seen = []
-    real = sample.load_for_sampling
+    real = sample_command.load_for_sampling
 
     def load(*args, **kwargs):
         model, diffusion, cfg, ckpt = real(*args, **kwargs)
         model.register_forward_pre_hook(lambda m, inputs: seen.append((inputs[0].clone(), inputs[1].clone(),
                                                                        inputs[2].clone())))
         return model, diffusion, cfg, ckpt
-    monkeypatch.setattr(sample, "load_for_sampling", load)
+    monkeypatch.setattr(sample_command, "load_for_sampling", load)
     assert sample.main(["--checkpoint", "c.pt", "--condition", "lows", "--class-label", "2,0,1", "--guidance-scale",
                         "3", "--batch-size", "2", "--sampler", "ddim", "--steps", "2", "--amp", "off", "--out", "o",
                         "--device", "cpu"]) == 0

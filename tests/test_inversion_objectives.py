@@ -12,7 +12,7 @@ import torch
 from PIL import Image
 from test_sample import make_checkpoint, run_main, tiny_config
 
-import sample
+from commands import sample_command
 from diffusion import Diffusion
 from editing.algorithms import invert
 
@@ -150,14 +150,14 @@ def spied(workdir, monkeypatch):
     for i in range(2):
         Image.fromarray(rng.integers(0, 256, (8, 8), dtype=np.uint8)).save(workdir / "ins" / f"in{i}.png")
     seen = []
-    real = sample.load_for_sampling
+    real = sample_command.load_for_sampling
 
     def load(*args, **kwargs):
         model, diffusion, cfg, ckpt = real(*args, **kwargs)
         assert diffusion.objective == "v"
         model.register_forward_pre_hook(lambda module, inputs: seen.append(inputs[1].tolist()))
         return model, diffusion, cfg, ckpt
-    monkeypatch.setattr(sample, "load_for_sampling", load)
+    monkeypatch.setattr(sample_command, "load_for_sampling", load)
     return seen
 
 

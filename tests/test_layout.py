@@ -8,6 +8,8 @@
     sampling/                   limits, the core and below
     training/, editing/,        sampling and below (never each other)
     evaluation/, interop/
+    commands/                   the features and below (sample.py's command as library calls)
+    webapp/                     commands and below (app.py's page)
     train.py, sample.py, ...    anything but another script
     bench/                      anything but a script
 
@@ -22,7 +24,7 @@ from pathlib import Path
 import pytest
 
 REPO = Path(__file__).resolve().parents[1]
-SCRIPTS = {"train", "sample", "evaluate", "export", "distill"}
+SCRIPTS = {"train", "sample", "evaluate", "export", "distill", "app"}
 CORE = {"model", "diffusion", "dataset", "utils"}
 FEATURES = {"training", "editing", "evaluation", "interop"}
 # What each layer may import (by top-level name); a module may always import its own package.
@@ -30,6 +32,8 @@ ALLOWED = {"config": set(), "storage": {"config"}, "core": {"config", "storage"}
            "limits": {"config", "storage"} | CORE, "sampling": {"config", "storage", "limits"} | CORE,
            "feature": {"config", "storage", "limits", "sampling"} | CORE,
            "interop": {"config", "storage", "limits"} | CORE}
+ALLOWED["commands"] = ALLOWED["feature"] | FEATURES
+ALLOWED["webapp"] = ALLOWED["commands"] | {"commands"}
 
 
 def module_name(path: Path) -> str:
@@ -64,7 +68,7 @@ def imports(path: Path) -> list[tuple[str, list[str]]]:
 
 def layer(module: str) -> str:
     top = module.split(".")[0]
-    if top in ("config", "storage", "limits", "sampling", "interop", "bench"):
+    if top in ("config", "storage", "limits", "sampling", "interop", "bench", "commands", "webapp"):
         return top
     if top in CORE:
         return "core"
@@ -189,6 +193,8 @@ def test_the_checks_fail_on_planted_bad_imports(tmp_path, monkeypatch):
             ("limits", "x.py", "from sampling import generate\n"),
             ("storage", "y.py", "import limits\n"),
             ("training", "x.py", "from editing import modes\n"),
+            ("editing", "x.py", "from commands import run_request\n"),
+            ("commands", "x.py", "import sample\n"),
             ("bench", "x.py", "from sample import main\n"),
             ("", "train.py", "import sample\n")]:
         (tmp_path / folder).mkdir(exist_ok=True)

@@ -16,8 +16,9 @@ import sampling.generation as generation
 import sampling.loading as loading
 import storage.checkpoints as checkpoints
 from config import load_config, save_config, to_dict
+from diffusion import build_diffusion
 from model import build_model
-from sampling.pictures import to_uint8_images
+from sampling.pictures import Recorder, to_uint8_images
 from storage.checkpoints import load_checkpoint, save_checkpoint
 
 REPO = Path(__file__).resolve().parents[1]
@@ -224,7 +225,7 @@ def test_animation_gif_and_trajectory(work):
 
 def test_recorder_keeps_at_most_60_frames_denser_near_the_end():
     timesteps = list(range(999, -1, -1))
-    rec = sample.Recorder(timesteps, batch_size=64)
+    rec = Recorder(timesteps, batch_size=64)
     for i, t in enumerate(timesteps):
         rec(i, t, torch.zeros(64, 1, 4, 4), torch.zeros(64, 1, 4, 4))
     kept = sorted(rec.keep)
@@ -267,7 +268,7 @@ def test_pretrained_goes_through_pretrained_load_pretrained(work, monkeypatch):
 
     def load_pretrained(name_or_path, device):
         asked.append(name_or_path)
-        return model, sample.build_diffusion(cfg), cfg
+        return model, build_diffusion(cfg), cfg
     monkeypatch.setattr(pretrained, "load_pretrained", load_pretrained)
     run_main(["--pretrained", "google/ddpm-tiny", "--steps", "3", "--num-samples", "2"])
     assert asked == ["google/ddpm-tiny"]
