@@ -151,7 +151,7 @@ def sample_tab(models: Models, run, loaded: Loaded) -> dict:
             button = gr.Button("Sample", variant="primary", elem_id="sample-run")
         with gr.Column(scale=2):
             grid = gr.Image(label="grid", type="pil", format="png", interactive=False, elem_id="sample-grid")
-            preview = gr.Image(label="live preview: predicted x0 | x_t", type="pil", interactive=False,
+            preview = gr.Image(label="live preview: predicted x0 | x_t", type="pil", format="png", interactive=False,
                                elem_id="sample-preview")
     command, files = command_boxes("sample")
 
