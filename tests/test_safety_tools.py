@@ -317,7 +317,7 @@ CASES = [
     # 16. every count checked before sampling
     Case("evaluate_k_above_the_samples", [*EVALUATE, "--k", "100000"], 1,
          BEFORE_SAMPLING + r".*--k 100000 needs more than 100000 samples", both(ckpt(), classifier())),
-    Case("evaluate_also_at_negative", [*EVALUATE, "--also-at", "-3"], 1, r"--also-at -3: each N must be more than",
+    Case("evaluate_also_at_negative", [*EVALUATE, "--also-at", "-3"], 1, r"--also-at must be a positive integer, got -3",
          both(ckpt(), classifier())),
     Case("evaluate_also_at_above_the_samples", [*EVALUATE, "--also-at", "40"], 1, r"--also-at 40: .*at most the 4",
          both(ckpt(), classifier())),
