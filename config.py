@@ -9,9 +9,11 @@ The defaults are the DDPM paper's CIFAR-10 recipe (Ho et al. 2020, Appendix B).
 """
 from __future__ import annotations
 
+import argparse
 import dataclasses
 import math
 import re
+import sys
 import typing
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -67,6 +69,15 @@ SIGMA_REL_MAX = math.sqrt(1 / 12)  # a power-function EMA's longest length (gamm
 class UserError(Exception):
     """Every error a user can cause: a bad flag, config, data file, checkpoint or folder. Its message is one line
     that names the cause and the fix; each script catches UserError once, prints it and exits 1."""
+
+
+class ArgumentParser(argparse.ArgumentParser):
+    """argparse with the scripts' exit code for user errors: a bad flag is one line `error: ...` and exit 1
+    (argparse's own error() prints a usage block and exits 2)."""
+
+    def error(self, message: str):
+        print(f"error: {' '.join(message.split())} (python {self.prog} --help lists the flags)", file=sys.stderr)
+        sys.exit(1)
 
 
 class ConfigError(UserError, ValueError):

@@ -37,11 +37,11 @@ import torch.nn.functional as F
 from PIL import Image
 from torch.utils.data import Dataset, Subset, TensorDataset
 
-from config import DATASETS, TOY_DISTRIBUTIONS, Config, ConfigError, DataConfig, UserError, check_value
+from config import (DATASETS, TOY_DISTRIBUTIONS, ArgumentParser, Config, ConfigError, DataConfig, UserError,
+                    check_value)
 from storage.data_files import (CIFAR10_ARCHIVE, CIFAR10_CLASSES, CIFAR10_FOLDER, DIGIT_CLASSES, IDX_DATASETS,
     IDX_FILES, BadDataError, DatasetMissingError, check_image_files, first_line, folder_channels, open_as, read_cifar10,
     read_idx_split, scan_image_folder)
-from utils import ArgumentParser
 
 NETWORK_TIMEOUT_S = 10.0   # per connection attempt / socket read: offline fails in seconds, not minutes
 TOY_SEEDS = {True: 0, False: 1}  # toy2d train / test points: fixed draws, so the data set is deterministic

@@ -1,26 +1,16 @@
 """Shared helpers of the core: devices, mixed precision, seeds and RNG states."""
 from __future__ import annotations
 
-import argparse
 import contextlib
 import numbers
 import random
-import sys
 from typing import Optional
 
 import numpy as np
 import torch
 
+from config import ArgumentParser as ArgumentParser  # the scripts' parser, defined beside UserError
 from config import ConfigError
-
-
-class ArgumentParser(argparse.ArgumentParser):
-    """argparse with the scripts' exit code for user errors: a bad flag is one line `error: ...` and exit 1
-    (argparse's own error() prints a usage block and exits 2)."""
-
-    def error(self, message: str):
-        print(f"error: {' '.join(message.split())} (python {self.prog} --help lists the flags)", file=sys.stderr)
-        sys.exit(1)
 
 
 class DeviceError(ConfigError, RuntimeError):
