@@ -324,7 +324,7 @@ CASES = [
     Case("evaluate_k_above_the_references", [*EVALUATE, "--num-samples", "8", "--batch-size", "8", "--num-ref", "3"],
          1, r"--k 3 needs more than 3 samples and reference images.*3 reference", both(ckpt(), classifier())),
     Case("train_classifier_negative_steps", ["evaluate.py", "train-classifier", "--dataset", "digits", "--steps", "-5",
-                                             *CPU], 1, r"\A(?!.*loading).*--steps -5: must be a whole number >= 1"),
+                                             *CPU], 1, r"\A(?!.*loading).*--steps must be > 0, got -5"),
     Case("evaluate_samples_folder_missing", ["evaluate.py", "--samples", "nope", "--dataset", "digits"], 1,
          r"--samples 'nope' does not exist"),
     # 17. weights that are NaN/inf are refused, naming the tensors (they would sample blank images)
