@@ -26,15 +26,12 @@ from PIL import Image
 
 import browser
 from browser import by_id, open_tab, text_of, upload, wait, wait_image
+from safety import DIGITS
+from safety import TINY as SAFETY_TINY
 
 REPO = Path(__file__).resolve().parents[1]
-DIGITS = str(REPO / "configs" / "digits.yaml")
-# Unconditional 16x16 digits with an 8-channel U-Net and T=20: seconds to train and to sample on CPU.
-TINY = ["device=cpu", "data.image_size=16", "model.channels=8", "model.norm_groups=4", "model.channel_mult=[1,2]",
-        "model.num_res_blocks=1", "model.attention_resolutions=[]", "model.num_heads=1", "model.num_classes=0",
-        "diffusion.num_timesteps=20", "train.batch_size=16", "train.warmup_steps=2", "train.amp=off",
-        "train.log_every=4", "train.sample_every=1000", "train.ckpt_every=1000", "train.num_sample_images=4",
-        "train.sample_steps=2", "sample.steps=4", "sample.num_samples=4", "sample.batch_size=4"]
+# tests/safety.py's tiny run at 16x16 (the page's pictures) with 4 sampling steps: later overrides win.
+TINY = [*SAFETY_TINY, "data.image_size=16", "sample.steps=4"]
 SHOTS = os.environ.get("DDPM_LAB_SCREENSHOTS", "")
 GIVEN = os.environ.get("DDPM_LAB_APP_CHECKPOINT", "")
 RUN = Path(GIVEN).resolve().parent.name if GIVEN else "tiny"  # the run folder the app shows by name
