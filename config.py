@@ -144,6 +144,9 @@ class TrainConfig:
     adam_beta2: float = 0.999
     max_steps: int = 800_000
     warmup_steps: int = 5000
+    # Warm-up as a share of the run (issue #25): min(warmup_steps, ceil(warmup_fraction * max_steps)) steps, so a
+    # short run is not spent below its learning rate and warmup_steps is the cap; null = warmup_steps as is.
+    warmup_fraction: Optional[float] = None
     lr_schedule: str = "constant"      # constant | cosine (after warmup)
     min_lr_ratio: float = 0.0          # cosine floor, as a fraction of lr
     grad_clip: float = 1.0             # <= 0 disables clipping
@@ -334,7 +337,7 @@ RANGES = {
                      "train.warmup_steps", "train.num_sample_images", "train.cpu_threads"], NON_NEGATIVE),
     "model.num_head_channels": (-1, None, "[)"), "model.channel_mult": (1, None, "[)"),  # -1: model.num_heads
     **dict.fromkeys(["model.dropout", "train.adam_beta1", "train.adam_beta2", "train.ema_decay"], BELOW_ONE),
-    **dict.fromkeys(["train.min_lr_ratio", "train.cond_drop_prob", "sample.eta"], FRACTION),
+    **dict.fromkeys(["train.min_lr_ratio", "train.warmup_fraction", "train.cond_drop_prob", "sample.eta"], FRACTION),
     **dict.fromkeys(["diffusion.beta_start", "diffusion.beta_end"], OPEN_UNIT),
     "train.ema_profiles": (0, SIGMA_REL_MAX, "()"),
     **dict.fromkeys(["train.grad_clip", "sample.guidance_scale"], FINITE),  # grad_clip <= 0: no clipping

@@ -22,7 +22,7 @@ from storage.checkpoints import CheckpointError, load_checkpoint
 from train import main
 from training.data_order import EpochBatches, KeyedItems
 from training.ema import EMA
-from training.parts import LossWatch, lr_factor
+from training.parts import LossWatch, lr_factor, warmup_length
 from training.trainer import NonFiniteLossError, train
 
 REPO = Path(__file__).resolve().parents[1]
@@ -77,6 +77,22 @@ def test_lr_factor_warmup_then_cosine_to_floor():
     assert f(100) == pytest.approx(0.1)
     constant = lr_factor(tiny("lr", "train.warmup_steps=0", "train.lr_schedule=constant").train)
     assert constant(0) == constant(10 ** 6) == 1.0
+
+
+def test_warmup_fraction_is_a_share_of_the_run_capped_by_warmup_steps():
+    def warmup(*overrides):
+        return warmup_length(tiny("lr", "train.warmup_steps=500", *overrides).train)
+    assert warmup("train.max_steps=1000") == 500                                # unset: warmup_steps as is
+    assert warmup("train.max_steps=1000", "train.warmup_fraction=0.05") == 50   # a 1000-step run warms up 5%
+    assert warmup("train.max_steps=30000", "train.warmup_fraction=0.05") == 500  # long runs: the cap
+    assert warmup("train.max_steps=10", "train.warmup_fraction=0.05") == 1      # rounded up, never 0
+    assert warmup("train.max_steps=10", "train.warmup_fraction=0") == 0
+    f = lr_factor(tiny("lr", "train.warmup_steps=500", "train.max_steps=1000", "train.warmup_fraction=0.05",
+                       "train.lr_schedule=cosine").train)
+    assert f(0) == pytest.approx(1 / 50) and f(49) == 1.0 and f(50) == 1.0
+    assert f(525) == pytest.approx(0.5) and f(1000) == pytest.approx(0.0)    # cosine from step 50 to 1000
+    with pytest.raises(ConfigError, match="train.warmup_fraction"):
+        tiny("lr", "train.warmup_fraction=1.5")
 
 
 def test_ema_decay_warmup():
@@ -324,7 +340,8 @@ def test_resume_with_channels_last_toggled_restores_the_optimizer_state_in_each_
         trainer = train_mod.Trainer(tiny(run, *extra, f"train.channels_last={flag}"),
                                     Path("checkpoints/cl/step_0000002.pt"), None, False, None)
         try:
-            assert trainer.optimizer.defaults["fused"]  # the fused kernel is the one that pairs moments by memory position
+            # the fused kernel is the one that pairs moments by memory position
+            assert trainer.optimizer.defaults["fused"]
             for param, state in trainer.optimizer.state.items():
                 assert all(v.stride() == param.stride() for v in state.values() if v.dim())
             trainer.run()

@@ -88,11 +88,19 @@ def all_finite(modules: list[torch.nn.Module], info: DistInfo) -> bool:
 # ----------------------------------------------------------------------------- model helpers
 
 
+def warmup_length(tcfg) -> int:
+    """Warm-up steps: train.warmup_steps, or with train.warmup_fraction set, that share of train.max_steps
+    (rounded up, so a nonzero share warms up at least one step) capped by train.warmup_steps."""
+    if tcfg.warmup_fraction is None:
+        return tcfg.warmup_steps
+    return min(tcfg.warmup_steps, math.ceil(tcfg.warmup_fraction * tcfg.max_steps))
+
+
 def lr_factor(tcfg) -> Callable[[int], float]:
-    """LambdaLR factor at optimizer step s: linear warm-up over train.warmup_steps, then constant or cosine
-    annealing to train.min_lr_ratio at train.max_steps. A closure (not an object), so LambdaLR saves no
+    """LambdaLR factor at optimizer step s: linear warm-up over warmup_length(tcfg) steps, then constant or
+    cosine annealing to train.min_lr_ratio at train.max_steps. A closure (not an object), so LambdaLR saves no
     copy of it and a resumed run uses the current max_steps."""
-    warmup, total, cosine, floor = tcfg.warmup_steps, tcfg.max_steps, tcfg.lr_schedule == "cosine", tcfg.min_lr_ratio
+    warmup, total, cosine, floor = warmup_length(tcfg), tcfg.max_steps, tcfg.lr_schedule == "cosine", tcfg.min_lr_ratio
 
     def factor(step: int) -> float:
         if step < warmup:
