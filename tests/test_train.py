@@ -87,6 +87,7 @@ def test_warmup_fraction_is_a_share_of_the_run_capped_by_warmup_steps():
     assert warmup("train.max_steps=30000", "train.warmup_fraction=0.05") == 500  # long runs: the cap
     assert warmup("train.max_steps=10", "train.warmup_fraction=0.05") == 1      # rounded up, never 0
     assert warmup("train.max_steps=10", "train.warmup_fraction=0") == 0
+    assert warmup("train.max_steps=100", "train.warmup_fraction=0.07") == 7      # float noise is not a step
     f = lr_factor(tiny("lr", "train.warmup_steps=500", "train.max_steps=1000", "train.warmup_fraction=0.05",
                        "train.lr_schedule=cosine").train)
     assert f(0) == pytest.approx(1 / 50) and f(49) == 1.0 and f(50) == 1.0

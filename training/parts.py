@@ -93,7 +93,9 @@ def warmup_length(tcfg) -> int:
     (rounded up, so a nonzero share warms up at least one step) capped by train.warmup_steps."""
     if tcfg.warmup_fraction is None:
         return tcfg.warmup_steps
-    return min(tcfg.warmup_steps, math.ceil(tcfg.warmup_fraction * tcfg.max_steps))
+    # round() first: a decimal share times a step count carries float noise (0.07 * 100 = 7.000000000000001),
+    # which ceil alone would turn into one step more than the share.
+    return min(tcfg.warmup_steps, math.ceil(round(tcfg.warmup_fraction * tcfg.max_steps, 6)))
 
 
 def lr_factor(tcfg) -> Callable[[int], float]:
